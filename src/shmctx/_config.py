@@ -1,0 +1,124 @@
+"""Validated configuration objects: ``ContextConfig`` and ``MemoryContextConfig``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from datetime import timedelta
+from typing import Optional, Union
+
+from ._errors import InvalidConfigError
+
+__all__ = [
+    "ContextConfig",
+    "MemoryContextConfig",
+    "DEFAULT_MAX_REFERENCES",
+    "DEFAULT_MAX_IDLE_TIME",
+    "DEFAULT_CLEANUP_INTERVAL",
+    "DEFAULT_CAPACITY",
+    "DEFAULT_LOCK_TIMEOUT",
+    "DEFAULT_MAX_PROCESSES",
+]
+
+DEFAULT_MAX_REFERENCES = 10
+DEFAULT_MAX_IDLE_TIME = 300.0
+DEFAULT_CLEANUP_INTERVAL = 60.0
+DEFAULT_CAPACITY = 1024
+DEFAULT_LOCK_TIMEOUT = 1.0
+DEFAULT_MAX_PROCESSES = 256
+
+# Hard limits of the table layout (see _layout.py).
+MAX_CAPACITY = 1 << 20
+MAX_PROCESSES_LIMIT = 1 << 16
+MAX_REFERENCES_LIMIT = (1 << 32) - 1
+
+Duration = Union[float, int, timedelta]
+
+
+def _duration(field: str, value: object, *, positive: bool = False) -> float:
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidConfigError(
+            f"{field} must be a number of seconds or a timedelta, not {type(value).__name__}"
+        )
+    else:
+        seconds = float(value)
+    if math.isnan(seconds) or math.isinf(seconds):
+        raise InvalidConfigError(f"{field} must be finite, got {value!r}")
+    if seconds < 0 or (positive and seconds == 0):
+        raise InvalidConfigError(
+            f"{field} must be {'> 0' if positive else '>= 0'} seconds, got {value!r}"
+        )
+    return seconds
+
+
+def _count(field: str, value: object, *, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidConfigError(f"{field} must be an int, not {type(value).__name__}")
+    if not low <= value <= high:
+        raise InvalidConfigError(f"{field} must be in [{low}, {high}], got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class ContextConfig:
+    """Namespace-wide settings, stored in the table and shared by every process.
+
+    Durations are seconds (``float``) or ``timedelta``. ``max_references=0`` means
+    unlimited, ``max_idle_time=0`` means idle contexts are never closed,
+    ``cleanup_interval=0`` means no automatic sweeping. ``capacity`` is the number
+    of context slots, ``max_processes`` the number of processes that can be attached
+    at once, ``lock_timeout`` how long a waiter trusts a lock holder before it checks
+    whether the holder is dead.
+    """
+
+    max_references: int = DEFAULT_MAX_REFERENCES
+    max_idle_time: Duration = DEFAULT_MAX_IDLE_TIME
+    cleanup_interval: Duration = DEFAULT_CLEANUP_INTERVAL
+    capacity: int = DEFAULT_CAPACITY
+    lock_timeout: Duration = DEFAULT_LOCK_TIMEOUT
+    max_processes: int = DEFAULT_MAX_PROCESSES
+
+    def __post_init__(self) -> None:
+        norm = {
+            "max_references": _count(
+                "max_references", self.max_references, low=0, high=MAX_REFERENCES_LIMIT
+            ),
+            "max_idle_time": _duration("max_idle_time", self.max_idle_time),
+            "cleanup_interval": _duration("cleanup_interval", self.cleanup_interval),
+            "capacity": _count("capacity", self.capacity, low=1, high=MAX_CAPACITY),
+            "lock_timeout": _duration("lock_timeout", self.lock_timeout, positive=True),
+            "max_processes": _count(
+                "max_processes", self.max_processes, low=1, high=MAX_PROCESSES_LIMIT
+            ),
+        }
+        for name, value in norm.items():
+            object.__setattr__(self, name, value)
+
+    def differences(self, other: "ContextConfig") -> list[str]:
+        """Names of the fields whose values differ, as ``field: ours != theirs``."""
+        return [
+            f"{f.name}: {getattr(self, f.name)!r} != {getattr(other, f.name)!r}"
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        ]
+
+
+@dataclass(frozen=True)
+class MemoryContextConfig:
+    """Per-context settings: ``size`` bytes of shared memory (0 = metadata only) and
+    an optional ``parent`` context whose closing also closes this one."""
+
+    size: int = 0
+    parent: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, bool) or not isinstance(self.size, int):
+            raise InvalidConfigError(f"size must be an int, not {type(self.size).__name__}")
+        if self.size < 0 or self.size >= 1 << 62:
+            raise InvalidConfigError(f"size must be >= 0 bytes, got {self.size}")
+        if self.parent is not None and not isinstance(self.parent, str):
+            raise InvalidConfigError(
+                f"parent must be a context name or None, not {type(self.parent).__name__}"
+            )

@@ -1,0 +1,248 @@
+"""The locking protocol: POSIX semaphores made safe against holders that die.
+
+A POSIX semaphore has no owner: if its holder is SIGKILLed, nothing ever posts it. So
+every lock here is a semaphore *plus* a 16-byte owner record in shared memory
+(``_layout.LOCK``: pid, epoch, start time). The protocol:
+
+acquire
+    ``sem_timedwait`` for at most ``lock_timeout``; on success write (pid, epoch + 1,
+    start) into the record. On timeout, look at the record:
+
+    * owner alive (pid runs and has the recorded start time): wait again. A slow but
+      live owner is never robbed.
+    * owner dead: *take over* (below).
+    * no owner recorded while the semaphore is taken: a holder is between ``sem_wait``
+      and writing the record (a few instructions) or died exactly there. If the record
+      still shows no owner *and the same epoch* after one more full ``lock_timeout``,
+      nobody can be in that window that long: treat it as dead.
+
+take over
+    Only one waiter may do it, or two would both "own" the lock. Waiters race for an
+    *arbiter*: a Linux open-file-description lock (``F_OFD_SETLK``) on one byte of the
+    table file, which the kernel drops the instant its holder dies, so the arbiter can
+    never wedge. The winner re-reads the record; if it is not exactly what it judged
+    dead (pid *and* epoch), someone else already recovered, and it goes back to waiting.
+    Otherwise it writes itself as owner with a new epoch, keeping the semaphore at 0:
+    ownership passes without a post, so no third process can slip in. It then runs the
+    lock's repair callback, which rebuilds whatever the dead owner may have left half
+    written, from primary data (see ``_table.py``).
+
+release
+    Clear the owner pid, then post. A death between the two is the "no owner recorded"
+    case above.
+
+Lock order: table lock, then stripe locks (ascending), then a context's own lock is
+never taken by shmctx while it holds the others. ``SignalError`` (a signal during the
+wait) is retried with the remaining time: gunicorn workers and test runners get signals.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import struct
+import threading
+from time import monotonic
+from typing import Callable, Optional
+
+import posix_ipc
+
+from . import _failpoints
+from ._layout import LOCK
+from ._proc import identity, is_alive
+
+log = logging.getLogger("shmctx.lock")
+
+__all__ = ["RobustLock", "Arbiter"]
+
+_FLOCK = struct.Struct("hhxxxxqqixxxx")  # struct flock on Linux x86_64/aarch64
+_ARBITER_BASE = 1 << 40  # byte offsets far past the table's end
+_OWNER_PID = struct.Struct("<I")
+
+
+class Arbiter:
+    """Kernel-released exclusive claims on single bytes of one file.
+
+    Threads of one process share the open file description and so the OFD lock, so a
+    process-local mutex makes the claim exclusive between threads too.
+    """
+
+    CREATE_KEY = (1 << 30) - 1  # the key that serialises creation of the table itself
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._local = threading.Lock()
+
+    def _fcntl(self, cmd: int, kind: int, key: int) -> None:
+        fcntl.fcntl(self.fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, _ARBITER_BASE + key, 1, 0))
+
+    def try_claim(self, key: int) -> bool:
+        if not self._local.acquire(blocking=False):
+            return False
+        try:
+            self._fcntl(fcntl.F_OFD_SETLK, fcntl.F_WRLCK, key)
+        except OSError:
+            self._local.release()
+            return False
+        return True
+
+    def claim(self, key: int) -> None:
+        """Blocking claim; only used for table creation, which takes milliseconds."""
+        self._local.acquire()
+        try:
+            self._fcntl(fcntl.F_OFD_SETLKW, fcntl.F_WRLCK, key)
+        except BaseException:
+            self._local.release()
+            raise
+
+    def release(self, key: int) -> None:
+        try:
+            self._fcntl(fcntl.F_OFD_SETLK, fcntl.F_UNLCK, key)
+        finally:
+            self._local.release()
+
+    def reset_after_fork(self) -> None:
+        self._local = threading.Lock()
+
+
+class RobustLock:
+    """One cross-process mutex of the protocol above. Not re-entrant."""
+
+    __slots__ = ("sem", "buf", "off", "key", "timeout", "arbiter", "repair", "what")
+
+    def __init__(
+        self,
+        sem: posix_ipc.Semaphore,
+        buf: memoryview,
+        off: int,
+        key: int,
+        timeout: float,
+        arbiter: Arbiter,
+        repair: Optional[Callable[[], None]],
+        what: str,
+    ) -> None:
+        self.sem = sem
+        self.buf = buf
+        self.off = off
+        self.key = key
+        self.timeout = timeout
+        self.arbiter = arbiter
+        self.repair = repair
+        self.what = what
+
+    def acquire(self, timeout: Optional[float] = None) -> None:
+        """Take the lock, waiting at most ``timeout`` seconds (None: as long as the
+        owner lives). Raises ``TimeoutError`` when ``timeout`` runs out."""
+        sem = self.sem
+        try:
+            sem.acquire(self.timeout if timeout is None else min(timeout, self.timeout))
+        except (posix_ipc.BusyError, posix_ipc.SignalError):
+            self._acquire_slow(timeout)
+            return
+        buf, off = self.buf, self.off
+        epoch = LOCK.unpack_from(buf, off)[1]
+        if _failpoints.armed:
+            _failpoints.hit("lock.acquired_before_owner")
+        LOCK.pack_into(buf, off, identity.pid, (epoch + 1) & 0xFFFFFFFF, identity.start)
+
+    def release(self) -> None:
+        _OWNER_PID.pack_into(self.buf, self.off, 0)
+        if _failpoints.armed:
+            _failpoints.hit("lock.release_before_post")
+        self.sem.release()
+
+    def __enter__(self) -> "RobustLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def owner(self) -> tuple[int, int, int]:
+        """(pid, epoch, start) as recorded now; pid 0 when no owner is recorded."""
+        return LOCK.unpack_from(self.buf, self.off)
+
+    def _acquire_slow(self, timeout: Optional[float]) -> None:
+        deadline = None if timeout is None else monotonic() + timeout
+        suspect: Optional[tuple[int, int]] = None  # (pid, epoch) seen without an owner
+        while True:
+            if deadline is not None:
+                left = deadline - monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"timed out after {timeout}s waiting for {self.what}")
+                wait = min(left, self.timeout)
+            else:
+                wait = self.timeout
+            try:
+                self.sem.acquire(wait)
+            except posix_ipc.SignalError:
+                continue
+            except posix_ipc.BusyError:
+                suspect = self._after_timeout(suspect)
+                if suspect == (-1, -1):
+                    return
+                continue
+            pid, epoch, start = LOCK.unpack_from(self.buf, self.off)
+            LOCK.pack_into(
+                self.buf, self.off, identity.pid, (epoch + 1) & 0xFFFFFFFF, identity.start
+            )
+            return
+
+    def _after_timeout(self, suspect: Optional[tuple[int, int]]) -> Optional[tuple[int, int]]:
+        """Decide what a timed-out wait means. Returns the new suspect, or (-1, -1) when
+        this process took the lock over."""
+        pid, epoch, start = LOCK.unpack_from(self.buf, self.off)
+        if pid:
+            if is_alive(pid, start):
+                return None
+        else:
+            if self.sem.value > 0:
+                return None  # released meanwhile; the next wait takes it
+            if suspect != (0, epoch):
+                return (0, epoch)  # give a live holder one more full timeout
+        if self._take_over(pid, epoch):
+            return (-1, -1)
+        return None
+
+    def _take_over(self, pid: int, epoch: int) -> bool:
+        if not self.arbiter.try_claim(self.key):
+            return False  # another waiter is recovering; it will release in time
+        try:
+            now_pid, now_epoch, _ = LOCK.unpack_from(self.buf, self.off)
+            if (now_pid, now_epoch) != (pid, epoch):
+                return False
+            try:
+                self.sem.acquire(0)
+                recovered = False  # it was released after all: an ordinary acquisition
+            except posix_ipc.BusyError:
+                recovered = True
+            if _failpoints.armed:
+                _failpoints.hit("lock.takeover")
+            LOCK.pack_into(
+                self.buf, self.off, identity.pid, (epoch + 1) & 0xFFFFFFFF, identity.start
+            )
+        finally:
+            self.arbiter.release(self.key)
+        if recovered:
+            log.warning(
+                "%s: took over from dead owner pid %s (epoch %s); repairing", self.what,
+                pid or "unknown", epoch,
+            )
+            _recoveries[0] += 1
+            if self.repair is not None:
+                try:
+                    self.repair()
+                except BaseException:
+                    self.release()
+                    raise
+        return True
+
+
+# Process-wide count of lock takeovers (read by tools/chaos.py and tests).
+_recoveries = [0]
+
+
+def recoveries() -> int:
+    """How many dead-owner takeovers this process has performed."""
+    return _recoveries[0]

@@ -1,0 +1,1025 @@
+"""``ContextManager``: the public API, composed from the table operations under the locks.
+
+Hot path (a process gets a context it has mapped before, then returns it): one stripe
+lock, three fixed-offset reads and two writes each way; no table lock, no scan, no
+``shm_open``/``mmap``, no msgpack. Everything else (first get in a process, create,
+close, sweep) takes the table lock, then the slot's stripe lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import weakref
+from contextlib import contextmanager
+from time import monotonic
+from typing import Callable, Iterator, Optional
+
+import posix_ipc
+
+from . import _failpoints, _layout as L, _shm
+from ._config import ContextConfig, MemoryContextConfig
+from ._context import ContextInfo, MemoryContext, SweepReport, _Mapped
+from ._errors import (
+    ContextClosedError,
+    ContextError,
+    ContextInUseError,
+    ContextManagerClosedError,
+    ContextNotFoundError,
+    InvalidConfigError,
+    InvalidContextTypeError,
+    MaxReferencesReachedError,
+    TableFullError,
+)
+from ._lock import RobustLock
+from ._proc import identity, is_alive
+from ._snapshot import Snapshot, decode, violations
+from ._table import Table, name_hash
+
+log = logging.getLogger("shmctx")
+
+__all__ = ["ContextManager"]
+
+_live_managers: "weakref.WeakSet[ContextManager]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for m in list(_live_managers):
+        m._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _check_name(name: object) -> bytes:
+    if not isinstance(name, str):
+        raise InvalidContextTypeError(f"context name must be a str, not {type(name).__name__}")
+    if not name:
+        raise InvalidContextTypeError("context name must not be empty")
+    if "\0" in name:
+        raise InvalidContextTypeError(f"context name {name!r} contains a NUL character")
+    try:
+        name_b = name.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidContextTypeError(f"context name {name!r} is not valid UTF-8: {e}") from None
+    if len(name_b) > L.NAME_MAX:
+        raise InvalidContextTypeError(
+            f"context name {name[:40]!r}... is {len(name_b)} UTF-8 bytes; the limit is "
+            f"{L.NAME_MAX}"
+        )
+    return name_b
+
+
+class ContextManager:
+    """Named, reference-counted shared-memory contexts, shared by every process of one
+    host that opens the same ``namespace``.
+
+    ``config=None`` adopts the existing table's configuration (defaults for a new one);
+    an explicit config that differs from the existing table's raises
+    ``InvalidConfigError``. ``sweeper=None`` runs the sweeper thread only in the process
+    that created the table (and only if ``cleanup_interval > 0``); ``True`` always,
+    ``False`` never. At most one process sweeps a namespace at a time. ``mode`` gives the
+    permission bits of every object created for the namespace (default 0o600, owner
+    only); it is fixed when the table is created.
+    """
+
+    def __init__(
+        self,
+        config: Optional[ContextConfig] = None,
+        *,
+        namespace: str = "default",
+        sweeper: Optional[bool] = None,
+        mode: Optional[int] = None,
+    ) -> None:
+        if not isinstance(namespace, str) or not _shm.NAMESPACE_RE.fullmatch(namespace):
+            raise InvalidConfigError(
+                f"namespace must be 1-64 characters of [A-Za-z0-9._-], got {namespace!r}"
+            )
+        if config is not None and not isinstance(config, ContextConfig):
+            raise InvalidConfigError(
+                f"config must be a ContextConfig or None, not {type(config).__name__}"
+            )
+        if mode is not None and (isinstance(mode, bool) or not isinstance(mode, int)
+                                 or not 0 <= mode <= 0o777 or not mode & 0o600 == 0o600):
+            raise InvalidConfigError(
+                f"mode must be permission bits including owner read/write (0o600), got {mode!r}"
+            )
+        if sweeper not in (None, True, False):
+            raise InvalidConfigError(f"sweeper must be None, True or False, got {sweeper!r}")
+        self.namespace = namespace
+        self._table, created = Table.open(namespace, config, 0o600 if mode is None else mode)
+        t = self._table
+        try:
+            if not created:
+                diffs = config.differences(t.config) if config is not None else []
+                if mode is not None and mode != t.mode:
+                    diffs.append(f"mode: {oct(mode)} != {oct(t.mode)}")
+                if diffs:
+                    raise InvalidConfigError(
+                        f"namespace {namespace!r} exists with another configuration "
+                        f"(requested != existing): {'; '.join(diffs)}"
+                    )
+        except BaseException:
+            t.close()
+            raise
+        self.config: ContextConfig = t.config
+        self._buf = t.buf
+        self._geo = t.geo
+        self._stripes = t.stripe_locks
+        self._nstripes = t.geo.stripes
+        self._max_refs = t.config.max_references
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._mapped: dict[str, _Mapped] = {}
+        self._proc = -1  # our process entry
+        self._proc_pid = 0  # pid that registered it (a forked child must register anew)
+        self._refs_off = 0
+        self._refidx: dict[int, int] = {}
+        self._free_refs: list[int] = []
+        self._sweeper: Optional[threading.Thread] = None
+        self._stop = threading.Event()
+        self._register()
+        _live_managers.add(self)
+        if (sweeper or (sweeper is None and created)) and self.config.cleanup_interval > 0:
+            self._start_sweeper()
+
+    # --- context-manager protocol ---------------------------------------------------
+
+    def __enter__(self) -> "ContextManager":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._closed:
+            self.close()
+
+    def __repr__(self) -> str:
+        return f"<ContextManager namespace={self.namespace!r}{' closed' if self._closed else ''}>"
+
+    # --- public API -----------------------------------------------------------------
+
+    def get_or_create_context(
+        self,
+        name: str,
+        config: Optional[MemoryContextConfig] = None,
+        *,
+        init: Optional[Callable[[MemoryContext], object]] = None,
+        timeout: Optional[float] = None,
+    ) -> tuple[MemoryContext, bool]:
+        """Take a reference to context ``name``, creating it if absent.
+
+        Returns ``(ctx, existed)``. ``init(ctx)`` runs in the creating process before any
+        other process can obtain the context; others wait for it, at most ``timeout``
+        seconds (then ``TimeoutError``). If ``init`` raises, the context is removed and
+        the exception propagates; a waiting process then creates it afresh.
+        """
+        if self._closed:
+            self._raise_closed()
+        name_b = _check_name(name)
+        if config is not None and not isinstance(config, MemoryContextConfig):
+            raise InvalidConfigError(
+                f"config must be a MemoryContextConfig or None, not {type(config).__name__}"
+            )
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(
+                timeout, (int, float)) or not timeout >= 0):
+            raise InvalidConfigError(f"timeout must be None or >= 0 seconds, got {timeout!r}")
+        if config is None or self._matches(name, config):
+            handle = self._get_fast(name)
+            if handle is not None:
+                return handle, True
+        return self._get_cold(name, name_b, config, init, True, timeout)
+
+    def get_context(self, name: str, *, timeout: Optional[float] = None) -> MemoryContext:
+        """Take a reference to the existing context ``name`` (``ContextNotFoundError`` if
+        there is none). A context still being initialised is waited for."""
+        if self._closed:
+            self._raise_closed()
+        name_b = _check_name(name)
+        handle = self._get_fast(name)
+        if handle is not None:
+            return handle
+        return self._get_cold(name, name_b, None, None, False, timeout)[0]
+
+    @contextmanager
+    def context(
+        self,
+        name: str,
+        config: Optional[MemoryContextConfig] = None,
+        *,
+        init: Optional[Callable[[MemoryContext], object]] = None,
+        timeout: Optional[float] = None,
+    ) -> Iterator[MemoryContext]:
+        """``with m.context(name) as ctx:`` gets or creates the context and returns the
+        reference on exit, also when the block raises."""
+        ctx, _ = self.get_or_create_context(name, config, init=init, timeout=timeout)
+        try:
+            yield ctx
+        finally:
+            if not ctx._returned and not self._closed:
+                try:
+                    self.return_context(ctx)
+                except ContextClosedError:
+                    pass  # force-closed meanwhile: nothing left to return
+
+    def return_context(self, ctx: MemoryContext) -> None:
+        """Release the one reference ``ctx`` stands for and stamp the context's
+        last-used time."""
+        if not isinstance(ctx, MemoryContext):
+            raise TypeError(f"return_context() takes a MemoryContext, not {type(ctx).__name__}")
+        if self._closed:
+            self._raise_closed()
+        if ctx._manager is not self:
+            raise ContextError(
+                f"context {ctx.name!r} was acquired through another ContextManager "
+                f"(namespace {ctx._manager.namespace!r}); return it there"
+            )
+        if ctx._pid != identity.pid:
+            raise ContextError(
+                f"context {ctx.name!r} was acquired by pid {ctx._pid}; pid {identity.pid} "
+                "cannot return it (a handle inherited over fork is not a reference of the child)"
+            )
+        m = ctx._mapped
+        slot = m.slot
+        so = self._geo.slot_off(slot)
+        buf = self._buf
+        lock = self._stripes[slot % self._nstripes]
+        lock.acquire()
+        try:
+            if ctx._returned:
+                raise ContextError(f"context {ctx.name!r}: this handle was already returned")
+            state, rc, inc = L.S_CHECK.unpack_from(buf, so)
+            if inc != m.inc or state == L.FREE or not self._count(slot, -1):
+                ctx._returned = True
+                raise ContextClosedError(
+                    f"context {ctx.name!r} (incarnation {m.inc}) was closed, swept or "
+                    "re-created since this handle was acquired"
+                )
+            if _failpoints.armed:
+                _failpoints.hit("return.proc_counted")
+            L.S_REFCOUNT.pack_into(buf, so + L.S_REFCOUNT_OFF, rc - 1 if rc else 0)
+            L.S_LAST_USED.pack_into(buf, so + L.S_LAST_USED_OFF, monotonic())
+            ctx._returned = True
+        finally:
+            lock.release()
+        ctx._release_view()
+
+    def close_context(self, name: str, force: bool = False) -> None:
+        """Close context ``name`` and its children. ``ContextInUseError`` while
+        references remain, unless ``force``: then every outstanding handle becomes
+        invalid."""
+        self._check_open()
+        name_b = _check_name(name)
+        t = self._table
+        with t.table_lock:
+            t.check_usable()
+            slot = t.find(name_b, name_hash(name_b))
+            if slot < 0:
+                raise ContextNotFoundError(
+                    f"no context {name!r} in namespace {self.namespace!r}"
+                )
+            tree = self._subtree(slot)
+            if not force:
+                for s in tree:
+                    rc = L.S_CHECK.unpack_from(self._buf, self._geo.slot_off(s))[1]
+                    if rc:
+                        which = "it" if s == slot else f"its child {t.slot_name(s).decode()!r}"
+                        raise ContextInUseError(
+                            f"context {name!r} in namespace {self.namespace!r}: {which} "
+                            f"still has {rc} reference(s); pass force=True to close anyway"
+                        )
+            for s in tree:
+                self._free_slot(s)
+
+    def validate_context(self, ctx: MemoryContext) -> bool:
+        """True only if ``ctx``'s context still exists as the same incarnation, is not
+        closed, and this handle has not been returned."""
+        if not isinstance(ctx, MemoryContext):
+            raise TypeError(f"validate_context() takes a MemoryContext, not {type(ctx).__name__}")
+        if self._closed or ctx._returned or ctx._manager is not self:
+            return False
+        state, _rc, inc = L.S_CHECK.unpack_from(self._buf, self._geo.slot_off(ctx._mapped.slot))
+        return state == L.READY and inc == ctx._mapped.inc
+
+    def contexts(self) -> list[ContextInfo]:
+        """A snapshot of every context in the namespace."""
+        snap = self._snapshot()
+        out = []
+        for s in snap.slots:
+            if s.state == L.FREE:
+                continue
+            out.append(ContextInfo(
+                name=s.name,
+                size=s.size,
+                state=L.STATE_NAMES.get(s.state, f"invalid({s.state})"),
+                refcount=s.refcount,
+                holders=dict(s.holders),
+                created=s.created,
+                last_used=snap.wall(s.last_used),
+                idle=max(0.0, snap.taken_at_mono - s.last_used),
+                incarnation=s.incarnation,
+                parent=snap.parent_name(s),
+            ))
+        return sorted(out, key=lambda i: i.name)
+
+    def check(self) -> list[str]:
+        """Verify the table's invariants; returns what is wrong, empty when sound."""
+        snap = self._snapshot()
+        return violations(snap, self._table.tag)
+
+    def sweep(self) -> SweepReport:
+        """One sweep now: reclaim references of dead processes, then close contexts with
+        no references idle longer than ``max_idle_time``."""
+        self._check_open()
+        from ._sweeper import sweep_once
+
+        return sweep_once(self)
+
+    def reclaim(self, pid: int) -> int:
+        """Reclaim at once the references of ``pid``, a process known to be dead (a
+        supervisor's ``child_exit``). Returns how many references were released.
+        Refuses (``ContextInUseError``) a pid that is still alive."""
+        self._check_open()
+        if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+            raise InvalidConfigError(f"pid must be a positive int, got {pid!r}")
+        t = self._table
+        total = 0
+        with t.table_lock:
+            for p in range(self._geo.max_processes):
+                ppid, _f, start, _a = t.proc_head(p)
+                if ppid != pid:
+                    continue
+                if is_alive(ppid, start):
+                    raise ContextInUseError(
+                        f"pid {pid} is still alive; refusing to reclaim its references "
+                        f"in namespace {self.namespace!r}"
+                    )
+                total += self._reclaim_entry(p)
+        return total
+
+    def close(self) -> None:
+        """Detach this process: stop its sweeper, return every reference it still holds,
+        unmap. Other processes are unaffected."""
+        with self._close_lock:
+            if self._closed:
+                self._raise_closed()
+            self._closed = True
+        self._stop.set()
+        th = self._sweeper
+        if th is not None and th is not threading.current_thread():
+            th.join()
+        t = self._table
+        try:
+            if self._proc >= 0 and self._proc_pid == identity.pid and not \
+                    t.flags() & L.FLAG_UNLINKED:
+                with t.table_lock:
+                    self._reclaim_entry(self._proc)
+                    spid, _f, sstart, _b = t.sweeper()
+                    if spid == identity.pid and sstart == identity.start:
+                        t.set_sweeper(0, 0, 0.0)
+        finally:
+            self._detach()
+
+    def unlink(self, force: bool = False) -> None:
+        """Close every context and remove the namespace from the host: table,
+        semaphores, every context segment. ``ContextInUseError`` while another live
+        process holds references, unless ``force``. The manager is closed afterwards."""
+        self._check_open()
+        t = self._table
+        with t.table_lock:
+            if not force:
+                busy = {}
+                for p in range(self._geo.max_processes):
+                    pid, _f, start, _a = t.proc_head(p)
+                    if not pid or p == self._proc:
+                        continue
+                    n = sum(c for _i, _s, c in t.proc_refs(p))
+                    if n and is_alive(pid, start):
+                        busy[pid] = busy.get(pid, 0) + n
+                if busy:
+                    raise ContextInUseError(
+                        f"namespace {self.namespace!r}: live processes hold references "
+                        f"({', '.join(f'pid {p}: {n}' for p, n in busy.items())}); "
+                        "pass force=True to unlink anyway"
+                    )
+            L.H_FLAGS.pack_into(self._buf, L.H_FLAGS_OFF, t.flags() | L.FLAG_UNLINKED)
+            for slot in range(self._geo.capacity):
+                if L.S_STATE.unpack_from(self._buf, self._geo.slot_off(slot))[0] != L.FREE:
+                    self._free_slot(slot)
+            t.unlink_names()
+        with self._close_lock:
+            self._closed = True
+        self._stop.set()
+        th = self._sweeper
+        if th is not None and th is not threading.current_thread():
+            th.join()
+        self._detach()
+        remove_orphans(self.namespace, keep_tag=None, only_tag=t.tag)
+
+    # --- hot path -------------------------------------------------------------------
+
+    def _get_fast(self, name: str) -> Optional[MemoryContext]:
+        m = self._mapped.get(name)
+        if m is None or self._proc_pid != identity.pid:
+            return None
+        slot = m.slot
+        so = self._geo.slot_off(slot)
+        buf = self._buf
+        lock = self._stripes[slot % self._nstripes]
+        lock.acquire()
+        try:
+            state, rc, inc = L.S_CHECK.unpack_from(buf, so)
+            if inc != m.inc or state != L.READY or (self._max_refs and rc >= self._max_refs):
+                return None  # stale, or at the limit: the cold path decides
+            self._count(slot, 1)
+            if _failpoints.armed:
+                _failpoints.hit("acquire.proc_counted")
+            L.S_REFCOUNT.pack_into(buf, so + L.S_REFCOUNT_OFF, rc + 1)
+        finally:
+            lock.release()
+        return MemoryContext(self, m, identity.pid)
+
+    def _count(self, slot: int, delta: int) -> bool:
+        """Add ``delta`` to this process's count for ``slot`` (the primary record).
+        Needs the slot's stripe lock. False if there is nothing to take away."""
+        buf = self._buf
+        ri = self._refidx.get(slot)
+        if ri is not None:
+            off = self._refs_off + L.REF_SIZE * ri
+            sp1, c = L.REF.unpack_from(buf, off)
+            if sp1 == slot + 1:
+                if c + delta < 0:
+                    return False
+                L.REF.pack_into(buf, off, sp1, c + delta)
+                return True
+        if delta < 0:
+            return False
+        ri = self._claim_ref()
+        self._refidx[slot] = ri
+        L.REF.pack_into(buf, self._refs_off + L.REF_SIZE * ri, slot + 1, delta)
+        return True
+
+    def _claim_ref(self) -> int:
+        try:
+            return self._free_refs.pop()
+        except IndexError:
+            pass
+        # Entries at count 0 stay reserved for their slot (it makes the next get of the
+        # same context cheaper); when none is free, give back those, and any that a
+        # force close or a repair cleared behind our back.
+        t = self._table
+        for ri in range(L.REFS_PER_PROCESS):
+            off = self._refs_off + L.REF_SIZE * ri
+            sp1, c = L.REF.unpack_from(self._buf, off)
+            if sp1 == 0:
+                self._free_refs.append(ri)
+            elif c == 0 and self._refidx.get(sp1 - 1) == ri:
+                lock = t.stripe_of(sp1 - 1)
+                # Another thread may be counting on this entry under its own stripe lock.
+                if lock.sem.value > 0 and self._try_free_zero(lock, off, sp1):
+                    del self._refidx[sp1 - 1]
+                    self._free_refs.append(ri)
+        if not self._free_refs:
+            raise TableFullError(
+                f"namespace {self.namespace!r}: this process already holds references to "
+                f"{L.REFS_PER_PROCESS} distinct contexts, the per-process limit of the table"
+            )
+        return self._free_refs.pop()
+
+    def _try_free_zero(self, lock: RobustLock, off: int, sp1: int) -> bool:
+        try:
+            lock.sem.acquire(0)
+        except posix_ipc.BusyError:
+            return False
+        try:
+            if L.REF.unpack_from(self._buf, off) == (sp1, 0):
+                L.REF.pack_into(self._buf, off, 0, 0)
+                return True
+            return False
+        finally:
+            lock.sem.release()
+
+    # --- cold path ------------------------------------------------------------------
+
+    def _matches(self, name: str, config: MemoryContextConfig) -> bool:
+        m = self._mapped.get(name)
+        return m is not None and m.size == config.size and config.parent is None
+
+    def _get_cold(
+        self,
+        name: str,
+        name_b: bytes,
+        config: Optional[MemoryContextConfig],
+        init: Optional[Callable[[MemoryContext], object]],
+        create: bool,
+        timeout: Optional[float],
+    ) -> tuple[MemoryContext, bool]:
+        self._check_open()
+        self._ensure_registered()
+        t = self._table
+        h = name_hash(name_b)
+        deadline = None if timeout is None else monotonic() + timeout
+        reclaimed_once = False
+        while True:
+            wait: Optional[tuple[int, int, posix_ipc.Semaphore]] = None
+            created = False
+            with t.table_lock:
+                t.check_usable()
+                slot = t.find(name_b, h)
+                if slot >= 0:
+                    f = t.read_slot(slot)
+                    state, inc, size = f[0], f[4], f[6]
+                    if config is not None:
+                        self._check_config(name, slot, f, config)
+                    if state == L.READY:
+                        try:
+                            self._take_ref_cold(name, slot, inc)
+                        except MaxReferencesReachedError:
+                            if reclaimed_once or not self._reclaim_dead_locked():
+                                raise
+                            reclaimed_once = True
+                            continue
+                    else:
+                        wait = (slot, inc, self._register_waiter(slot, inc))
+                else:
+                    if not create:
+                        raise ContextNotFoundError(
+                            f"no context {name!r} in namespace {self.namespace!r}"
+                        )
+                    cfg = config or MemoryContextConfig()
+                    slot, inc = self._claim(name, name_b, h, cfg)
+                    size = cfg.size
+                    created = True
+            if wait is not None:
+                self._wait_for_init(name, *wait, deadline, timeout)
+                continue
+            if created:
+                return self._finish_create(name, slot, inc, size, init), False
+            try:
+                m = self._map(name, slot, inc, size)
+            except posix_ipc.ExistentialError:
+                continue  # force-closed between our reference and the mapping
+            return MemoryContext(self, m, identity.pid), True
+
+    def _check_config(self, name: str, slot: int, f: tuple, config: MemoryContextConfig) -> None:
+        size, parent, parent_inc = f[6], f[7], f[9]
+        problems = []
+        if size != config.size:
+            problems.append(f"size: requested {config.size} != existing {size}")
+        existing_parent = None
+        if parent:
+            pf = self._table.read_slot(parent - 1)
+            if pf[0] != L.FREE and pf[4] == parent_inc:
+                existing_parent = self._table.slot_name(parent - 1).decode("utf-8", "replace")
+        if config.parent != existing_parent:
+            problems.append(f"parent: requested {config.parent!r} != existing {existing_parent!r}")
+        if problems:
+            raise InvalidConfigError(
+                f"context {name!r} in namespace {self.namespace!r} exists with another "
+                f"configuration: {'; '.join(problems)}"
+            )
+
+    def _take_ref_cold(self, name: str, slot: int, inc: int) -> None:
+        so = self._geo.slot_off(slot)
+        with self._stripes[slot % self._nstripes]:
+            state, rc, cur = L.S_CHECK.unpack_from(self._buf, so)
+            if self._max_refs and rc >= self._max_refs:
+                raise MaxReferencesReachedError(
+                    f"context {name!r} in namespace {self.namespace!r} already holds "
+                    f"{rc} references (max_references={self._max_refs})"
+                )
+            self._count(slot, 1)
+            if _failpoints.armed:
+                _failpoints.hit("acquire.proc_counted")
+            L.S_REFCOUNT.pack_into(self._buf, so + L.S_REFCOUNT_OFF, rc + 1)
+
+    def _claim(self, name: str, name_b: bytes, h: int, cfg: MemoryContextConfig) -> tuple[int, int]:
+        """Claim a slot for a new context in CREATING state, with one reference of ours.
+        Needs the table lock."""
+        t = self._table
+        parent_slot, parent_inc = -1, 0
+        if cfg.parent is not None:
+            pb = _check_name(cfg.parent)
+            parent_slot = t.find(pb, name_hash(pb))
+            if parent_slot < 0 or L.S_STATE.unpack_from(
+                    self._buf, self._geo.slot_off(parent_slot))[0] != L.READY:
+                raise ContextNotFoundError(
+                    f"parent context {cfg.parent!r} of {name!r} does not exist in namespace "
+                    f"{self.namespace!r}"
+                )
+            parent_inc = L.S_CHECK.unpack_from(self._buf, self._geo.slot_off(parent_slot))[2]
+        if t.live_count() >= self._geo.capacity:
+            self._evict_lru(name)
+        slot = t.pop_free()
+        if slot < 0:
+            self._evict_lru(name)
+            slot = t.pop_free()
+            if slot < 0:
+                raise TableFullError(f"namespace {self.namespace!r}: no free slot for {name!r}")
+        inc = t.next_incarnation()
+        so = self._geo.slot_off(slot)
+        with self._stripes[slot % self._nstripes]:
+            L.SLOT_ALL.pack_into(
+                self._buf, so, L.CREATING, 0, len(name_b), 0, inc, h, cfg.size,
+                parent_slot + 1, 0, parent_inc, time.time(), monotonic(),
+                identity.pid, identity.start, 0, 0, 0, name_b,
+            )
+            if _failpoints.armed:
+                _failpoints.hit("create.slot_claimed")
+            self._count(slot, 1)
+            L.S_REFCOUNT.pack_into(self._buf, so + L.S_REFCOUNT_OFF, 1)
+        t.index_insert(slot, h)
+        t.add_live(1)
+        return slot, inc
+
+    def _evict_lru(self, for_name: str) -> None:
+        """Close the least recently used context with no references and no children, to
+        make room. Needs the table lock."""
+        buf, geo = self._buf, self._geo
+        parents = set()
+        best, best_used = -1, float("inf")
+        for slot in range(geo.capacity):
+            f = L.SLOT_ALL.unpack_from(buf, geo.slot_off(slot))
+            if f[0] != L.FREE and f[7]:
+                parents.add(f[7] - 1)
+        for slot in range(geo.capacity):
+            f = L.SLOT_ALL.unpack_from(buf, geo.slot_off(slot))
+            if f[0] == L.READY and f[3] == 0 and f[11] < best_used and slot not in parents:
+                best, best_used = slot, f[11]
+        if best < 0:
+            raise TableFullError(
+                f"namespace {self.namespace!r} is full ({geo.capacity} contexts, all "
+                f"referenced or parents); cannot create {for_name!r}"
+            )
+        log.info("namespace %r full: evicting least recently used context %r", self.namespace,
+                 self._table.slot_name(best).decode("utf-8", "replace"))
+        self._free_slot(best)
+
+    def _finish_create(self, name: str, slot: int, inc: int, size: int,
+                       init: Optional[Callable[[MemoryContext], object]]) -> MemoryContext:
+        t = self._table
+        try:
+            mm = None
+            if size:
+                mm = _shm.create_segment(
+                    t.segment(slot, inc), size, t.mode,
+                    what=f"context {name!r} in namespace {self.namespace!r}",
+                )
+            if _failpoints.armed:
+                _failpoints.hit("create.segment_made")
+            m = _Mapped(name, slot, inc, size, mm)
+            handle = MemoryContext(self, m, identity.pid)
+            if init is not None:
+                self._mapped[name] = m
+                if _failpoints.armed:
+                    _failpoints.hit("create.in_init")
+                init(handle)
+        except BaseException:
+            self._abort_create(name, slot, inc)
+            raise
+        so = self._geo.slot_off(slot)
+        with self._stripes[slot % self._nstripes]:
+            state, _rc, cur = L.S_CHECK.unpack_from(self._buf, so)
+            if cur != inc or state != L.CREATING:
+                m.unmap()
+                raise ContextClosedError(
+                    f"context {name!r} was force-closed while it was being created"
+                )
+            flags = L.S_STATE.unpack_from(self._buf, so)[1]
+            L.S_LAST_USED.pack_into(self._buf, so + L.S_LAST_USED_OFF, monotonic())
+            L.S_STATE.pack_into(self._buf, so, L.READY, flags & ~L.SLOT_WAITERS)
+            if flags & L.SLOT_WAITERS:
+                _wake_waiters(_shm.init_sem_name(self.namespace, t.tag, inc))
+        self._mapped[name] = m
+        return handle
+
+    def _abort_create(self, name: str, slot: int, inc: int) -> None:
+        t = self._table
+        self._mapped.pop(name, None)
+        with t.table_lock:
+            f = t.read_slot(slot)
+            if f[0] == L.CREATING and f[4] == inc:
+                self._free_slot(slot)
+
+    def _register_waiter(self, slot: int, inc: int) -> posix_ipc.Semaphore:
+        """Mark ``slot`` as waited on and open its init semaphore. Needs the table lock;
+        the stripe lock orders us against the creator's publish."""
+        so = self._geo.slot_off(slot)
+        with self._stripes[slot % self._nstripes]:
+            state, flags = L.S_STATE.unpack_from(self._buf, so)
+            L.S_STATE.pack_into(self._buf, so, state, flags | L.SLOT_WAITERS)
+            return _shm.open_semaphore(
+                _shm.init_sem_name(self.namespace, self._table.tag, inc), self._table.mode,
+                create=True, initial=0,
+            )
+
+    def _wait_for_init(self, name: str, slot: int, inc: int, sem: posix_ipc.Semaphore,
+                       deadline: Optional[float], timeout: Optional[float]) -> None:
+        t = self._table
+        so = self._geo.slot_off(slot)
+        try:
+            while True:
+                wait = t.config.lock_timeout
+                if deadline is not None:
+                    left = deadline - monotonic()
+                    if left <= 0:
+                        raise TimeoutError(
+                            f"timed out after {timeout}s waiting for context {name!r} in "
+                            f"namespace {self.namespace!r} to be initialised"
+                        )
+                    wait = min(wait, left)
+                try:
+                    sem.acquire(wait)
+                    sem.release()  # pass the baton to the next waiter
+                    return
+                except posix_ipc.SignalError:
+                    continue
+                except posix_ipc.BusyError:
+                    pass
+                f = L.SLOT_ALL.unpack_from(self._buf, so)
+                if f[0] != L.CREATING or f[4] != inc:
+                    return
+                if not is_alive(f[12], f[13]):
+                    log.warning("context %r: creator pid %d died during init; removing the "
+                                "half-made context", name, f[12])
+                    with t.table_lock:
+                        g = t.read_slot(slot)
+                        if g[0] == L.CREATING and g[4] == inc and not is_alive(g[12], g[13]):
+                            self._free_slot(slot)
+                    return
+        finally:
+            sem.close()
+
+    def _map(self, name: str, slot: int, inc: int, size: int) -> _Mapped:
+        m = self._mapped.get(name)
+        if m is not None and m.inc == inc:
+            return m
+        try:
+            mm = _shm.attach_segment(self._table.segment(slot, inc)) if size else None
+        except posix_ipc.ExistentialError:
+            self._undo_ref(slot, inc)
+            raise
+        new = _Mapped(name, slot, inc, size, mm)
+        old = self._mapped.get(name)
+        self._mapped[name] = new
+        if old is not None:
+            old.unmap()
+        return new
+
+    def _undo_ref(self, slot: int, inc: int) -> None:
+        so = self._geo.slot_off(slot)
+        with self._stripes[slot % self._nstripes]:
+            state, rc, cur = L.S_CHECK.unpack_from(self._buf, so)
+            if cur == inc and state != L.FREE and self._count(slot, -1):
+                L.S_REFCOUNT.pack_into(self._buf, so + L.S_REFCOUNT_OFF, max(0, rc - 1))
+
+    def _is_current(self, m: _Mapped) -> bool:
+        if self._closed:
+            return False
+        state, _rc, inc = L.S_CHECK.unpack_from(self._buf, self._geo.slot_off(m.slot))
+        return inc == m.inc and state != L.FREE
+
+    def _context_lock(self, ctx: MemoryContext) -> RobustLock:
+        m = ctx._mapped
+        if m.lock is not None:
+            return m.lock
+        t = self._table
+        so = self._geo.slot_off(m.slot)
+        # Created under the stripe lock after checking the incarnation, and unlinked by
+        # close under the same lock: a stale handle can never re-create (and leak) it.
+        with self._stripes[m.slot % self._nstripes]:
+            state, flags = L.S_STATE.unpack_from(self._buf, so)
+            if L.S_INC.unpack_from(self._buf, so + L.S_INC_OFF)[0] != m.inc or state == L.FREE:
+                raise ContextClosedError(f"context {m.name!r} was closed")
+            sem = _shm.open_semaphore(
+                _shm.ctx_lock_name(self.namespace, t.tag, m.inc), t.mode, create=True
+            )
+            L.S_STATE.pack_into(self._buf, so, state, flags | L.SLOT_LOCK)
+        m.lock = RobustLock(
+            sem, self._buf, so + L.S_LOCK_OFF, (1 << 20) + m.slot, t.config.lock_timeout,
+            t.arbiter, None, f"lock of context {m.name!r}",
+        )
+        return m.lock
+
+    # --- closing slots --------------------------------------------------------------
+
+    def _subtree(self, slot: int) -> list[int]:
+        """``slot`` and its descendants, children before parents."""
+        buf, geo = self._buf, self._geo
+        children: dict[int, list[int]] = {}
+        for s in range(geo.capacity):
+            f = L.SLOT_ALL.unpack_from(buf, geo.slot_off(s))
+            if f[0] != L.FREE and f[7]:
+                p = f[7] - 1
+                if p < geo.capacity and L.S_CHECK.unpack_from(buf, geo.slot_off(p))[2] == f[9]:
+                    children.setdefault(p, []).append(s)
+        order: list[int] = []
+        stack, seen = [slot], set()
+        while stack:
+            s = stack.pop()
+            if s in seen:
+                continue
+            seen.add(s)
+            order.append(s)
+            stack.extend(children.get(s, ()))
+        return order[::-1]
+
+    def _free_slot(self, slot: int) -> None:
+        """Close the context in ``slot``: clear every reference to it, mark it free,
+        remove it from the index and free list, wake init waiters, unlink its objects.
+        Needs the table lock."""
+        t, buf, geo = self._table, self._buf, self._geo
+        so = geo.slot_off(slot)
+        with self._stripes[slot % self._nstripes]:
+            state, flags, _n, rc, inc, h = L.S_HEAD.unpack_from(buf, so)
+            if state == L.FREE:
+                return
+            size = L.S_BODY.unpack_from(buf, so + L.S_BODY_OFF)[0]
+            if rc:
+                for p in range(geo.max_processes):
+                    if L.P_PID.unpack_from(buf, geo.proc_off(p))[0] == 0:
+                        continue
+                    for i, s, c in t.proc_refs(p):
+                        if s == slot:
+                            L.REF.pack_into(buf, t.ref_off(p, i), 0, 0)
+            L.S_STATE.pack_into(buf, so, L.FREE, 0)
+            L.S_REFCOUNT.pack_into(buf, so + L.S_REFCOUNT_OFF, 0)
+            if _failpoints.armed:
+                _failpoints.hit("close.state_freed")
+            if flags & L.SLOT_WAITERS:
+                _wake_waiters(_shm.init_sem_name(self.namespace, t.tag, inc))
+            if flags & L.SLOT_LOCK:
+                _shm.unlink_semaphore(_shm.ctx_lock_name(self.namespace, t.tag, inc))
+        t.index_remove(slot, h)
+        if _failpoints.armed:
+            _failpoints.hit("close.index_removed")
+        t.push_free(slot)
+        t.add_live(-1)
+        if size:
+            _shm.unlink_segment(t.segment(slot, inc))
+        name = t.slot_name(slot).decode("utf-8", "replace")
+        m = self._mapped.get(name)
+        if m is not None and m.inc == inc:
+            del self._mapped[name]
+            m.unmap()
+
+    # --- processes ------------------------------------------------------------------
+
+    def _register(self) -> None:
+        t = self._table
+        with t.table_lock:
+            t.check_usable()
+            proc = self._find_free_proc()
+            if proc < 0:
+                self._reclaim_dead_locked()
+                proc = self._find_free_proc()
+            if proc < 0:
+                raise TableFullError(
+                    f"namespace {self.namespace!r}: all {self._geo.max_processes} process "
+                    "entries are taken by live processes (ContextConfig.max_processes)"
+                )
+            off = self._geo.proc_off(proc)
+            L.P_REFS.pack_into(self._buf, off + L.REFS_OFF, *([0] * (2 * L.REFS_PER_PROCESS)))
+            # pid last: a half-written entry stays free.
+            L.P_HEAD.pack_into(self._buf, off, 0, 0, identity.start, time.time())
+            if _failpoints.armed:
+                _failpoints.hit("register.entry_claimed")
+            L.P_PID.pack_into(self._buf, off, identity.pid)
+        self._proc = proc
+        self._proc_pid = identity.pid
+        self._refs_off = off + L.REFS_OFF
+        self._refidx = {}
+        self._free_refs = list(range(L.REFS_PER_PROCESS - 1, -1, -1))
+
+    def _find_free_proc(self) -> int:
+        for p in range(self._geo.max_processes):
+            if L.P_PID.unpack_from(self._buf, self._geo.proc_off(p))[0] == 0:
+                return p
+        return -1
+
+    def _ensure_registered(self) -> None:
+        if self._proc_pid != identity.pid:
+            self._register()
+
+    def _reclaim_entry(self, proc: int) -> int:
+        """Release every reference of process entry ``proc`` and free the entry. Needs the
+        table lock."""
+        t, buf, geo = self._table, self._buf, self._geo
+        total = 0
+        now = monotonic()
+        for i, slot, c in list(t.proc_refs(proc)):
+            if slot >= geo.capacity:
+                L.REF.pack_into(buf, t.ref_off(proc, i), 0, 0)
+                continue
+            so = geo.slot_off(slot)
+            with self._stripes[slot % self._nstripes]:
+                if not c:
+                    L.REF.pack_into(buf, t.ref_off(proc, i), 0, 0)
+                    continue
+                L.REF.pack_into(buf, t.ref_off(proc, i), 0, 0)
+                if _failpoints.armed:
+                    _failpoints.hit("reclaim.ref_cleared")
+                state, rc, _inc = L.S_CHECK.unpack_from(buf, so)
+                if state != L.FREE:
+                    L.S_REFCOUNT.pack_into(buf, so + L.S_REFCOUNT_OFF, max(0, rc - c))
+                    L.S_LAST_USED.pack_into(buf, so + L.S_LAST_USED_OFF, now)
+                total += c
+        L.P_PID.pack_into(buf, geo.proc_off(proc), 0)
+        return total
+
+    def _reclaim_dead_locked(self) -> dict[int, int]:
+        """Reclaim every dead process entry. Needs the table lock. Returns {pid: refs}."""
+        t = self._table
+        out: dict[int, int] = {}
+        for p in range(self._geo.max_processes):
+            pid, _f, start, _a = t.proc_head(p)
+            if pid and not is_alive(pid, start):
+                n = self._reclaim_entry(p)
+                out[pid] = out.get(pid, 0) + n
+                log.info("namespace %r: reclaimed %d reference(s) of dead pid %d",
+                         self.namespace, n, pid)
+        return out
+
+    # --- misc -----------------------------------------------------------------------
+
+    def _snapshot(self) -> Snapshot:
+        self._check_open()
+        t = self._table
+        with t.table_lock:
+            data = bytes(self._buf)
+        return decode(data)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            self._raise_closed()
+
+    def _raise_closed(self) -> None:
+        raise ContextManagerClosedError(
+            f"ContextManager of namespace {self.namespace!r} is closed"
+        )
+
+    def _start_sweeper(self) -> None:
+        from ._sweeper import run_sweeper
+
+        self._sweeper = threading.Thread(
+            target=run_sweeper, args=(weakref.ref(self), self._stop),
+            name=f"shmctx-sweeper[{self.namespace}]", daemon=True,
+        )
+        self._sweeper.start()
+
+    def _after_fork(self) -> None:
+        # The child has no sweeper thread and no references; it registers its own process
+        # entry on first use. Locks held by other threads at fork time are recreated.
+        self._sweeper = None
+        self._stop = threading.Event()
+        self._close_lock = threading.Lock()
+        self._table.arbiter.reset_after_fork()
+        self._refidx = {}
+        self._free_refs = []
+
+    def _detach(self) -> None:
+        _live_managers.discard(self)
+        for m in list(self._mapped.values()):
+            m.unmap()
+        self._mapped.clear()
+        self._table.close()
+
+
+def _wake_waiters(sem_name: str) -> None:
+    """Post an init semaphore once (each woken waiter passes it on) and unlink its name;
+    waiters that opened it keep their handle."""
+    try:
+        sem = posix_ipc.Semaphore(sem_name)
+    except posix_ipc.ExistentialError:
+        return
+    try:
+        sem.release()
+    finally:
+        sem.close()
+        _shm.unlink_semaphore(sem_name)
+
+
+def remove_orphans(ns: str, keep_tag: Optional[str], only_tag: Optional[str] = None,
+                   live_incs: Optional[set[int]] = None) -> list[str]:
+    """Remove /dev/shm objects of namespace ``ns`` that no table uses.
+
+    With ``only_tag``: every object of that (unlinked) table. With ``keep_tag``: objects
+    of any other tag (a crashed or unlinked table), and objects of ``keep_tag`` whose
+    incarnation is not in ``live_incs``.
+    """
+    removed = []
+    for entry in _shm.namespace_objects(ns):
+        parsed = _shm.parse_object(ns, entry)
+        if parsed is None:
+            continue
+        tag, kind, inc = parsed
+        if only_tag is not None:
+            doomed = tag == only_tag
+        elif tag != keep_tag:
+            doomed = True
+        else:
+            doomed = kind in ("c", "l", "i") and live_incs is not None and inc not in live_incs
+        if doomed:
+            _shm.remove_host_object(entry)
+            removed.append(entry)
+    return removed

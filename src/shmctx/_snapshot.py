@@ -1,0 +1,236 @@
+"""Decoding a copy of a table's bytes: the read side shared by ``contexts()``,
+``check()``, the sweeper's planning and ``ctx-inspect``.
+
+Everything here works on an immutable ``bytes`` copy, so a decoder can take its time
+(and survive garbage) without holding any lock.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from . import _layout as L, _shm
+from ._proc import is_alive
+from ._table import header_problem, name_hash
+
+
+@dataclass
+class SlotView:
+    slot: int
+    state: int
+    flags: int
+    name: str
+    name_ok: bool
+    refcount: int
+    incarnation: int
+    name_hash: int
+    size: int
+    parent_slot: int  # -1 = none
+    parent_inc: int
+    created: float
+    last_used: float  # CLOCK_MONOTONIC
+    creator_pid: int
+    creator_start: int
+    lock_owner: tuple[int, int, int]
+    holders: dict[int, int] = field(default_factory=dict)  # pid -> count
+    holder_starts: dict[int, int] = field(default_factory=dict)  # pid -> start
+
+
+@dataclass
+class ProcView:
+    index: int
+    pid: int
+    start: int
+    attached: float
+    refs: list[tuple[int, int]]  # (slot, count), count > 0
+
+
+@dataclass
+class Snapshot:
+    namespace: str
+    geo: L.Geometry
+    config: dict
+    mode: int
+    created: float
+    next_incarnation: int
+    live: int
+    free_head: int
+    flags: int
+    table_id: int
+    sweeper: tuple[int, int, int, float]
+    locks: list[tuple[int, int, int]]
+    index: list[int]
+    procs: list[ProcView]
+    slots: list[SlotView]  # every non-free slot, and free slots that carry garbage
+    taken_at_mono: float
+    taken_at_wall: float
+    locked: bool = True
+
+    def by_name(self) -> dict[str, SlotView]:
+        return {s.name: s for s in self.slots if s.state != L.FREE}
+
+    def parent_name(self, s: SlotView) -> Optional[str]:
+        if s.parent_slot < 0:
+            return None
+        for p in self.slots:
+            if p.slot == s.parent_slot and p.incarnation == s.parent_inc:
+                return p.name
+        return None
+
+    def wall(self, mono: float) -> float:
+        """A CLOCK_MONOTONIC stamp as wall-clock time."""
+        return self.taken_at_wall - (self.taken_at_mono - mono)
+
+
+def decode(data: bytes, locked: bool = True) -> Snapshot:
+    """Decode a table copy. Raises ``ValueError`` with what is wrong if the header is
+    unusable; damaged slots decode as they are and are left for ``check`` to report."""
+    problem = header_problem(data[: L.HEADER_SIZE], len(data))
+    if problem:
+        raise ValueError(problem)
+    (_v, _hs, _ss, cap, stripes, procs_n, _total, max_refs, mode, idle, interval, lt,
+     created) = L.H_FIXED.unpack_from(data, L.H_FIXED_OFF)
+    index_size = L.H_INDEX_SIZE.unpack_from(data, L.H_INDEX_SIZE_OFF)[0]
+    geo = L.Geometry(cap, procs_n, stripes, index_size)
+    n_len, ns_b = L.H_NAMESPACE.unpack_from(data, L.H_NAMESPACE_OFF)
+    procs: list[ProcView] = []
+    holders: dict[int, dict[int, int]] = {}
+    starts: dict[int, dict[int, int]] = {}
+    for p in range(procs_n):
+        pid, _f, start, attached = L.P_HEAD.unpack_from(data, geo.proc_off(p))
+        if not pid:
+            continue
+        flat = L.P_REFS.unpack_from(data, geo.proc_off(p) + L.REFS_OFF)
+        refs = [(flat[2 * i] - 1, flat[2 * i + 1]) for i in range(L.REFS_PER_PROCESS)
+                if flat[2 * i] and flat[2 * i + 1]]
+        procs.append(ProcView(p, pid, start, attached, refs))
+        for s, c in refs:
+            h = holders.setdefault(s, {})
+            h[pid] = h.get(pid, 0) + c
+            starts.setdefault(s, {})[pid] = start
+    slots: list[SlotView] = []
+    for s in range(cap):
+        off = geo.slot_off(s)
+        f = L.SLOT_ALL.unpack_from(data, off)
+        (state, flags, n, rc, inc, h, size, parent, _nf, parent_inc, c_wall, last,
+         cpid, cstart, lpid, lepoch, lstart, raw_name) = f
+        if state == L.FREE and s not in holders:
+            continue
+        raw = raw_name[: min(n, L.NAME_MAX)]
+        try:
+            name = raw.decode("utf-8")
+            ok = n <= L.NAME_MAX and name_hash(raw) == h
+        except UnicodeDecodeError:
+            name, ok = raw.decode("utf-8", "backslashreplace"), False
+        slots.append(SlotView(
+            s, state, flags, name, ok, rc, inc, h, size, parent - 1, parent_inc, c_wall, last,
+            cpid, cstart, (lpid, lepoch, lstart), holders.get(s, {}), starts.get(s, {}),
+        ))
+    return Snapshot(
+        namespace=ns_b[:n_len].decode("utf-8", "replace"),
+        geo=geo,
+        config=dict(max_references=max_refs, max_idle_time=idle, cleanup_interval=interval,
+                    capacity=cap, lock_timeout=lt, max_processes=procs_n),
+        mode=mode,
+        created=created,
+        next_incarnation=L.H_NEXT_INC.unpack_from(data, L.H_NEXT_INC_OFF)[0],
+        live=L.H_LIVE.unpack_from(data, L.H_LIVE_OFF)[0],
+        free_head=L.H_FREE_HEAD.unpack_from(data, L.H_FREE_HEAD_OFF)[0],
+        flags=L.H_FLAGS.unpack_from(data, L.H_FLAGS_OFF)[0],
+        table_id=L.H_TABLE_ID.unpack_from(data, L.H_TABLE_ID_OFF)[0],
+        sweeper=L.H_SWEEPER.unpack_from(data, L.H_SWEEPER_OFF),
+        locks=[L.LOCK.unpack_from(data, geo.lock_off(i)) for i in range(1 + stripes)],
+        index=[L.INDEX_ENTRY.unpack_from(data, geo.index_entry_off(i))[0]
+               for i in range(index_size)],
+        procs=procs,
+        slots=slots,
+        taken_at_mono=time.monotonic(),
+        taken_at_wall=time.time(),
+        locked=locked,
+    )
+
+
+def violations(snap: Snapshot, tag: Optional[str] = None) -> list[str]:
+    """Every invariant the table breaks, one line each; empty when it is sound.
+
+    ``tag``: the table's object tag, to check that each live context's segment exists
+    with its size (skipped when None).
+    """
+    out: list[str] = []
+    geo = snap.geo
+    live_names: dict[str, int] = {}
+    live = 0
+    for s in snap.slots:
+        label = f"slot {s.slot}"
+        if s.state == L.FREE:
+            for pid, c in s.holders.items():
+                out.append(f"{label}: free, yet pid {pid} holds {c} reference(s) to it")
+            continue
+        if s.state not in (L.CREATING, L.READY):
+            out.append(f"{label}: impossible state {s.state}")
+            continue
+        live += 1
+        label = f"slot {s.slot} ({s.name!r})"
+        if not s.name_ok:
+            out.append(f"{label}: name and name hash disagree, or the name is not UTF-8")
+        if s.name in live_names:
+            out.append(f"{label}: duplicate live name, also in slot {live_names[s.name]}")
+        live_names.setdefault(s.name, s.slot)
+        total = sum(s.holders.values())
+        if s.refcount != total:
+            out.append(f"{label}: refcount {s.refcount} != {total}, the sum of its holders")
+        if not 0 < s.incarnation < snap.next_incarnation:
+            out.append(f"{label}: incarnation {s.incarnation} was never issued")
+        if s.parent_slot >= 0 and snap.parent_name(s) is None:
+            out.append(f"{label}: parent slot {s.parent_slot} incarnation {s.parent_inc} "
+                       "is gone but the child lives")
+        if s.state == L.READY and tag is not None and s.size > 0:
+            path = _shm.host_path(_shm.segment_name(snap.namespace, tag, s.slot, s.incarnation))
+            try:
+                have = os.stat(path).st_size
+                if have != s.size:
+                    out.append(f"{label}: segment is {have} bytes, the table says {s.size}")
+            except FileNotFoundError:
+                out.append(f"{label}: segment {path} is missing")
+        if s.state == L.CREATING and not is_alive(s.creator_pid, s.creator_start):
+            out.append(f"{label}: being created by dead pid {s.creator_pid}")
+    if live != snap.live:
+        out.append(f"header: live count {snap.live} != {live} live slots")
+    indexed: set[int] = set()
+    for pos, e in enumerate(snap.index):
+        if not e:
+            continue
+        slot = e - 1
+        if slot >= geo.capacity:
+            out.append(f"index entry {pos}: slot {slot} is out of range")
+        elif slot in indexed:
+            out.append(f"index entry {pos}: slot {slot} is indexed twice")
+        indexed.add(slot)
+    for s in snap.slots:
+        if s.state in (L.CREATING, L.READY) and s.slot not in indexed:
+            out.append(f"slot {s.slot} ({s.name!r}): live but missing from the name index")
+    for e in indexed:
+        if e < geo.capacity and e not in {s.slot for s in snap.slots if s.state != L.FREE}:
+            out.append(f"index: points at free slot {e}")
+    for i, (pid, _epoch, start) in enumerate(snap.locks):
+        if pid and not is_alive(pid, start):
+            what = "table lock" if i == 0 else f"stripe lock {i - 1}"
+            out.append(f"{what}: held by dead pid {pid}")
+    for s in snap.slots:
+        pid, _e, start = s.lock_owner
+        if s.state != L.FREE and pid and not is_alive(pid, start):
+            out.append(f"slot {s.slot} ({s.name!r}): ctx.lock held by dead pid {pid}")
+    seen: dict[tuple[int, int], int] = {}
+    for p in snap.procs:
+        key = (p.pid, p.start)
+        if key in seen and seen[key] == p.index:
+            out.append(f"process entry {p.index}: duplicate")
+        seen[key] = p.index
+        for slot, _c in p.refs:
+            if slot >= geo.capacity:
+                out.append(f"process entry {p.index} (pid {p.pid}): reference to slot {slot} "
+                           "out of range")
+    return out
