@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 from datetime import timedelta
-from typing import Optional, Union
+from typing import Union
 
 from ._errors import InvalidConfigError
 
@@ -32,7 +32,7 @@ MAX_CAPACITY = 1 << 20
 MAX_PROCESSES_LIMIT = 1 << 16
 MAX_REFERENCES_LIMIT = (1 << 32) - 1
 
-Duration = Union[float, int, timedelta]
+Duration = Union[float, int, timedelta]  # noqa: UP007 - a runtime alias on 3.10
 
 
 def _duration(field: str, value: object, *, positive: bool = False) -> float:
@@ -96,7 +96,7 @@ class ContextConfig:
         for name, value in norm.items():
             object.__setattr__(self, name, value)
 
-    def differences(self, other: "ContextConfig") -> list[str]:
+    def differences(self, other: ContextConfig) -> list[str]:
         """Names of the fields whose values differ, as ``field: ours != theirs``."""
         return [
             f"{f.name}: {getattr(self, f.name)!r} != {getattr(other, f.name)!r}"
@@ -111,7 +111,7 @@ class MemoryContextConfig:
     an optional ``parent`` context whose closing also closes this one."""
 
     size: int = 0
-    parent: Optional[str] = None
+    parent: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.size, bool) or not isinstance(self.size, int):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import mmap
 import struct
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
@@ -29,14 +29,14 @@ class _Mapped:
 
     __slots__ = ("name", "slot", "inc", "size", "mm", "view", "lock")
 
-    def __init__(self, name: str, slot: int, inc: int, size: int, mm: Optional[mmap.mmap]):
+    def __init__(self, name: str, slot: int, inc: int, size: int, mm: mmap.mmap | None):
         self.name = name
         self.slot = slot
         self.inc = inc
         self.size = size
         self.mm = mm
         self.view = memoryview(mm) if mm is not None else memoryview(b"")
-        self.lock: Optional[RobustLock] = None
+        self.lock: RobustLock | None = None
 
     def unmap(self) -> None:
         try:
@@ -56,12 +56,12 @@ class MemoryContext:
 
     __slots__ = ("_manager", "_mapped", "_pid", "_returned", "_view", "__weakref__")
 
-    def __init__(self, manager: "ContextManager", mapped: _Mapped, pid: int) -> None:
+    def __init__(self, manager: ContextManager, mapped: _Mapped, pid: int) -> None:
         self._manager = manager
         self._mapped = mapped
         self._pid = pid
         self._returned = False
-        self._view: Optional[memoryview] = None
+        self._view: memoryview | None = None
 
     @property
     def name(self) -> str:
@@ -90,7 +90,7 @@ class MemoryContext:
         return self._view
 
     @property
-    def lock(self) -> "RobustLock":
+    def lock(self) -> RobustLock:
         """A cross-process lock for this context: ``with ctx.lock: ...``. Not re-entrant.
         If its holder dies, the next waiter takes it over after ``lock_timeout``."""
         self._ensure_valid()
@@ -180,7 +180,7 @@ class ContextInfo:
     last_used: float
     idle: float
     incarnation: int
-    parent: Optional[str]
+    parent: str | None
 
 
 @dataclass

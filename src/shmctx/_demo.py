@@ -81,7 +81,7 @@ def format_table(m: ContextManager) -> str:
         rows.append((info.name, info.state, str(info.refcount), holders, str(info.size),
                      f"{info.idle:.2f}s", str(info.incarnation)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 
 
 def main(argv: list[str] | None = None) -> int:

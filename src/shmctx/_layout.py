@@ -26,7 +26,7 @@ Header (256 bytes)::
     12  4     u32    header_size      256
     16  4     u32    slot_size        256
     20  4     u32    capacity         number of context slots
-    24  4     u32    stripes          number of stripe locks (slot k is guarded by stripe k % stripes)
+    24  4     u32    stripes          number of stripe locks (slot k: stripe k % stripes)
     28  4     u32    max_processes    number of process entries
     32  8     u64    total_size       size of the whole table in bytes
     40  4     u32    max_references   0 = unlimited

@@ -43,8 +43,8 @@ import logging
 import os
 import struct
 import threading
+from collections.abc import Callable
 from time import monotonic
-from typing import Callable, Optional
 
 import posix_ipc
 
@@ -119,7 +119,7 @@ class RobustLock:
         key: int,
         timeout: float,
         arbiter: Arbiter,
-        repair: Optional[Callable[[], None]],
+        repair: Callable[[], None] | None,
         what: str,
     ) -> None:
         self.sem = sem
@@ -131,7 +131,7 @@ class RobustLock:
         self.repair = repair
         self.what = what
 
-    def acquire(self, timeout: Optional[float] = None) -> None:
+    def acquire(self, timeout: float | None = None) -> None:
         """Take the lock, waiting at most ``timeout`` seconds (None: as long as the
         owner lives). Raises ``TimeoutError`` when ``timeout`` runs out."""
         sem = self.sem
@@ -152,7 +152,7 @@ class RobustLock:
             _failpoints.hit("lock.release_before_post")
         self.sem.release()
 
-    def __enter__(self) -> "RobustLock":
+    def __enter__(self) -> RobustLock:
         self.acquire()
         return self
 
@@ -163,9 +163,9 @@ class RobustLock:
         """(pid, epoch, start) as recorded now; pid 0 when no owner is recorded."""
         return LOCK.unpack_from(self.buf, self.off)
 
-    def _acquire_slow(self, timeout: Optional[float]) -> None:
+    def _acquire_slow(self, timeout: float | None) -> None:
         deadline = None if timeout is None else monotonic() + timeout
-        suspect: Optional[tuple[int, int]] = None  # (pid, epoch) seen without an owner
+        suspect: tuple[int, int] | None = None  # (pid, epoch) seen without an owner
         while True:
             if deadline is not None:
                 left = deadline - monotonic()
@@ -183,13 +183,13 @@ class RobustLock:
                 if suspect == (-1, -1):
                     return
                 continue
-            pid, epoch, start = LOCK.unpack_from(self.buf, self.off)
+            epoch = LOCK.unpack_from(self.buf, self.off)[1]
             LOCK.pack_into(
                 self.buf, self.off, identity.pid, (epoch + 1) & 0xFFFFFFFF, identity.start
             )
             return
 
-    def _after_timeout(self, suspect: Optional[tuple[int, int]]) -> Optional[tuple[int, int]]:
+    def _after_timeout(self, suspect: tuple[int, int] | None) -> tuple[int, int] | None:
         """Decide what a timed-out wait means. Returns the new suspect, or (-1, -1) when
         this process took the lock over."""
         pid, epoch, start = LOCK.unpack_from(self.buf, self.off)

@@ -13,13 +13,14 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from time import monotonic
-from typing import Callable, Iterator, Optional
 
 import posix_ipc
 
-from . import _failpoints, _layout as L, _shm
+from . import _failpoints, _shm
+from . import _layout as L
 from ._config import ContextConfig, MemoryContextConfig
 from ._context import ContextInfo, MemoryContext, SweepReport, _Mapped
 from ._errors import (
@@ -42,7 +43,7 @@ log = logging.getLogger("shmctx")
 
 __all__ = ["ContextManager"]
 
-_live_managers: "weakref.WeakSet[ContextManager]" = weakref.WeakSet()
+_live_managers: weakref.WeakSet[ContextManager] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
@@ -87,11 +88,11 @@ class ContextManager:
 
     def __init__(
         self,
-        config: Optional[ContextConfig] = None,
+        config: ContextConfig | None = None,
         *,
         namespace: str = "default",
-        sweeper: Optional[bool] = None,
-        mode: Optional[int] = None,
+        sweeper: bool | None = None,
+        mode: int | None = None,
     ) -> None:
         if not isinstance(namespace, str) or not _shm.NAMESPACE_RE.fullmatch(namespace):
             raise InvalidConfigError(
@@ -138,7 +139,7 @@ class ContextManager:
         self._refs_off = 0
         self._refidx: dict[int, int] = {}
         self._free_refs: list[int] = []
-        self._sweeper: Optional[threading.Thread] = None
+        self._sweeper: threading.Thread | None = None
         self._stop = threading.Event()
         self._register()
         _live_managers.add(self)
@@ -147,7 +148,7 @@ class ContextManager:
 
     # --- context-manager protocol ---------------------------------------------------
 
-    def __enter__(self) -> "ContextManager":
+    def __enter__(self) -> ContextManager:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -162,10 +163,10 @@ class ContextManager:
     def get_or_create_context(
         self,
         name: str,
-        config: Optional[MemoryContextConfig] = None,
+        config: MemoryContextConfig | None = None,
         *,
-        init: Optional[Callable[[MemoryContext], object]] = None,
-        timeout: Optional[float] = None,
+        init: Callable[[MemoryContext], object] | None = None,
+        timeout: float | None = None,
     ) -> tuple[MemoryContext, bool]:
         """Take a reference to context ``name``, creating it if absent.
 
@@ -190,7 +191,7 @@ class ContextManager:
                 return handle, True
         return self._get_cold(name, name_b, config, init, True, timeout)
 
-    def get_context(self, name: str, *, timeout: Optional[float] = None) -> MemoryContext:
+    def get_context(self, name: str, *, timeout: float | None = None) -> MemoryContext:
         """Take a reference to the existing context ``name`` (``ContextNotFoundError`` if
         there is none). A context still being initialised is waited for."""
         if self._closed:
@@ -205,10 +206,10 @@ class ContextManager:
     def context(
         self,
         name: str,
-        config: Optional[MemoryContextConfig] = None,
+        config: MemoryContextConfig | None = None,
         *,
-        init: Optional[Callable[[MemoryContext], object]] = None,
-        timeout: Optional[float] = None,
+        init: Callable[[MemoryContext], object] | None = None,
+        timeout: float | None = None,
     ) -> Iterator[MemoryContext]:
         """``with m.context(name) as ctx:`` gets or creates the context and returns the
         reference on exit, also when the block raises."""
@@ -414,11 +415,13 @@ class ContextManager:
         if th is not None and th is not threading.current_thread():
             th.join()
         self._detach()
-        remove_orphans(self.namespace, keep_tag=None, only_tag=t.tag)
+        from ._sweeper import remove_stale
+
+        remove_stale(self.namespace, _shm.namespace_objects(self.namespace), t.tag, None)
 
     # --- hot path -------------------------------------------------------------------
 
-    def _get_fast(self, name: str) -> Optional[MemoryContext]:
+    def _get_fast(self, name: str) -> MemoryContext | None:
         m = self._mapped.get(name)
         if m is None or self._proc_pid != identity.pid:
             return None
@@ -509,10 +512,10 @@ class ContextManager:
         self,
         name: str,
         name_b: bytes,
-        config: Optional[MemoryContextConfig],
-        init: Optional[Callable[[MemoryContext], object]],
+        config: MemoryContextConfig | None,
+        init: Callable[[MemoryContext], object] | None,
         create: bool,
-        timeout: Optional[float],
+        timeout: float | None,
     ) -> tuple[MemoryContext, bool]:
         self._check_open()
         self._ensure_registered()
@@ -521,7 +524,7 @@ class ContextManager:
         deadline = None if timeout is None else monotonic() + timeout
         reclaimed_once = False
         while True:
-            wait: Optional[tuple[int, int, posix_ipc.Semaphore]] = None
+            wait: tuple[int, int, posix_ipc.Semaphore] | None = None
             created = False
             with t.table_lock:
                 t.check_usable()
@@ -582,7 +585,7 @@ class ContextManager:
     def _take_ref_cold(self, name: str, slot: int, inc: int) -> None:
         so = self._geo.slot_off(slot)
         with self._stripes[slot % self._nstripes]:
-            state, rc, cur = L.S_CHECK.unpack_from(self._buf, so)
+            rc = L.S_CHECK.unpack_from(self._buf, so)[1]  # state cannot move: table lock held
             if self._max_refs and rc >= self._max_refs:
                 raise MaxReferencesReachedError(
                     f"context {name!r} in namespace {self.namespace!r} already holds "
@@ -656,7 +659,7 @@ class ContextManager:
         self._free_slot(best)
 
     def _finish_create(self, name: str, slot: int, inc: int, size: int,
-                       init: Optional[Callable[[MemoryContext], object]]) -> MemoryContext:
+                       init: Callable[[MemoryContext], object] | None) -> MemoryContext:
         t = self._table
         try:
             mm = None
@@ -714,7 +717,7 @@ class ContextManager:
             )
 
     def _wait_for_init(self, name: str, slot: int, inc: int, sem: posix_ipc.Semaphore,
-                       deadline: Optional[float], timeout: Optional[float]) -> None:
+                       deadline: float | None, timeout: float | None) -> None:
         t = self._table
         so = self._geo.slot_off(slot)
         try:
@@ -839,7 +842,7 @@ class ContextManager:
                 for p in range(geo.max_processes):
                     if L.P_PID.unpack_from(buf, geo.proc_off(p))[0] == 0:
                         continue
-                    for i, s, c in t.proc_refs(p):
+                    for i, s, _c in t.proc_refs(p):
                         if s == slot:
                             L.REF.pack_into(buf, t.ref_off(p, i), 0, 0)
             L.S_STATE.pack_into(buf, so, L.FREE, 0)
@@ -998,28 +1001,3 @@ def _wake_waiters(sem_name: str) -> None:
         sem.close()
         _shm.unlink_semaphore(sem_name)
 
-
-def remove_orphans(ns: str, keep_tag: Optional[str], only_tag: Optional[str] = None,
-                   live_incs: Optional[set[int]] = None) -> list[str]:
-    """Remove /dev/shm objects of namespace ``ns`` that no table uses.
-
-    With ``only_tag``: every object of that (unlinked) table. With ``keep_tag``: objects
-    of any other tag (a crashed or unlinked table), and objects of ``keep_tag`` whose
-    incarnation is not in ``live_incs``.
-    """
-    removed = []
-    for entry in _shm.namespace_objects(ns):
-        parsed = _shm.parse_object(ns, entry)
-        if parsed is None:
-            continue
-        tag, kind, inc = parsed
-        if only_tag is not None:
-            doomed = tag == only_tag
-        elif tag != keep_tag:
-            doomed = True
-        else:
-            doomed = kind in ("c", "l", "i") and live_incs is not None and inc not in live_incs
-        if doomed:
-            _shm.remove_host_object(entry)
-            removed.append(entry)
-    return removed

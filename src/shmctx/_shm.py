@@ -36,8 +36,8 @@ def table_name(ns: str) -> str:
     return f"/{PREFIX}{ns}"
 
 
-def staging_name(ns: str, tag: str) -> str:
-    return f"/{PREFIX}{ns}@{tag}new"
+def staging_name(ns: str, tag: str, pid: int) -> str:
+    return f"/{PREFIX}{ns}@{tag}new{pid}"
 
 
 def table_lock_name(ns: str, tag: str) -> str:
@@ -63,7 +63,8 @@ def init_sem_name(ns: str, tag: str, inc: int) -> str:
 def parse_object(ns: str, entry: str) -> tuple[str, str, int] | None:
     """Split a /dev/shm entry of namespace ``ns`` into (tag, kind, incarnation).
 
-    kind is one of ``t s c l i new``; incarnation is 0 where the kind has none.
+    kind is one of ``t s c l i new``; the number is the incarnation for ``c l i``, the
+    creator's pid for ``new`` (a table being built), 0 otherwise.
     """
     body = entry.removeprefix("sem.")
     own = f"{PREFIX}{ns}@"
@@ -73,14 +74,30 @@ def parse_object(ns: str, entry: str) -> tuple[str, str, int] | None:
     tag, tail = rest[:TAG_LEN], rest[TAG_LEN:]
     if len(tag) != TAG_LEN or not tail:
         return None
-    if tail == "new" or tail == "t":
+    if tail == "t":
         return tag, tail, 0
+    if tail.startswith("new"):
+        return (tag, "new", int(tail[3:])) if tail[3:].isdigit() else None
     kind, num = tail[0], tail[1:]
     try:
         inc = int(num.rpartition(".")[2]) if kind == "c" else int(num) if kind in "li" else 0
     except ValueError:
         return None
     return tag, kind, inc
+
+
+def public_tag(ns: str) -> str | None:
+    """Tag of the table now published under namespace ``ns``'s name, if any."""
+    from ._layout import H_TABLE_ID, H_TABLE_ID_OFF, HEADER_SIZE
+
+    try:
+        with open(host_path(table_name(ns)), "rb") as f:
+            head = f.read(HEADER_SIZE)
+    except OSError:
+        return None
+    if len(head) < HEADER_SIZE:
+        return None
+    return f"{H_TABLE_ID.unpack_from(head, H_TABLE_ID_OFF)[0] & 0xFFFFFFFFFFFF:012x}"
 
 
 def host_path(name: str, semaphore: bool = False) -> str:

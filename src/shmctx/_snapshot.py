@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
-from . import _layout as L, _shm
+from . import _layout as L
+from . import _shm
 from ._proc import is_alive
 from ._table import header_problem, name_hash
 
@@ -72,7 +72,7 @@ class Snapshot:
     def by_name(self) -> dict[str, SlotView]:
         return {s.name: s for s in self.slots if s.state != L.FREE}
 
-    def parent_name(self, s: SlotView) -> Optional[str]:
+    def parent_name(self, s: SlotView) -> str | None:
         if s.parent_slot < 0:
             return None
         for p in self.slots:
@@ -153,7 +153,7 @@ def decode(data: bytes, locked: bool = True) -> Snapshot:
     )
 
 
-def violations(snap: Snapshot, tag: Optional[str] = None) -> list[str]:
+def violations(snap: Snapshot, tag: str | None = None) -> list[str]:
     """Every invariant the table breaks, one line each; empty when it is sound.
 
     ``tag``: the table's object tag, to check that each live context's segment exists

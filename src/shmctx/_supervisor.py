@@ -13,7 +13,6 @@ import os
 import signal
 import sys
 import threading
-from typing import Optional
 
 from ._config import ContextConfig
 from ._errors import ContextError
@@ -45,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,

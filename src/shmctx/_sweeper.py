@@ -9,14 +9,13 @@ table never stalls workers for more than one close at a time.
 from __future__ import annotations
 
 import logging
-import os
 import threading
-import time
 import weakref
 from time import monotonic
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
-from . import _failpoints, _layout as L, _shm
+from . import _failpoints, _shm
+from . import _layout as L
 from ._context import SweepReport
 from ._errors import ContextError, ContextManagerClosedError
 from ._proc import identity, is_alive
@@ -26,12 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shmctx.sweeper")
 
-# Objects of another table's tag are removed only once they are this old: a table being
-# created right now (under its staging name) is never mistaken for leftovers.
-_FOREIGN_GRACE = 30.0
-
-
-def take_lead(m: "ContextManager") -> bool:
+def take_lead(m: ContextManager) -> bool:
     """Become (or stay) the namespace's sweeper leader, unless a live process leads."""
     t = m._table
     with t.table_lock:
@@ -50,7 +44,7 @@ def take_lead(m: "ContextManager") -> bool:
         return True
 
 
-def sweep_once(m: "ContextManager") -> SweepReport:
+def sweep_once(m: ContextManager) -> SweepReport:
     began = monotonic()
     report = SweepReport()
     t = m._table
@@ -58,6 +52,10 @@ def sweep_once(m: "ContextManager") -> SweepReport:
     with t.table_lock:
         t.check_usable()
         report.reclaimed = m._reclaim_dead_locked()
+        for slot, _inc in t.dead_creations():
+            log.warning("namespace %r: removing context %r whose creator died during init",
+                        m.namespace, t.slot_name(slot).decode("utf-8", "replace"))
+            m._free_slot(slot)
     idle_limit = m.config.max_idle_time
     if idle_limit > 0:
         now = monotonic()
@@ -88,9 +86,9 @@ def sweep_once(m: "ContextManager") -> SweepReport:
     return report
 
 
-def remove_namespace_orphans(m: "ContextManager") -> list[str]:
-    """Remove objects of the namespace that no live slot of our table uses, and objects
-    of other (dead) tables of the same namespace."""
+def remove_namespace_orphans(m: ContextManager) -> list[str]:
+    """Remove objects of the namespace that no live slot of our table uses, and leftovers
+    of other tables of the same namespace (crashed creations, unlinked tables)."""
     t = m._table
     entries = _shm.namespace_objects(m.namespace)  # list first, then read the live set
     if not entries:
@@ -102,59 +100,81 @@ def remove_namespace_orphans(m: "ContextManager") -> list[str]:
             state, _rc, inc = L.S_CHECK.unpack_from(m._buf, m._geo.slot_off(slot))
             if state != L.FREE:
                 live.add(inc)
-    now = time.time()
-    removed = []
-    for entry in entries:
-        parsed = _shm.parse_object(m.namespace, entry)
-        if parsed is None:
-            continue
-        tag, kind, inc = parsed
-        if tag == t.tag:
-            doomed = kind in ("c", "l", "i") and inc not in live
-        else:
-            try:
-                age = now - os.stat(os.path.join(_shm.SHM_DIR, entry)).st_ctime
-            except FileNotFoundError:
-                continue
-            doomed = age > _FOREIGN_GRACE
-        if doomed:
-            _shm.remove_host_object(entry)
-            removed.append(entry)
+    removed = remove_stale(m.namespace, entries, t.tag, live)
     if removed:
         log.info("namespace %r: removed %d orphaned object(s): %s", m.namespace,
                  len(removed), ", ".join(removed))
     return removed
 
 
+def remove_stale(ns: str, entries: list[str], own_tag: str | None,
+                 live_incs: set[int] | None) -> list[str]:
+    """Remove the stale ones among ``entries`` (as listed by ``_shm.namespace_objects``).
+
+    Objects of ``own_tag``: those of contexts whose incarnation is not in ``live_incs``
+    (all of them when ``live_incs`` is None: the table is being unlinked). Objects of any
+    other tag: unless they belong to the table now at the public name, or to a table
+    still being built by a live creator (its staging object names the creator's pid).
+    """
+    public = _shm.public_tag(ns)
+    parsed = [(e, _shm.parse_object(ns, e)) for e in entries]
+    building = {p[0] for _e, p in parsed if p and p[1] == "new" and is_alive(p[2], 0)}
+    removed = []
+    for entry, p in parsed:
+        if p is None:
+            continue
+        tag, kind, inc = p
+        if tag == own_tag:
+            doomed = live_incs is None or (kind in ("c", "l", "i") and inc not in live_incs)
+        else:
+            doomed = tag != public and tag not in building
+        if doomed:
+            _shm.remove_host_object(entry)
+            removed.append(entry)
+    return removed
+
+
+def _sweep_round(m: "ContextManager") -> bool:
+    """Sweep if this process leads (or can take the lead). Returns whether it leads."""
+    if not take_lead(m):
+        return False
+    report = sweep_once(m)
+    if report:
+        log.info("namespace %r sweep: closed %s, reclaimed %s, orphans removed %d (%.1f ms)",
+                 m.namespace, report.closed or "nothing", report.reclaimed or "nothing",
+                 len(report.orphans_removed), report.duration * 1e3)
+    return True
+
+
+def _guarded(m: "ContextManager", action: "Callable[[], bool]") -> Optional[bool]:
+    """Run one sweeper action; None means the manager is gone and the loop must end."""
+    try:
+        return action()
+    except ContextManagerClosedError:
+        return None
+    except ContextError as e:
+        log.error("namespace %r: sweep failed: %s", m.namespace, e)
+    except Exception:
+        if m._closed:
+            return None
+        log.exception("namespace %r: sweep failed", m.namespace)
+    return False
+
+
 def run_sweeper(ref: "weakref.ref[ContextManager]", stop: threading.Event) -> None:
-    """Body of the sweeper thread: lead if nobody live leads, sweep every interval."""
-    first = True
-    while True:
+    """Body of a manager's sweeper thread: claim the lead at once if nobody live holds
+    it, then sweep every ``cleanup_interval`` (standing by while another process leads).
+    Holds only a weak reference between rounds, so an abandoned manager can be freed."""
+    m = ref()
+    if m is None or _guarded(m, lambda: take_lead(m)) is None:
+        return
+    interval = m.config.cleanup_interval
+    del m
+    while not stop.wait(interval):
         m = ref()
-        if m is None or m._closed:
+        if m is None or m._closed or _guarded(m, lambda: _sweep_round(m)) is None:
             return
-        interval = m.config.cleanup_interval
-        try:
-            if take_lead(m):
-                if not first:
-                    report = sweep_once(m)
-                    if report:
-                        log.info("namespace %r sweep: closed %s, reclaimed %s, orphans %d "
-                                 "(%.1f ms)", m.namespace, report.closed or "nothing",
-                                 report.reclaimed or "nothing", len(report.orphans_removed),
-                                 report.duration * 1e3)
-        except ContextManagerClosedError:
-            return
-        except ContextError as e:
-            log.error("namespace %r: sweep failed: %s", m.namespace, e)
-        except Exception:
-            if m._closed:
-                return
-            log.exception("namespace %r: sweep failed", m.namespace)
-        first = False
         del m
-        if stop.wait(interval):
-            return
 
 
 def supervise(m: "ContextManager", stop: threading.Event,
@@ -164,21 +184,11 @@ def supervise(m: "ContextManager", stop: threading.Event,
     interval = interval or m.config.cleanup_interval or 1.0
     leading = False
     while not stop.is_set():
-        try:
-            if take_lead(m):
-                if not leading:
-                    log.info("namespace %r: pid %d leads the sweep", m.namespace, identity.pid)
-                leading = True
-                report = sweep_once(m)
-                if report:
-                    log.info("sweep: closed %s, reclaimed %s, orphans removed %d (%.1f ms)",
-                             report.closed or "nothing", report.reclaimed or "nothing",
-                             len(report.orphans_removed), report.duration * 1e3)
-            elif leading:
-                log.warning("namespace %r: another live process leads the sweep", m.namespace)
-                leading = False
-        except ContextManagerClosedError:
+        now_leading = _guarded(m, lambda: _sweep_round(m))
+        if now_leading is None:
             return
-        except ContextError as e:
-            log.error("sweep failed: %s", e)
+        if now_leading != leading:
+            log.info("namespace %r: pid %d %s the sweep", m.namespace, identity.pid,
+                     "leads" if now_leading else "stands by; another live process leads")
+        leading = now_leading
         stop.wait(interval)

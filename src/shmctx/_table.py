@@ -18,14 +18,16 @@ import mmap
 import os
 import secrets
 import time
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import posix_ipc
 
-from . import _failpoints, _layout as L, _shm
+from . import _failpoints, _shm
+from . import _layout as L
 from ._config import ContextConfig
 from ._errors import ContextManagerClosedError, TableFormatError
 from ._lock import Arbiter, RobustLock
+from ._proc import is_alive
 
 log = logging.getLogger("shmctx.table")
 
@@ -46,7 +48,7 @@ class Table:
         self.fd = shm.fd
         self.ino = os.fstat(shm.fd).st_ino
         h = L.H_FIXED.unpack_from(self.buf, L.H_FIXED_OFF)
-        (_ver, _hs, _ss, capacity, stripes, max_procs, total, max_refs, mode,
+        (_ver, _hs, _ss, capacity, stripes, max_procs, _total, max_refs, mode,
          max_idle, interval, lock_timeout, _created) = h
         index_size = L.H_INDEX_SIZE.unpack_from(self.buf, L.H_INDEX_SIZE_OFF)[0]
         self.geo = L.Geometry(capacity, max_procs, stripes, index_size)
@@ -88,7 +90,7 @@ class Table:
     # --- opening --------------------------------------------------------------------
 
     @classmethod
-    def open(cls, ns: str, config: Optional[ContextConfig], mode: int) -> tuple["Table", bool]:
+    def open(cls, ns: str, config: ContextConfig | None, mode: int) -> tuple[Table, bool]:
         """Attach to namespace ``ns``'s table, creating it if absent. Returns
         ``(table, created)``."""
         for _ in range(100):
@@ -112,7 +114,7 @@ class Table:
         raise TableFormatError(f"namespace {ns!r}: table keeps vanishing while being opened")
 
     @classmethod
-    def _attach(cls, ns: str, shm: posix_ipc.SharedMemory) -> "Table":
+    def _attach(cls, ns: str, shm: posix_ipc.SharedMemory) -> Table:
         size = os.fstat(shm.fd).st_size
         what = f"table of namespace {ns!r} ({_shm.host_path(_shm.table_name(ns))})"
         if size < L.HEADER_SIZE:
@@ -130,11 +132,11 @@ class Table:
             raise
 
     @classmethod
-    def _create(cls, ns: str, config: ContextConfig, mode: int) -> Optional["Table"]:
+    def _create(cls, ns: str, config: ContextConfig, mode: int) -> Table | None:
         table_id = secrets.randbits(64) or 1
         tag = f"{table_id & 0xFFFFFFFFFFFF:012x}"
         geo = L.Geometry(config.capacity, config.max_processes)
-        staging = _shm.staging_name(ns, tag)
+        staging = _shm.staging_name(ns, tag, os.getpid())
         shm = posix_ipc.SharedMemory(staging, posix_ipc.O_CREX, mode=mode, size=0)
         sems: list[str] = []
         try:
@@ -378,7 +380,16 @@ class Table:
         L.H_LIVE.pack_into(buf, L.H_LIVE_OFF, live)
         _rebuild_free_list(buf, geo)
 
-    def _stripe_repairer(self, k: int):  # noqa: ANN202 - a closure for RobustLock
+    def dead_creations(self) -> list[tuple[int, int]]:
+        """(slot, incarnation) of every slot in CREATING state whose creator is dead."""
+        out = []
+        for slot in range(self.geo.capacity):
+            f = self.read_slot(slot)
+            if f[0] == L.CREATING and not is_alive(f[12], f[13]):
+                out.append((slot, f[4]))
+        return out
+
+    def _stripe_repairer(self, k: int):
         def repair() -> None:
             self.repair_stripe(k, locked=True)
         return repair
@@ -399,7 +410,8 @@ class Table:
                 for i, s, c in self.proc_refs(proc):
                     if s % geo.stripes != k:
                         continue
-                    if s >= geo.capacity or L.S_STATE.unpack_from(buf, geo.slot_off(s))[0] == L.FREE:
+                    if s >= geo.capacity or \
+                            L.S_STATE.unpack_from(buf, geo.slot_off(s))[0] == L.FREE:
                         L.REF.pack_into(buf, self.ref_off(proc, i), 0, 0)
                     else:
                         sums[s] = sums.get(s, 0) + c
