@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
+from collections.abc import Callable
+from functools import partial
 from time import monotonic
 from typing import TYPE_CHECKING
 
@@ -134,7 +136,7 @@ def remove_stale(ns: str, entries: list[str], own_tag: str | None,
     return removed
 
 
-def _sweep_round(m: "ContextManager") -> bool:
+def _sweep_round(m: ContextManager) -> bool:
     """Sweep if this process leads (or can take the lead). Returns whether it leads."""
     if not take_lead(m):
         return False
@@ -146,7 +148,7 @@ def _sweep_round(m: "ContextManager") -> bool:
     return True
 
 
-def _guarded(m: "ContextManager", action: "Callable[[], bool]") -> Optional[bool]:
+def _guarded(m: ContextManager, action: Callable[[], bool]) -> bool | None:
     """Run one sweeper action; None means the manager is gone and the loop must end."""
     try:
         return action()
@@ -161,30 +163,31 @@ def _guarded(m: "ContextManager", action: "Callable[[], bool]") -> Optional[bool
     return False
 
 
-def run_sweeper(ref: "weakref.ref[ContextManager]", stop: threading.Event) -> None:
+def run_sweeper(ref: weakref.ref[ContextManager], stop: threading.Event) -> None:
     """Body of a manager's sweeper thread: claim the lead at once if nobody live holds
     it, then sweep every ``cleanup_interval`` (standing by while another process leads).
     Holds only a weak reference between rounds, so an abandoned manager can be freed."""
     m = ref()
-    if m is None or _guarded(m, lambda: take_lead(m)) is None:
+    if m is None or _guarded(m, partial(take_lead, m)) is None:
         return
     interval = m.config.cleanup_interval
     del m
     while not stop.wait(interval):
-        m = ref()
-        if m is None or m._closed or _guarded(m, lambda: _sweep_round(m)) is None:
+        current = ref()
+        if current is None or current._closed or \
+                _guarded(current, partial(_sweep_round, current)) is None:
             return
-        del m
+        del current
 
 
-def supervise(m: "ContextManager", stop: threading.Event,
-              interval: Optional[float] = None) -> None:
+def supervise(m: ContextManager, stop: threading.Event,
+              interval: float | None = None) -> None:
     """Run the sweeper loop in the calling thread until ``stop`` is set (used by
     ``ctx-supervisor``): sweep at once, then every ``interval`` seconds."""
     interval = interval or m.config.cleanup_interval or 1.0
     leading = False
     while not stop.is_set():
-        now_leading = _guarded(m, lambda: _sweep_round(m))
+        now_leading = _guarded(m, partial(_sweep_round, m))
         if now_leading is None:
             return
         if now_leading != leading:
