@@ -21,8 +21,10 @@ from shmctx import (
     ContextManager,
     MemoryContextConfig,
     _failpoints,
-    _layout as L,
     _lock,
+)
+from shmctx import (
+    _layout as L,
 )
 from shmctx._proc import identity, start_time
 
@@ -246,7 +248,7 @@ def _hold_until(ns: str, ready, release) -> None:
 
 
 def test_reclaim_refuses_live_pid_then_reclaims_dead(ns):
-    m, held = _prepare(ns)
+    m, _held = _prepare(ns)
     try:
         ready, release = fork.Event(), fork.Event()
         p = fork.Process(target=_hold_until, args=(ns, ready, release))
@@ -268,7 +270,7 @@ def test_reclaim_refuses_live_pid_then_reclaims_dead(ns):
 def test_reused_pid_does_not_inherit_references(ns):
     """A process entry recorded for (pid, start) is dead once that pid runs a process
     with another start time: its references are reclaimed although the pid is alive."""
-    m, held = _prepare(ns)
+    m, _held = _prepare(ns)
     ready, release = fork.Event(), fork.Event()
     p = fork.Process(target=_hold_until, args=(ns, ready, release))
     p.start()
@@ -351,7 +353,7 @@ def _hold_table_lock_stopped(ns: str, held_evt, released) -> None:
 
 
 def test_slow_live_owner_is_never_robbed(ns):
-    m, held = _prepare(ns)
+    m, _held = _prepare(ns)
     held_evt, released = fork.Event(), fork.Event()
     p = fork.Process(target=_hold_table_lock_stopped, args=(ns, held_evt, released))
     p.start()
@@ -459,7 +461,7 @@ def test_dead_sweeper_leader_is_replaced(ns, mp_ctx):
 def _owner(ns: str, ready) -> None:
     m = ContextManager(ContextConfig(lock_timeout=LT, cleanup_interval=0.05),
                        namespace=ns, sweeper=True)
-    ctx, _ = m.get_or_create_context("data", MEM, init=lambda c: c.put({"rows": [1, 2, 3]}))
+    _ctx, _ = m.get_or_create_context("data", MEM, init=lambda c: c.put({"rows": [1, 2, 3]}))
     ready.set()
     threading.Event().wait(60)
 

@@ -54,7 +54,7 @@ from ._proc import identity, is_alive
 
 log = logging.getLogger("shmctx.lock")
 
-__all__ = ["RobustLock", "Arbiter"]
+__all__ = ["RobustLock", "ContextLock", "Arbiter", "recoveries"]
 
 _FLOCK = struct.Struct("hhxxxxqqixxxx")  # struct flock on Linux x86_64/aarch64
 _ARBITER_BASE = 1 << 40  # byte offsets far past the table's end
@@ -159,6 +159,12 @@ class RobustLock:
     def __exit__(self, *exc: object) -> None:
         self.release()
 
+    def _own(self, epoch: int | None) -> None:
+        """Record this process as owner (the semaphore is already ours)."""
+        if epoch is None:
+            epoch = LOCK.unpack_from(self.buf, self.off)[1]
+        LOCK.pack_into(self.buf, self.off, identity.pid, (epoch + 1) & 0xFFFFFFFF, identity.start)
+
     def owner(self) -> tuple[int, int, int]:
         """(pid, epoch, start) as recorded now; pid 0 when no owner is recorded."""
         return LOCK.unpack_from(self.buf, self.off)
@@ -183,10 +189,7 @@ class RobustLock:
                 if suspect == (-1, -1):
                     return
                 continue
-            epoch = LOCK.unpack_from(self.buf, self.off)[1]
-            LOCK.pack_into(
-                self.buf, self.off, identity.pid, (epoch + 1) & 0xFFFFFFFF, identity.start
-            )
+            self._own(None)
             return
 
     def _after_timeout(self, suspect: tuple[int, int] | None) -> tuple[int, int] | None:
@@ -219,9 +222,7 @@ class RobustLock:
                 recovered = True
             if _failpoints.armed:
                 _failpoints.hit("lock.takeover")
-            LOCK.pack_into(
-                self.buf, self.off, identity.pid, (epoch + 1) & 0xFFFFFFFF, identity.start
-            )
+            self._own(epoch)
         finally:
             self.arbiter.release(self.key)
         if recovered:
@@ -237,6 +238,73 @@ class RobustLock:
                     self.release()
                     raise
         return True
+
+
+class ContextLock(RobustLock):
+    """``ctx.lock``: its owner record lives in the context's slot, which a later
+    incarnation of another context may reuse, while the semaphore belongs to one
+    incarnation. So every write of the record happens under the slot's stripe lock after
+    checking the incarnation: a handle of a closed context can neither take nor clear
+    the record of the context that now owns the slot, and a waiter on a closed context
+    gets ``ContextClosedError`` instead of waiting forever.
+
+    It is re-entrant for the thread that holds it, like ``threading.RLock``: ``put`` and
+    ``get`` take it themselves, and ``with ctx.lock: ctx.put(ctx.get() + 1)`` is the
+    read-modify-write users write first.
+    """
+
+    __slots__ = ("guard", "is_current", "closed_error", "_thread", "_depth")
+
+    def __init__(self, sem: posix_ipc.Semaphore, buf: memoryview, off: int, key: int,
+                 timeout: float, arbiter: Arbiter, what: str, guard: RobustLock,
+                 is_current: Callable[[], bool], closed_error: Callable[[], Exception]) -> None:
+        super().__init__(sem, buf, off, key, timeout, arbiter, None, what)
+        self.guard = guard
+        self.is_current = is_current
+        self.closed_error = closed_error
+        self._thread = 0
+        self._depth = 0
+
+    def acquire(self, timeout: float | None = None) -> None:
+        me = threading.get_ident()
+        if self._thread == me:
+            self._depth += 1
+            return
+        if not self.is_current():
+            raise self.closed_error()
+        try:
+            self.sem.acquire(self.timeout if timeout is None else min(timeout, self.timeout))
+        except (posix_ipc.BusyError, posix_ipc.SignalError):
+            self._acquire_slow(timeout)
+        else:
+            self._own(None)
+        self._thread = me
+        self._depth = 1
+
+    def _own(self, epoch: int | None) -> None:
+        with self.guard:
+            if self.is_current():
+                super()._own(epoch)
+                return
+        self.sem.release()
+        raise self.closed_error()
+
+    def release(self) -> None:
+        if self._thread != threading.get_ident():
+            raise RuntimeError(f"{self.what}: released by a thread that does not hold it")
+        self._depth -= 1
+        if self._depth:
+            return
+        self._thread = 0
+        with self.guard:
+            if self.is_current() and LOCK.unpack_from(self.buf, self.off)[0] == identity.pid:
+                _OWNER_PID.pack_into(self.buf, self.off, 0)
+        self.sem.release()
+
+    def _after_timeout(self, suspect: tuple[int, int] | None) -> tuple[int, int] | None:
+        if not self.is_current():
+            raise self.closed_error()
+        return super()._after_timeout(suspect)
 
 
 # Process-wide count of lock takeovers (read by tools/chaos.py and tests).

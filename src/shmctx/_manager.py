@@ -15,6 +15,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from time import monotonic
 
 import posix_ipc
@@ -34,7 +35,7 @@ from ._errors import (
     MaxReferencesReachedError,
     TableFullError,
 )
-from ._lock import RobustLock
+from ._lock import ContextLock, RobustLock
 from ._proc import identity, is_alive
 from ._snapshot import Snapshot, decode, violations
 from ._table import Table, name_hash
@@ -798,9 +799,11 @@ class ContextManager:
                 _shm.ctx_lock_name(self.namespace, t.tag, m.inc), t.mode, create=True
             )
             L.S_STATE.pack_into(self._buf, so, state, flags | L.SLOT_LOCK)
-        m.lock = RobustLock(
+        m.lock = ContextLock(
             sem, self._buf, so + L.S_LOCK_OFF, (1 << 20) + m.slot, t.config.lock_timeout,
-            t.arbiter, None, f"lock of context {m.name!r}",
+            t.arbiter, f"lock of context {m.name!r}", self._stripes[m.slot % self._nstripes],
+            partial(self._is_current, m),
+            partial(ContextClosedError, f"context {m.name!r} (incarnation {m.inc}) was closed"),
         )
         return m.lock
 
