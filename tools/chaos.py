@@ -48,8 +48,9 @@ from shmctx._proc import is_alive
 
 # Per-worker figures in a shared array: plain stores, so a SIGKILL mid-write loses at
 # most that worker's last increment.
-F_OPS, F_MAX_STALL, F_RECOVERIES, F_VIOLATIONS, F_PID = range(5)
-FIELDS = 5
+F_OPS, F_MAX_STALL, F_RECOVERIES, F_VIOLATIONS, F_PID, F_STALL_OP = range(6)
+FIELDS = 6
+OPS = ("get_or_create", "return", "get", "lock+put", "close", "force close")
 EXPECTED = (ContextNotFoundError, ContextInUseError, MaxReferencesReachedError,
             ContextClosedError, TimeoutError)
 SIZE = 512
@@ -68,6 +69,8 @@ def _worker(ns: str, names: list[str], seed: int, stats, base: int, stop) -> Non
     while not stop.is_set():
         name = rng.choice(names)
         op = rng.random()
+        kind = 0 if op < 0.35 else 1 if op < 0.55 and held else 2 if op < 0.7 else \
+            3 if op < 0.85 and held else 4 if op < 0.95 else 5
         began = time.monotonic()
         try:
             if op < 0.35:
@@ -97,6 +100,7 @@ def _worker(ns: str, names: list[str], seed: int, stats, base: int, stop) -> Non
         stall = time.monotonic() - began
         if stall > stats[base + F_MAX_STALL]:
             stats[base + F_MAX_STALL] = stall
+            stats[base + F_STALL_OP] = kind
         stats[base + F_OPS] += 1
         stats[base + F_RECOVERIES] = _lock.recoveries()
     for ctx in held:
@@ -209,9 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     ops = int(sum(stats[FIELDS * i + F_OPS] for i in range(min(n, slots))))
     worker_violations = int(sum(stats[FIELDS * i + F_VIOLATIONS] for i in range(min(n, slots))))
     recoveries = int(sum(stats[FIELDS * i + F_RECOVERIES] for i in range(min(n, slots))))
-    longest = max((stats[FIELDS * i + F_MAX_STALL] for i in range(min(n, slots))), default=0.0)
+    worst = max(range(min(n, slots)), key=lambda i: stats[FIELDS * i + F_MAX_STALL])
+    longest = stats[FIELDS * worst + F_MAX_STALL]
     if longest > bound:
-        violations.append(f"an operation stalled {longest:.3f}s > bound {bound:.3f}s")
+        violations.append(f"a {OPS[int(stats[FIELDS * worst + F_STALL_OP])]} operation "
+                          f"stalled {longest:.3f}s > bound {bound:.3f}s")
     if worker_violations:
         violations.append(f"{worker_violations} unexpected error(s) in workers (see stderr)")
     for v in violations:

@@ -191,7 +191,9 @@ class SweepReport:
     reclaimed: dict[int, int] = field(default_factory=dict)  # dead pid -> references
     skipped_in_use: list[str] = field(default_factory=list)
     orphans_removed: list[str] = field(default_factory=list)
+    locks_recovered: int = 0  # locks taken over from dead owners and released
     duration: float = 0.0
 
     def __bool__(self) -> bool:
-        return bool(self.closed or self.reclaimed or self.orphans_removed)
+        return bool(self.closed or self.reclaimed or self.orphans_removed
+                    or self.locks_recovered)

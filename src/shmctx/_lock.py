@@ -5,16 +5,19 @@ every lock here is a semaphore *plus* a 16-byte owner record in shared memory
 (``_layout.LOCK``: pid, epoch, start time). The protocol:
 
 acquire
-    ``sem_timedwait`` for at most ``lock_timeout``; on success write (pid, epoch + 1,
-    start) into the record. On timeout, look at the record:
+    ``sem_wait``; on success write (pid, epoch + 1, start) into the record. While the
+    semaphore is taken, look at the record after 10 ms, then every ``lock_timeout``:
 
     * owner alive (pid runs and has the recorded start time): wait again. A slow but
       live owner is never robbed.
     * owner dead: *take over* (below).
     * no owner recorded while the semaphore is taken: a holder is between ``sem_wait``
       and writing the record (a few instructions) or died exactly there. If the record
-      still shows no owner *and the same epoch* after one more full ``lock_timeout``,
-      nobody can be in that window that long: treat it as dead.
+      still shows no owner *and the same epoch* one full ``lock_timeout`` later, nobody
+      can be in that window that long: treat it as dead.
+
+    So a waiter goes on about 10 ms after it finds a dead owner recorded, and within two
+    ``lock_timeout`` when the owner died in the unrecorded window.
 
 take over
     Only one waiter may do it, or two would both "own" the lock. Waiters race for an
@@ -59,6 +62,7 @@ __all__ = ["RobustLock", "ContextLock", "Arbiter", "recoveries"]
 _FLOCK = struct.Struct("hhxxxxqqixxxx")  # struct flock on Linux x86_64/aarch64
 _ARBITER_BASE = 1 << 40  # byte offsets far past the table's end
 _OWNER_PID = struct.Struct("<I")
+_FIRST_LOOK = 0.01
 
 
 class Arbiter:
@@ -165,6 +169,20 @@ class RobustLock:
             epoch = LOCK.unpack_from(self.buf, self.off)[1]
         LOCK.pack_into(self.buf, self.off, identity.pid, (epoch + 1) & 0xFFFFFFFF, identity.start)
 
+    def recover_if_owner_dead(self) -> bool:
+        """Take the lock over (running its repair) and release it, if its recorded owner
+        is dead. The sweeper's proactive repair: otherwise the next waiter does it, after
+        waiting ``lock_timeout``."""
+        pid, epoch, start = LOCK.unpack_from(self.buf, self.off)
+        if not pid or is_alive(pid, start) or not self._take_over(pid, epoch):
+            return False
+        self._mark_held()
+        self.release()
+        return True
+
+    def _mark_held(self) -> None:
+        """Hook: bookkeeping after acquiring by takeover outside ``acquire``."""
+
     def owner(self) -> tuple[int, int, int]:
         """(pid, epoch, start) as recorded now; pid 0 when no owner is recorded."""
         return LOCK.unpack_from(self.buf, self.off)
@@ -172,14 +190,20 @@ class RobustLock:
     def _acquire_slow(self, timeout: float | None) -> None:
         deadline = None if timeout is None else monotonic() + timeout
         suspect: tuple[int, int] | None = None  # (pid, epoch) seen without an owner
+        # The first look at the owner comes early: an owner recorded dead is taken over
+        # at once instead of after a whole lock_timeout. Later looks come every
+        # lock_timeout, which is also the least time between the two observations that
+        # condemn a lock with no recorded owner.
+        period = min(self.timeout, _FIRST_LOOK)
         while True:
             if deadline is not None:
                 left = deadline - monotonic()
                 if left <= 0:
                     raise TimeoutError(f"timed out after {timeout}s waiting for {self.what}")
-                wait = min(left, self.timeout)
+                wait = min(left, period)
             else:
-                wait = self.timeout
+                wait = period
+            period = self.timeout
             try:
                 self.sem.acquire(wait)
             except posix_ipc.SignalError:
@@ -278,8 +302,7 @@ class ContextLock(RobustLock):
             self._acquire_slow(timeout)
         else:
             self._own(None)
-        self._thread = me
-        self._depth = 1
+        self._mark_held()
 
     def _own(self, epoch: int | None) -> None:
         with self.guard:
@@ -288,6 +311,10 @@ class ContextLock(RobustLock):
                 return
         self.sem.release()
         raise self.closed_error()
+
+    def _mark_held(self) -> None:
+        self._thread = threading.get_ident()
+        self._depth = 1
 
     def release(self) -> None:
         if self._thread != threading.get_ident():

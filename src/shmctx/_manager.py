@@ -799,13 +799,41 @@ class ContextManager:
                 _shm.ctx_lock_name(self.namespace, t.tag, m.inc), t.mode, create=True
             )
             L.S_STATE.pack_into(self._buf, so, state, flags | L.SLOT_LOCK)
-        m.lock = ContextLock(
-            sem, self._buf, so + L.S_LOCK_OFF, (1 << 20) + m.slot, t.config.lock_timeout,
-            t.arbiter, f"lock of context {m.name!r}", self._stripes[m.slot % self._nstripes],
-            partial(self._is_current, m),
+        m.lock = self._make_context_lock(m, sem)
+        return m.lock
+
+    def _make_context_lock(self, m: _Mapped, sem: posix_ipc.Semaphore) -> ContextLock:
+        return ContextLock(
+            sem, self._buf, self._geo.slot_off(m.slot) + L.S_LOCK_OFF, (1 << 20) + m.slot,
+            self.config.lock_timeout, self._table.arbiter, f"lock of context {m.name!r}",
+            self._stripes[m.slot % self._nstripes], partial(self._is_current, m),
             partial(ContextClosedError, f"context {m.name!r} (incarnation {m.inc}) was closed"),
         )
-        return m.lock
+
+    def _recover_dead_locks(self) -> int:
+        """Recover every lock of the namespace whose recorded owner is dead. Needs no
+        lock held. Returns how many were recovered."""
+        t, buf, geo = self._table, self._buf, self._geo
+        n = sum(lock.recover_if_owner_dead() for lock in [t.table_lock, *t.stripe_locks])
+        for slot in range(geo.capacity):
+            so = geo.slot_off(slot)
+            pid, _epoch, start = L.LOCK.unpack_from(buf, so + L.S_LOCK_OFF)
+            state, _rc, inc = L.S_CHECK.unpack_from(buf, so)
+            if state == L.FREE or not pid or is_alive(pid, start):
+                continue
+            try:
+                sem = posix_ipc.Semaphore(_shm.ctx_lock_name(self.namespace, t.tag, inc))
+            except posix_ipc.ExistentialError:
+                continue
+            name = t.slot_name(slot).decode("utf-8", "replace")
+            try:
+                n += self._make_context_lock(_Mapped(name, slot, inc, 0, None),
+                                             sem).recover_if_owner_dead()
+            except ContextClosedError:
+                pass
+            finally:
+                sem.close()
+        return n
 
     # --- closing slots --------------------------------------------------------------
 

@@ -83,6 +83,7 @@ def sweep_once(m: ContextManager) -> SweepReport:
                 for s in tree:
                     m._free_slot(s)
                 report.closed.extend(names)
+    report.locks_recovered = m._recover_dead_locks()
     report.orphans_removed = remove_namespace_orphans(m)
     report.duration = monotonic() - began
     return report
