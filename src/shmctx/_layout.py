@@ -11,7 +11,7 @@ Regions, in order::
 
     offset            size                     region
     0                 HEADER_SIZE (256)        header
-    256               16 * (1 + stripes)       lock records: [0] table lock, [1+k] stripe k
+    256               64 * (1 + stripes)       lock records: [0] table lock, [1+k] stripe k
     index_off         4 * index_size           name-hash index (open addressing, u32 slot+1)
     procs_off         512 * max_processes      process entries
     slots_off         256 * capacity           context slots
@@ -49,7 +49,9 @@ Header (256 bytes)::
     137 64    64s    namespace        the namespace name (for tools listing /dev/shm)
     201 55           reserved, zero
 
-Lock record (16 bytes; one per table/stripe lock, and one inside each slot for ``ctx.lock``)::
+Lock record (16 bytes; one per table/stripe lock, each alone on its 64-byte cache line so
+that processes working on unrelated stripes never write the same line; and one inside each
+slot for ``ctx.lock``)::
 
     0   4     u32    owner_pid        0 = free (or: taken, owner not yet written: see _lock.py)
     4   4     u32    epoch            incremented on every acquisition and every recovery
@@ -112,9 +114,10 @@ from __future__ import annotations
 import struct
 
 MAGIC = b"SHMCTX\x00\x01"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 1  # bump on any change of offsets or sizes
 HEADER_SIZE = 256
 LOCK_SIZE = 16
+LOCK_STRIDE = 64  # one cache line per table/stripe lock record
 PROC_SIZE = 512
 SLOT_SIZE = 256
 REFS_PER_PROCESS = 60
@@ -225,14 +228,14 @@ class Geometry:
             while index_size < 2 * capacity:
                 index_size <<= 1
         self.index_size = index_size
-        self.index_off = _round_up(LOCKS_OFF + LOCK_SIZE * (1 + self.stripes), 64)
+        self.index_off = _round_up(LOCKS_OFF + LOCK_STRIDE * (1 + self.stripes), 64)
         self.procs_off = _round_up(self.index_off + INDEX_ENTRY.size * index_size, 64)
         self.slots_off = _round_up(self.procs_off + PROC_SIZE * max_processes, 64)
         self.total = _round_up(self.slots_off + SLOT_SIZE * capacity, PAGE)
 
     def lock_off(self, lock_index: int) -> int:
         """Offset of lock record ``lock_index`` (0 = table lock, 1 + k = stripe k)."""
-        return LOCKS_OFF + LOCK_SIZE * lock_index
+        return LOCKS_OFF + LOCK_STRIDE * lock_index
 
     def slot_off(self, slot: int) -> int:
         return self.slots_off + SLOT_SIZE * slot
