@@ -27,9 +27,10 @@ class _Mapped:
     """This process's mapping of one context incarnation, shared by its handles and kept
     after they are returned, so the next get of the same context maps nothing."""
 
-    __slots__ = ("name", "slot", "inc", "size", "mm", "view", "lock")
+    __slots__ = ("name", "slot", "inc", "size", "mm", "view", "lock", "parent")
 
-    def __init__(self, name: str, slot: int, inc: int, size: int, mm: mmap.mmap | None):
+    def __init__(self, name: str, slot: int, inc: int, size: int, mm: mmap.mmap | None,
+                 parent: str | None = None):
         self.name = name
         self.slot = slot
         self.inc = inc
@@ -37,6 +38,7 @@ class _Mapped:
         self.mm = mm
         self.view = memoryview(mm) if mm is not None else memoryview(b"")
         self.lock: RobustLock | None = None
+        self.parent = parent
 
     def unmap(self) -> None:
         try:

@@ -298,7 +298,8 @@ class ContextManager:
         closed, and this handle has not been returned."""
         if not isinstance(ctx, MemoryContext):
             raise TypeError(f"validate_context() takes a MemoryContext, not {type(ctx).__name__}")
-        if self._closed or ctx._returned or ctx._manager is not self:
+        self._check_open()
+        if ctx._returned or ctx._manager is not self:
             return False
         state, _rc, inc = L.S_CHECK.unpack_from(self._buf, self._geo.slot_off(ctx._mapped.slot))
         return state == L.READY and inc == ctx._mapped.inc
@@ -393,7 +394,7 @@ class ContextManager:
                 busy = {}
                 for p in range(self._geo.max_processes):
                     pid, _f, start, _a = t.proc_head(p)
-                    if not pid or p == self._proc:
+                    if not pid or pid == identity.pid:  # our own other managers do not count
                         continue
                     n = sum(c for _i, _s, c in t.proc_refs(p))
                     if n and is_alive(pid, start):
@@ -507,7 +508,7 @@ class ContextManager:
 
     def _matches(self, name: str, config: MemoryContextConfig) -> bool:
         m = self._mapped.get(name)
-        return m is not None and m.size == config.size and config.parent is None
+        return m is not None and m.size == config.size and m.parent == config.parent
 
     def _get_cold(
         self,
@@ -536,6 +537,7 @@ class ContextManager:
                     if config is not None:
                         self._check_config(name, slot, f, config)
                     if state == L.READY:
+                        parent_name = self._parent_name(f)
                         try:
                             self._take_ref_cold(name, slot, inc)
                         except MaxReferencesReachedError:
@@ -558,23 +560,19 @@ class ContextManager:
                 self._wait_for_init(name, *wait, deadline, timeout)
                 continue
             if created:
-                return self._finish_create(name, slot, inc, size, init), False
+                return self._finish_create(name, slot, inc, cfg, init), False
             try:
-                m = self._map(name, slot, inc, size)
+                m = self._map(name, slot, inc, size, parent_name)
             except posix_ipc.ExistentialError:
                 continue  # force-closed between our reference and the mapping
             return MemoryContext(self, m, identity.pid), True
 
     def _check_config(self, name: str, slot: int, f: tuple, config: MemoryContextConfig) -> None:
-        size, parent, parent_inc = f[6], f[7], f[9]
+        size = f[6]
         problems = []
         if size != config.size:
             problems.append(f"size: requested {config.size} != existing {size}")
-        existing_parent = None
-        if parent:
-            pf = self._table.read_slot(parent - 1)
-            if pf[0] != L.FREE and pf[4] == parent_inc:
-                existing_parent = self._table.slot_name(parent - 1).decode("utf-8", "replace")
+        existing_parent = self._parent_name(f)
         if config.parent != existing_parent:
             problems.append(f"parent: requested {config.parent!r} != existing {existing_parent!r}")
         if problems:
@@ -582,6 +580,16 @@ class ContextManager:
                 f"context {name!r} in namespace {self.namespace!r} exists with another "
                 f"configuration: {'; '.join(problems)}"
             )
+
+    def _parent_name(self, f: tuple) -> str | None:
+        """Name of the live parent of a slot read with ``read_slot``. Needs the table lock."""
+        parent, parent_inc = f[7], f[9]
+        if not parent or parent > self._geo.capacity:
+            return None
+        pf = self._table.read_slot(parent - 1)
+        if pf[0] == L.FREE or pf[4] != parent_inc:
+            return None
+        return self._table.slot_name(parent - 1).decode("utf-8", "replace")
 
     def _take_ref_cold(self, name: str, slot: int, inc: int) -> None:
         so = self._geo.slot_off(slot)
@@ -659,8 +667,9 @@ class ContextManager:
                  self._table.slot_name(best).decode("utf-8", "replace"))
         self._free_slot(best)
 
-    def _finish_create(self, name: str, slot: int, inc: int, size: int,
+    def _finish_create(self, name: str, slot: int, inc: int, cfg: MemoryContextConfig,
                        init: Callable[[MemoryContext], object] | None) -> MemoryContext:
+        size = cfg.size
         t = self._table
         try:
             mm = None
@@ -671,7 +680,7 @@ class ContextManager:
                 )
             if _failpoints.armed:
                 _failpoints.hit("create.segment_made")
-            m = _Mapped(name, slot, inc, size, mm)
+            m = _Mapped(name, slot, inc, size, mm, cfg.parent)
             handle = MemoryContext(self, m, identity.pid)
             if init is not None:
                 self._mapped[name] = m
@@ -754,7 +763,7 @@ class ContextManager:
         finally:
             sem.close()
 
-    def _map(self, name: str, slot: int, inc: int, size: int) -> _Mapped:
+    def _map(self, name: str, slot: int, inc: int, size: int, parent: str | None) -> _Mapped:
         m = self._mapped.get(name)
         if m is not None and m.inc == inc:
             return m
@@ -763,7 +772,7 @@ class ContextManager:
         except posix_ipc.ExistentialError:
             self._undo_ref(slot, inc)
             raise
-        new = _Mapped(name, slot, inc, size, mm)
+        new = _Mapped(name, slot, inc, size, mm, parent)
         old = self._mapped.get(name)
         self._mapped[name] = new
         if old is not None:
