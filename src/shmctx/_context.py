@@ -27,10 +27,10 @@ class _Mapped:
     """This process's mapping of one context incarnation, shared by its handles and kept
     after they are returned, so the next get of the same context maps nothing."""
 
-    __slots__ = ("name", "slot", "inc", "size", "mm", "view", "lock", "parent")
+    __slots__ = ("name", "slot", "inc", "size", "mm", "view", "lock", "parent", "off", "stripe")
 
     def __init__(self, name: str, slot: int, inc: int, size: int, mm: mmap.mmap | None,
-                 parent: str | None = None):
+                 parent: str | None, off: int, stripe: RobustLock):
         self.name = name
         self.slot = slot
         self.inc = inc
@@ -39,6 +39,8 @@ class _Mapped:
         self.view = memoryview(mm) if mm is not None else memoryview(b"")
         self.lock: RobustLock | None = None
         self.parent = parent
+        self.off = off  # of the slot in the table, and its stripe lock: the hot path's two
+        self.stripe = stripe  # lookups, done once per mapping
 
     def unmap(self) -> None:
         try:

@@ -9,6 +9,7 @@ close, sweep) takes the table lock, then the slot's stripe lock.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import threading
 import time
@@ -178,6 +179,11 @@ class ContextManager:
         """
         if self._closed:
             self._raise_closed()
+        if config is None and timeout is None and type(name) is str:
+            # The hot path: a name mapped before was validated then.
+            handle = self._get_fast(name)
+            if handle is not None:
+                return handle, True
         name_b = _check_name(name)
         if config is not None and not isinstance(config, MemoryContextConfig):
             raise InvalidConfigError(
@@ -186,7 +192,7 @@ class ContextManager:
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(
                 timeout, (int, float)) or not timeout >= 0):
             raise InvalidConfigError(f"timeout must be None or >= 0 seconds, got {timeout!r}")
-        if config is None or self._matches(name, config):
+        if config is not None and self._matches(name, config):
             handle = self._get_fast(name)
             if handle is not None:
                 return handle, True
@@ -242,16 +248,15 @@ class ContextManager:
                 "cannot return it (a handle inherited over fork is not a reference of the child)"
             )
         m = ctx._mapped
-        slot = m.slot
-        so = self._geo.slot_off(slot)
+        so = m.off
         buf = self._buf
-        lock = self._stripes[slot % self._nstripes]
+        lock = m.stripe
         lock.acquire()
         try:
             if ctx._returned:
                 raise ContextError(f"context {ctx.name!r}: this handle was already returned")
             state, rc, inc = L.S_CHECK.unpack_from(buf, so)
-            if inc != m.inc or state == L.FREE or not self._count(slot, -1):
+            if inc != m.inc or state == L.FREE or not self._count(m.slot, -1):
                 ctx._returned = True
                 raise ContextClosedError(
                     f"context {ctx.name!r} (incarnation {m.inc}) was closed, swept or "
@@ -427,16 +432,15 @@ class ContextManager:
         m = self._mapped.get(name)
         if m is None or self._proc_pid != identity.pid:
             return None
-        slot = m.slot
-        so = self._geo.slot_off(slot)
+        so = m.off
         buf = self._buf
-        lock = self._stripes[slot % self._nstripes]
+        lock = m.stripe
         lock.acquire()
         try:
             state, rc, inc = L.S_CHECK.unpack_from(buf, so)
             if inc != m.inc or state != L.READY or (self._max_refs and rc >= self._max_refs):
                 return None  # stale, or at the limit: the cold path decides
-            self._count(slot, 1)
+            self._count(m.slot, 1)
             if _failpoints.armed:
                 _failpoints.hit("acquire.proc_counted")
             L.S_REFCOUNT.pack_into(buf, so + L.S_REFCOUNT_OFF, rc + 1)
@@ -680,7 +684,7 @@ class ContextManager:
                 )
             if _failpoints.armed:
                 _failpoints.hit("create.segment_made")
-            m = _Mapped(name, slot, inc, size, mm, cfg.parent)
+            m = self._mapping(name, slot, inc, size, mm, cfg.parent)
             handle = MemoryContext(self, m, identity.pid)
             if init is not None:
                 self._mapped[name] = m
@@ -772,12 +776,17 @@ class ContextManager:
         except posix_ipc.ExistentialError:
             self._undo_ref(slot, inc)
             raise
-        new = _Mapped(name, slot, inc, size, mm, parent)
+        new = self._mapping(name, slot, inc, size, mm, parent)
         old = self._mapped.get(name)
         self._mapped[name] = new
         if old is not None:
             old.unmap()
         return new
+
+    def _mapping(self, name: str, slot: int, inc: int, size: int, mm: mmap.mmap | None,
+                 parent: str | None) -> _Mapped:
+        return _Mapped(name, slot, inc, size, mm, parent, self._geo.slot_off(slot),
+                       self._stripes[slot % self._nstripes])
 
     def _undo_ref(self, slot: int, inc: int) -> None:
         so = self._geo.slot_off(slot)
@@ -836,7 +845,7 @@ class ContextManager:
                 continue
             name = t.slot_name(slot).decode("utf-8", "replace")
             try:
-                n += self._make_context_lock(_Mapped(name, slot, inc, 0, None),
+                n += self._make_context_lock(self._mapping(name, slot, inc, 0, None, None),
                                              sem).recover_if_owner_dead()
             except ContextClosedError:
                 pass
