@@ -757,11 +757,11 @@ class ContextManager:
                 if f[0] != L.CREATING or f[4] != inc:
                     return
                 if not is_alive(f[12], f[13]):
-                    log.warning("context %r: creator pid %d died during init; removing the "
-                                "half-made context", name, f[12])
                     with t.table_lock:
                         g = t.read_slot(slot)
                         if g[0] == L.CREATING and g[4] == inc and not is_alive(g[12], g[13]):
+                            log.warning("context %r: creator pid %d died during init; "
+                                        "removing the half-made context", name, g[12])
                             self._free_slot(slot)
                     return
         finally:
