@@ -73,7 +73,14 @@ class Table:
                 )
         except posix_ipc.ExistentialError:
             self._close_sems()
-            raise
+            self.buf.release()  # so the caller can unmap
+            if _same_file(_shm.table_name(ns), self.ino):
+                raise TableFormatError(
+                    f"table of namespace {ns!r} ({_shm.host_path(_shm.table_name(ns))}): its "
+                    f"semaphores ({_shm.table_lock_name(ns, self.tag)}, ...) are missing; the "
+                    "table is damaged or is a copy; remove that file if no process uses it"
+                ) from None
+            raise  # unlinked while we attached: Table.open looks again
         timeout = float(lock_timeout)
         self.table_lock = RobustLock(
             self._sems[0], self.buf, self.geo.lock_off(0), 0, timeout, self.arbiter,
@@ -436,11 +443,7 @@ class Table:
     def unlink_names(self) -> None:
         """Remove the table and its lock semaphores from the host, if the public name
         still refers to this table."""
-        try:
-            same = os.stat(_shm.host_path(_shm.table_name(self.ns))).st_ino == self.ino
-        except FileNotFoundError:
-            same = False
-        if same:
+        if _same_file(_shm.table_name(self.ns), self.ino):
             _shm.unlink_segment(_shm.table_name(self.ns))
         _shm.unlink_semaphore(_shm.table_lock_name(self.ns, self.tag))
         for k in range(self.geo.stripes):
@@ -454,6 +457,14 @@ class Table:
         except BufferError:
             pass  # a snapshot view is still exported; the mapping goes with it
         self._shm.close_fd()
+
+
+def _same_file(name: str, ino: int) -> bool:
+    """Whether shared-memory object ``name`` is still the file with inode ``ino``."""
+    try:
+        return os.stat(_shm.host_path(name)).st_ino == ino
+    except FileNotFoundError:
+        return False
 
 
 def _rebuild_free_list(buf: memoryview, geo: L.Geometry) -> None:
