@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from shmctx import _shm
+from shmctx import ContextManager, _shm
 
 
 def _leftovers(ns: str) -> list[str]:
@@ -47,6 +47,32 @@ def new_ns():
         _cleanup(n)
     if leaked:
         pytest.fail(f"test left objects in /dev/shm: {leaked}")
+
+
+_MODULE_CFG = object()
+
+
+@pytest.fixture
+def managers(ns: str, request: pytest.FixtureRequest):
+    """Factory of managers on ``ns`` (or ``namespace=``), configured by default with the
+    test module's ``CFG`` and without a sweeper. Teardown closes every one and unlinks
+    their namespaces, so nothing is left in /dev/shm."""
+    default = getattr(request.module, "CFG", None)
+    made: list[ContextManager] = []
+
+    def make(config=_MODULE_CFG, *, namespace=None, sweeper=False, **kw) -> ContextManager:
+        m = ContextManager(default if config is _MODULE_CFG else config,
+                           namespace=namespace or ns, sweeper=sweeper, **kw)
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        if not m._closed:
+            m.close()
+    for n in {m.namespace for m in made}:
+        if _shm.namespace_objects(n):
+            ContextManager(namespace=n, sweeper=False).unlink(force=True)
 
 
 @pytest.fixture(params=["fork", "spawn"])

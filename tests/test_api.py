@@ -37,26 +37,6 @@ CFG = ContextConfig(lock_timeout=0.2, cleanup_interval=0, capacity=64, max_proce
 
 
 @pytest.fixture
-def managers(ns):
-    """Factory of managers on ``ns`` (or another namespace); on teardown every one is
-    closed and the namespaces are unlinked, so nothing is left in /dev/shm."""
-    made: list[ContextManager] = []
-
-    def make(config=CFG, *, namespace=None, sweeper=False, **kw) -> ContextManager:
-        m = ContextManager(config, namespace=namespace or ns, sweeper=sweeper, **kw)
-        made.append(m)
-        return m
-
-    yield make
-    for m in made:
-        if not m._closed:
-            m.close()
-    for n in {m.namespace for m in made}:
-        if _shm.namespace_objects(n):
-            ContextManager(namespace=n, sweeper=False).unlink(force=True)
-
-
-@pytest.fixture
 def m(managers) -> ContextManager:
     return managers()
 

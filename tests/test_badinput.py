@@ -29,24 +29,6 @@ from shmctx import _layout as L
 CFG = ContextConfig(lock_timeout=0.2, cleanup_interval=0, capacity=16, max_processes=8)
 
 
-@pytest.fixture
-def managers(ns):
-    """Factory of managers on ``ns``; teardown closes them and unlinks the namespace."""
-    made: list[ContextManager] = []
-
-    def make(config=CFG, **kw) -> ContextManager:
-        m = ContextManager(config, namespace=ns, **{"sweeper": False, **kw})
-        made.append(m)
-        return m
-
-    yield make
-    for m in made:
-        if not m._closed:
-            m.close()
-    if _shm.namespace_objects(ns):
-        ContextManager(namespace=ns, sweeper=False).unlink(force=True)
-
-
 # --- ContextConfig -------------------------------------------------------------------
 
 DURATIONS = ["max_idle_time", "cleanup_interval", "lock_timeout"]

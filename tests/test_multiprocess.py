@@ -107,21 +107,9 @@ def harness(mp_ctx):
 
 
 @pytest.fixture
-def parent(ns):
-    """The test process's own manager of ``ns``; teardown unlinks the namespace."""
-    made: list[ContextManager] = []
-
-    def make(config=CFG, **kw) -> ContextManager:
-        m = ContextManager(config, namespace=ns, **{"sweeper": False, **kw})
-        made.append(m)
-        return m
-
-    yield make
-    for m in made:
-        if not m._closed:
-            m.close()
-    if _shm.namespace_objects(ns):
-        ContextManager(namespace=ns, sweeper=False).unlink(force=True)
+def parent(managers):
+    """The test process's own managers of ``ns`` (see conftest ``managers``)."""
+    return managers
 
 
 def _open(ns: str, config=CFG) -> ContextManager:
