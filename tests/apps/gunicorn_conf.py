@@ -1,0 +1,21 @@
+"""gunicorn.conf.py of the test server (tests/test_gunicorn.py). The namespace comes from
+SHMCTX_NAMESPACE; bind address and worker class from the command line."""
+
+import os
+
+import shmctx.gunicorn
+from shmctx import ContextConfig
+from shmctx.gunicorn import *  # noqa: F403  (the hooks)
+
+# Sweeping only once an hour: whatever is reclaimed during a test is child_exit's doing.
+shmctx.gunicorn.configure(
+    config=ContextConfig(cleanup_interval=3600, max_idle_time=3600, lock_timeout=0.2)
+)
+
+workers = 3
+graceful_timeout = 5
+preload_app = os.environ.get("SHMCTX_TEST_PRELOAD") == "1"
+loglevel = "info"
+# gunicorn >= 24 opens a control socket under ~/.gunicorn, one path for every server:
+# parallel test servers must not fight over it.
+control_socket_disable = True
