@@ -24,6 +24,7 @@ import pytest
 
 import shmctx.gunicorn
 from shmctx import ContextError, ContextManager, InvalidConfigError, _shm
+from shmctx._proc import is_alive
 from shmctx._worker import WorkerManager, attach
 
 pytest.importorskip("gunicorn")
@@ -278,6 +279,47 @@ def test_preload_app_master_references_stay_the_masters(ns, tmp_path):
         srv.stop(ns)
 
 
+def _remove_namespaces_of(servers: list[_Server]) -> None:
+    """After a failure: do not leave a pid-derived namespace to the next run."""
+    for srv in servers:
+        for entry in _shm.namespace_objects(f"gunicorn-{srv.pid}"):
+            _shm.remove_host_object(entry)
+
+
+def test_usr2_reexec_keeps_the_namespace_until_the_last_master_exits(tmp_path):
+    # No SHMCTX_NAMESPACE: the re-executed master must derive the same default name.
+    started: list[_Server] = []
+    try:
+        with _gunicorn(None, tmp_path, "-k", "sync", started=started) as srv:
+            ns = f"gunicorn-{srv.pid}"
+            old_workers = srv.workers()
+            before = srv.get("/count")["value"]
+            srv.serve_all()
+            os.kill(srv.pid, signal.SIGUSR2)  # re-exec: a new master beside the old one
+            new_master = _wait_for(
+                lambda: len(c := _children(srv.pid) - old_workers) == 1 and next(iter(c)),
+                20, "the re-executed master")
+            _wait_for(lambda: len(_children(new_master)) == 3, 20, "the new master's workers")
+            os.kill(srv.pid, signal.SIGTERM)  # retire the old master
+            srv.proc.wait(timeout=30)
+            assert srv.proc.returncode == 0, srv.log()
+            log = srv.log()
+            assert f"[{new_master}] [INFO] shmctx: master pid {new_master} owns namespace " \
+                   f"{ns!r}" in log
+            assert f"shmctx: master pid {new_master} still runs" in log
+            # The namespace survived the old master: the new one serves the same counter.
+            assert srv.get("/count")["value"] > before
+            new = _Server(srv.proc, srv.port, srv.log_path)
+            new.pid = new_master
+            new.serve_all()
+            os.kill(new_master, signal.SIGTERM)
+            _wait_for(lambda: not is_alive(new_master, 0), 30, "the new master to exit")
+            assert _shm.namespace_objects(ns) == [], srv.log()
+            assert f"namespace {ns!r} unlinked" in srv.log()
+    finally:
+        _remove_namespaces_of(started)
+
+
 def test_documented_example_runs_with_its_one_command(tmp_path):
     example = Path(__file__).parent.parent / "docs" / "examples" / "gunicorn"
     readme = (example / "README.md").read_text()
@@ -298,9 +340,7 @@ def test_documented_example_runs_with_its_one_command(tmp_path):
             assert _shm.namespace_objects(ns)
             srv.stop(ns, signal.SIGINT)  # Ctrl-C, as the README says
     finally:
-        for srv in started:  # after a failure: do not leave its namespace to the next run
-            for entry in _shm.namespace_objects(f"gunicorn-{srv.pid}"):
-                _shm.remove_host_object(entry)
+        _remove_namespaces_of(started)
 
 
 # --- without a server ---------------------------------------------------------------

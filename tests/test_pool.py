@@ -171,10 +171,10 @@ def test_workers_fill_a_numpy_array_through_shared_memory(ns, start_method):
         m.unlink()
 
 
-def test_worker_killed_mid_task_leaves_nothing_after_the_next_sweep(ns, mp_ctx):
+def test_worker_killed_mid_task_leaves_nothing_after_the_next_sweep(ns, start_method):
     with ContextManager(NO_SWEEPER, namespace=ns) as m:
         ctx = _put_blob(m, "blob", os.urandom(1 << 16))
-        p = mp_ctx.Pool(2, **pool.worker_args(m))
+        p = mp.get_context(start_method).Pool(2, **pool.worker_args(m))
         try:
             p.apply_async(die_holding, ("blob",))  # its result never comes
 

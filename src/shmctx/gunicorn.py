@@ -25,7 +25,6 @@ other still runs.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import threading
@@ -37,9 +36,8 @@ from ._manager import ContextManager
 from ._proc import identity, is_alive
 from ._worker import WorkerManager, check_namespace
 
-log = logging.getLogger("shmctx.gunicorn")
-
-# ``from shmctx.gunicorn import *`` in gunicorn.conf.py installs exactly the hooks.
+# ``from shmctx.gunicorn import *`` in gunicorn.conf.py installs exactly the hooks. They
+# log through ``server.log``, gunicorn's error log: where gunicorn users look.
 __all__ = ["on_starting", "post_fork", "worker_exit", "child_exit", "on_exit"]
 
 ENV_NAMESPACE = "SHMCTX_NAMESPACE"
