@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import http.client
 import importlib.util
 import json
@@ -33,6 +34,7 @@ from gunicorn.config import KNOWN_SETTINGS
 GUNICORN_SETTINGS = {setting.name for setting in KNOWN_SETTINGS}
 
 APPS = Path(__file__).parent / "apps"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 T = TypeVar("T")
 
 
@@ -152,6 +154,13 @@ class _Server:
         assert f"namespace {ns!r} unlinked" in self.log()
 
 
+def _stop_with_parent() -> None:
+    """In the server process, before exec: SIGTERM it (a clean shutdown that unlinks its
+    namespace) if the test process dies without reaching its ``finally``."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 @contextmanager
 def _gunicorn(ns: str | None, tmp_path: Path, *args: str, preload: bool = False,
               cwd: Path = APPS, started: list | None = None) -> Iterator[_Server]:
@@ -170,6 +179,7 @@ def _gunicorn(ns: str | None, tmp_path: Path, *args: str, preload: bool = False,
         proc = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", *args, "-b", f"127.0.0.1:{port}"],
             cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_stop_with_parent,
         )
     server = _Server(proc, port, log_path)
     if started is not None:
@@ -178,9 +188,13 @@ def _gunicorn(ns: str | None, tmp_path: Path, *args: str, preload: bool = False,
         _wait_for(server.ready, 30, "gunicorn to serve")
         yield server
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # its own session: master and workers
-            proc.wait()
+        # The whole session: workers, and a master re-executed by SIGUSR2, may outlive
+        # the master we started.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
 
 
 def _pids(results: list[dict]) -> set[int]:
