@@ -650,3 +650,44 @@ def test_unlink_is_not_blocked_by_this_process(managers, ns):
     assert not other.validate_context(c)
     with pytest.raises(ContextClosedError):
         _ = c.buf
+
+
+def test_threads_mapping_one_context_at_once_share_one_mapping(managers, monkeypatch):
+    """Two threads of one process take the same context for the first time at once: the
+    mapping step is held open until both are inside it (or, when they are correctly
+    serialised, until the second cannot get in). Both handles must stay usable and the
+    process must end with one mapping."""
+    owner = managers()
+    owner.get_or_create_context("c", MemoryContextConfig(size=4096))
+    m = managers()
+    both_inside = threading.Barrier(2)
+    real_attach = _shm.attach_segment
+
+    def attach_with_the_window_open(name):
+        try:
+            both_inside.wait(timeout=0.5)  # only a second thread in the window releases it
+        except threading.BrokenBarrierError:
+            pass
+        return real_attach(name)
+
+    monkeypatch.setattr(_shm, "attach_segment", attach_with_the_window_open)
+    errors: list[BaseException] = []
+    handles = []
+
+    def use() -> None:
+        ctx = m.get_context("c")
+        handles.append(ctx)
+        try:
+            ctx.buf[0] = 1
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=use) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert handles[0]._mapped is handles[1]._mapped
+    for ctx in handles:
+        m.return_context(ctx)

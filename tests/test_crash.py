@@ -587,3 +587,24 @@ def test_identity_follows_fork():
     os.waitpid(pid, 0)
     assert child_pid == pid and child_pid != identity.pid
     assert child_start >= identity.start
+
+
+def test_forked_child_cannot_claim_the_parents_arbiter_key(ns):
+    """The arbiter's OFD lock must not be shared across fork, or parent and child could
+    both take over the same dead owner's lock."""
+    m = ContextManager(CFG, namespace=ns)
+    try:
+        assert m._table.arbiter.try_claim(5)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.write(w, b"1" if m._table.arbiter.try_claim(5) else b"0")
+            os._exit(0)
+        os.close(w)
+        claimed = os.read(r, 1)
+        os.close(r)
+        os.waitpid(pid, 0)
+        assert claimed == b"0"
+        m._table.arbiter.release(5)
+    finally:
+        m.unlink()

@@ -68,14 +68,16 @@ _FIRST_LOOK = 0.01
 class Arbiter:
     """Kernel-released exclusive claims on single bytes of one file.
 
-    Threads of one process share the open file description and so the OFD lock, so a
-    process-local mutex makes the claim exclusive between threads too.
+    An OFD lock belongs to an open file description, so the arbiter opens its own (via
+    ``/proc/self/fd``, which works even for an unlinked table) and a forked child opens
+    another: a description shared across ``fork`` would let parent and child both claim
+    the same key, and would keep a dead parent's claim alive while the child runs.
+    Threads of one process share the description, so a process-local mutex makes the
+    claim exclusive between threads too.
     """
 
-    CREATE_KEY = (1 << 30) - 1  # the key that serialises creation of the table itself
-
     def __init__(self, fd: int) -> None:
-        self.fd = fd
+        self.fd = _reopen(fd)
         self._local = threading.Lock()
 
     def _fcntl(self, cmd: int, kind: int, key: int) -> None:
@@ -107,7 +109,17 @@ class Arbiter:
             self._local.release()
 
     def reset_after_fork(self) -> None:
+        inherited, self.fd = self.fd, _reopen(self.fd)
+        os.close(inherited)  # the parent's description (and its claims) stays the parent's
         self._local = threading.Lock()
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _reopen(fd: int) -> int:
+    """A new open file description of the file behind ``fd``."""
+    return os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
 
 
 class RobustLock:

@@ -135,6 +135,7 @@ class ContextManager:
         self._max_refs = t.config.max_references
         self._closed = False
         self._close_lock = threading.Lock()
+        self._map_lock = threading.Lock()
         self._mapped: dict[str, _Mapped] = {}
         self._proc = -1  # our process entry
         self._proc_pid = 0  # pid that registered it (a forked child must register anew)
@@ -768,19 +769,21 @@ class ContextManager:
             sem.close()
 
     def _map(self, name: str, slot: int, inc: int, size: int, parent: str | None) -> _Mapped:
-        m = self._mapped.get(name)
-        if m is not None and m.inc == inc:
-            return m
-        try:
-            mm = _shm.attach_segment(self._table.segment(slot, inc)) if size else None
-        except posix_ipc.ExistentialError:
-            self._undo_ref(slot, inc)
-            raise
-        new = self._mapping(name, slot, inc, size, mm, parent)
-        old = self._mapped.get(name)
-        self._mapped[name] = new
-        if old is not None:
-            old.unmap()
+        # Serialised per manager: two threads mapping the same context for the first time
+        # must end with one mapping, or the loser's handles would see it unmapped.
+        with self._map_lock:
+            m = self._mapped.get(name)
+            if m is not None and m.inc == inc:
+                return m
+            try:
+                mm = _shm.attach_segment(self._table.segment(slot, inc)) if size else None
+            except posix_ipc.ExistentialError:
+                self._undo_ref(slot, inc)
+                raise
+            new = self._mapping(name, slot, inc, size, mm, parent)
+            self._mapped[name] = new
+        if m is not None:
+            m.unmap()  # an older incarnation: closed, its handles are invalid anyway
         return new
 
     def _mapping(self, name: str, slot: int, inc: int, size: int, mm: mmap.mmap | None,
@@ -1025,6 +1028,7 @@ class ContextManager:
         self._sweeper = None
         self._stop = threading.Event()
         self._close_lock = threading.Lock()
+        self._map_lock = threading.Lock()
         self._table.arbiter.reset_after_fork()
         self._refidx = {}
         self._free_refs = []

@@ -451,6 +451,7 @@ class Table:
 
     def close(self) -> None:
         self._close_sems()
+        self.arbiter.close()
         try:
             self.buf.release()
             self.mm.close()
