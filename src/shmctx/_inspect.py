@@ -202,8 +202,9 @@ def _copy_locked(ns: str, tag: str, fd: int, mm: mmap.mmap,
     except posix_ipc.PermissionsError:
         return bytes(mm), "no permission to take its table lock"
     buf = memoryview(mm)
+    arbiter = Arbiter(fd)  # required by RobustLock, used only by the takeover never done here
     try:
-        lock = RobustLock(sem, buf, LOCKS_OFF, 0, timeout, Arbiter(fd), None,
+        lock = RobustLock(sem, buf, LOCKS_OFF, 0, timeout, arbiter, None,
                           f"table lock of namespace {ns!r}")
         deadline = time.monotonic() + timeout
         while True:
@@ -220,6 +221,7 @@ def _copy_locked(ns: str, tag: str, fd: int, mm: mmap.mmap,
         finally:
             lock.release()
     finally:
+        arbiter.close()
         buf.release()
         sem.close()
 
