@@ -217,7 +217,7 @@ DAMAGE = {
     "wrong magic": lambda d: b"NOTOURS!" + d[8:],
     "all zeros": lambda d: bytes(len(d)),
     "another program's text": lambda d: b"hello, world\n" * 1000,
-    "magic of another layout": lambda d: L.MAGIC[:6] + b"\x00\x02" + d[8:],
+    "magic of another layout": lambda d: L.MAGIC[:6] + bytes([0, L.MAGIC[7] + 1]) + d[8:],
     "another layout version": lambda d: _patched(d, 8, "<I", L.LAYOUT_VERSION + 1),
     "empty": lambda d: b"",
     "truncated header": lambda d: d[:100],

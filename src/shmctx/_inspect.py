@@ -42,7 +42,7 @@ from ._lock import Arbiter, RobustLock
 from ._manager import ContextManager
 from ._proc import is_alive
 from ._snapshot import Snapshot, decode, violations
-from ._sweeper import remove_namespace_orphans, remove_stale
+from ._sweeper import remove_namespace_orphans, remove_stale, stale_objects
 from ._table import Table, header_problem
 
 EXIT_OK = 0
@@ -170,7 +170,7 @@ def _read(ns: str) -> _Read:
                 raise _Fail(EXIT_FORMAT, f"{what}: {problem}", problem)
             lock_timeout = L.H_FIXED.unpack_from(head, L.H_FIXED_OFF)[11]
             table_id = L.H_TABLE_ID.unpack_from(head, L.H_TABLE_ID_OFF)[0]
-            tag = f"{table_id & 0xFFFFFFFFFFFF:012x}"  # as Table.__init__ names its objects
+            tag = _shm.tag_of(table_id)
             if writable:
                 data, why = _copy_locked(ns, tag, shm.fd, mm, lock_timeout)
             else:
@@ -771,24 +771,8 @@ def _stale(ns: str, entries: list[str], own_tag: str | None,
            live_incs: set[int] | None) -> list[_Action]:
     """The objects ``_sweeper.remove_stale`` removes given the same arguments, with why:
     the dry run must announce what --yes does."""
-    public = _shm.public_tag(ns)
-    parsed = [(e, _shm.parse_object(ns, e)) for e in entries]
-    building = {p[0] for _e, p in parsed if p and p[1] == "new" and is_alive(p[2], 0)}
-    out = []
-    for entry, p in parsed:
-        if p is None:
-            continue
-        tag, kind, inc = p
-        if tag == own_tag:
-            if live_incs is None:
-                out.append(_Action(ns, "remove-orphan", entry, "of the removed table"))
-            elif kind in ("c", "l", "i") and inc not in live_incs:
-                out.append(_Action(ns, "remove-orphan", entry,
-                                   f"no context of the table has incarnation {inc}"))
-        elif tag != public and tag not in building:
-            out.append(_Action(ns, "remove-orphan", entry,
-                               "left by a table that is gone (crashed or unlinked)"))
-    return out
+    return [_Action(ns, "remove-orphan", entry, why)
+            for entry, why in stale_objects(ns, entries, own_tag, live_incs)]
 
 
 def _unused_reason(snap: Snapshot, grace: float) -> tuple[bool, str]:

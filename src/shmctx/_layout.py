@@ -20,7 +20,7 @@ Regions, in order::
 Header (256 bytes)::
 
     off size  type   field
-    0   8     8s     magic            b"SHMCTX\\x00\\x01", written LAST when the table is created,
+    0   8     8s     magic            b"SHMCTX\\x00\\x02", written LAST when the table is created,
                                       so a half-initialised table is never mistaken for a live one
     8   4     u32    version          LAYOUT_VERSION
     12  4     u32    header_size      256
@@ -93,7 +93,7 @@ Context slot (256 bytes)::
     48  8     f64    created          wall-clock creation time
     56  8     f64    last_used        CLOCK_MONOTONIC time of the last return (or creation)
     64  4     u32    creator_pid      process running init (CREATING state)
-    68  4     u32    reserved
+    68  4     u32    children         live contexts whose parent this is           (derived)
     72  8     u64    creator_start
     80  16    lock   ctx_lock         owner record of the context's own lock
     96  128   128s   name
@@ -113,8 +113,8 @@ from __future__ import annotations
 
 import struct
 
-MAGIC = b"SHMCTX\x00\x01"
-LAYOUT_VERSION = 1  # bump on any change of offsets or sizes
+MAGIC = b"SHMCTX\x00\x02"
+LAYOUT_VERSION = 2  # bump (with the last byte of MAGIC) on any change of offsets or sizes
 HEADER_SIZE = 256
 LOCK_SIZE = 16
 LOCK_STRIDE = 64  # one cache line per table/stripe lock record
@@ -191,6 +191,8 @@ S_LAST_USED_OFF = 56
 S_LAST_USED = struct.Struct("<d")
 S_CREATOR = struct.Struct("<IxxxxQ")  # creator pid, creator start
 S_CREATOR_OFF = 64
+S_CHILDREN = struct.Struct("<I")  # written apart from SLOT_ALL, which zeroes it at claim
+S_CHILDREN_OFF = 68
 S_LOCK_OFF = 80
 S_NAME_OFF = 96
 S_NAME = struct.Struct("<128s")

@@ -647,7 +647,14 @@ class ContextManager:
             L.S_REFCOUNT.pack_into(self._buf, so + L.S_REFCOUNT_OFF, 1)
         t.index_insert(slot, h)
         t.add_live(1)
+        if parent_slot >= 0:
+            self._add_child(parent_slot, 1)
         return slot, inc
+
+    def _add_child(self, parent: int, delta: int) -> None:
+        off = self._geo.slot_off(parent) + L.S_CHILDREN_OFF
+        n = L.S_CHILDREN.unpack_from(self._buf, off)[0]
+        L.S_CHILDREN.pack_into(self._buf, off, max(0, n + delta))
 
     def _evict_lru(self, for_name: str) -> None:
         """Close the least recently used context with no references and no children, to
@@ -859,8 +866,10 @@ class ContextManager:
     # --- closing slots --------------------------------------------------------------
 
     def _subtree(self, slot: int) -> list[int]:
-        """``slot`` and its descendants, children before parents."""
+        """``slot`` and its descendants, children before parents. Needs the table lock."""
         buf, geo = self._buf, self._geo
+        if not L.S_CHILDREN.unpack_from(buf, geo.slot_off(slot) + L.S_CHILDREN_OFF)[0]:
+            return [slot]  # a leaf, the common case: no scan of the table
         children: dict[int, list[int]] = {}
         for s in range(geo.capacity):
             f = L.SLOT_ALL.unpack_from(buf, geo.slot_off(s))
@@ -889,7 +898,7 @@ class ContextManager:
             state, flags, _n, rc, inc, h = L.S_HEAD.unpack_from(buf, so)
             if state == L.FREE:
                 return
-            size = L.S_BODY.unpack_from(buf, so + L.S_BODY_OFF)[0]
+            size, parent, _nf, parent_inc, _c, _u = L.S_BODY.unpack_from(buf, so + L.S_BODY_OFF)
             if rc:
                 for p in range(geo.max_processes):
                     if L.P_PID.unpack_from(buf, geo.proc_off(p))[0] == 0:
@@ -910,6 +919,9 @@ class ContextManager:
             _failpoints.hit("close.index_removed")
         t.push_free(slot)
         t.add_live(-1)
+        if parent and parent <= geo.capacity and \
+                L.S_INC.unpack_from(buf, geo.slot_off(parent - 1) + L.S_INC_OFF)[0] == parent_inc:
+            self._add_child(parent - 1, -1)
         if size:
             _shm.unlink_segment(t.segment(slot, inc))
         name = t.slot_name(slot).decode("utf-8", "replace")
@@ -981,6 +993,18 @@ class ContextManager:
                 total += c
         L.P_PID.pack_into(buf, geo.proc_off(proc), 0)
         return total
+
+    def _dead_process_entries(self) -> list[tuple[int, int, int]]:
+        """(entry, pid, start) of every process entry whose process is dead. Reads /proc for
+        each entry, so it runs without the table lock; act on it under the lock only after
+        checking the entry still names the same process."""
+        t = self._table
+        dead = []
+        for p in range(self._geo.max_processes):
+            pid, _f, start, _a = t.proc_head(p)
+            if pid and not is_alive(pid, start):
+                dead.append((p, pid, start))
+        return dead
 
     def _reclaim_dead_locked(self) -> dict[int, int]:
         """Reclaim every dead process entry. Needs the table lock. Returns {pid: refs}."""

@@ -97,7 +97,12 @@ def public_tag(ns: str) -> str | None:
         return None
     if len(head) < HEADER_SIZE:
         return None
-    return f"{H_TABLE_ID.unpack_from(head, H_TABLE_ID_OFF)[0] & 0xFFFFFFFFFFFF:012x}"
+    return tag_of(H_TABLE_ID.unpack_from(head, H_TABLE_ID_OFF)[0])
+
+
+def tag_of(table_id: int) -> str:
+    """The tag in the names of a table's objects: the low 48 bits of its id, in hex."""
+    return f"{table_id & 0xFFFFFFFFFFFF:0{TAG_LEN}x}"
 
 
 def host_path(name: str, semaphore: bool = False) -> str:

@@ -35,6 +35,7 @@ class SlotView:
     creator_pid: int
     creator_start: int
     lock_owner: tuple[int, int, int]
+    children: int
     holders: dict[int, int] = field(default_factory=dict)  # pid -> count
     holder_starts: dict[int, int] = field(default_factory=dict)  # pid -> start
 
@@ -127,7 +128,9 @@ def decode(data: bytes, locked: bool = True) -> Snapshot:
             name, ok = raw.decode("utf-8", "backslashreplace"), False
         slots.append(SlotView(
             s, state, flags, name, ok, rc, inc, h, size, parent - 1, parent_inc, c_wall, last,
-            cpid, cstart, (lpid, lepoch, lstart), holders.get(s, {}), starts.get(s, {}),
+            cpid, cstart, (lpid, lepoch, lstart),
+            L.S_CHILDREN.unpack_from(data, off + L.S_CHILDREN_OFF)[0],
+            holders.get(s, {}), starts.get(s, {}),
         ))
     return Snapshot(
         namespace=ns_b[:n_len].decode("utf-8", "replace"),
@@ -197,6 +200,14 @@ def violations(snap: Snapshot, tag: str | None = None) -> list[str]:
                 out.append(f"{label}: segment {path} is missing")
         if s.state == L.CREATING and not is_alive(s.creator_pid, s.creator_start):
             out.append(f"{label}: being created by dead pid {s.creator_pid}")
+    kids: dict[int, int] = {}
+    for s in snap.slots:
+        if s.state != L.FREE and s.parent_slot >= 0 and snap.parent_name(s) is not None:
+            kids[s.parent_slot] = kids.get(s.parent_slot, 0) + 1
+    for s in snap.slots:
+        if s.state != L.FREE and s.children != kids.get(s.slot, 0):
+            out.append(f"slot {s.slot} ({s.name!r}): children count {s.children} != "
+                       f"{kids.get(s.slot, 0)} live children")
     if live != snap.live:
         out.append(f"header: live count {snap.live} != {live} live slots")
     indexed: set[int] = set()

@@ -51,13 +51,24 @@ def sweep_once(m: ContextManager) -> SweepReport:
     report = SweepReport()
     t = m._table
     buf, geo = m._buf, m._geo
-    with t.table_lock:
-        t.check_usable()
-        report.reclaimed = m._reclaim_dead_locked()
-        for slot, _inc in t.dead_creations():
-            log.warning("namespace %r: removing context %r whose creator died during init",
-                        m.namespace, t.slot_name(slot).decode("utf-8", "replace"))
-            m._free_slot(slot)
+    t.check_usable()
+    # Liveness checks read /proc and are slow: they are made without the table lock, and
+    # each finding is acted on under a short hold after checking it still stands.
+    for proc, pid, start in m._dead_process_entries():
+        with t.table_lock:
+            now_pid, _f, now_start, _a = t.proc_head(proc)
+            if (now_pid, now_start) == (pid, start):
+                n = m._reclaim_entry(proc)
+                report.reclaimed[pid] = report.reclaimed.get(pid, 0) + n
+                log.info("namespace %r: reclaimed %d reference(s) of dead pid %d",
+                         m.namespace, n, pid)
+    for slot, inc in t.dead_creations():
+        with t.table_lock:
+            f = t.read_slot(slot)
+            if f[0] == L.CREATING and f[4] == inc and not is_alive(f[12], f[13]):
+                log.warning("namespace %r: removing context %r whose creator died during init",
+                            m.namespace, t.slot_name(slot).decode("utf-8", "replace"))
+                m._free_slot(slot)
     idle_limit = m.config.max_idle_time
     if idle_limit > 0:
         now = monotonic()
@@ -96,13 +107,15 @@ def remove_namespace_orphans(m: ContextManager) -> list[str]:
     entries = _shm.namespace_objects(m.namespace)  # list first, then read the live set
     if not entries:
         return []
-    with t.table_lock:
-        t.check_usable()
-        live = set()
-        for slot in range(m._geo.capacity):
-            state, _rc, inc = L.S_CHECK.unpack_from(m._buf, m._geo.slot_off(slot))
-            if state != L.FREE:
-                live.add(inc)
+    # No lock needed: a context's slot is claimed (its state and incarnation written in one
+    # copy) before any of its objects exist, so every object listed above belongs to an
+    # incarnation that reads as live here unless that context was closed since.
+    t.check_usable()
+    live = set()
+    for slot in range(m._geo.capacity):
+        state, _rc, inc = L.S_CHECK.unpack_from(m._buf, m._geo.slot_off(slot))
+        if state != L.FREE:
+            live.add(inc)
     removed = remove_stale(m.namespace, entries, t.tag, live)
     if removed:
         log.info("namespace %r: removed %d orphaned object(s): %s", m.namespace,
@@ -110,30 +123,41 @@ def remove_namespace_orphans(m: ContextManager) -> list[str]:
     return removed
 
 
-def remove_stale(ns: str, entries: list[str], own_tag: str | None,
-                 live_incs: set[int] | None) -> list[str]:
-    """Remove the stale ones among ``entries`` (as listed by ``_shm.namespace_objects``).
+def stale_objects(ns: str, entries: list[str], own_tag: str | None,
+                  live_incs: set[int] | None) -> list[tuple[str, str]]:
+    """The stale ones among ``entries`` (as listed by ``_shm.namespace_objects``), each
+    with why it is stale.
 
     Objects of ``own_tag``: those of contexts whose incarnation is not in ``live_incs``
-    (all of them when ``live_incs`` is None: the table is being unlinked). Objects of any
+    (all of them when ``live_incs`` is None: the table is being removed). Objects of any
     other tag: unless they belong to the table now at the public name, or to a table
     still being built by a live creator (its staging object names the creator's pid).
     """
     public = _shm.public_tag(ns)
     parsed = [(e, _shm.parse_object(ns, e)) for e in entries]
     building = {p[0] for _e, p in parsed if p and p[1] == "new" and is_alive(p[2], 0)}
-    removed = []
+    out = []
     for entry, p in parsed:
         if p is None:
             continue
         tag, kind, inc = p
         if tag == own_tag:
-            doomed = live_incs is None or (kind in ("c", "l", "i") and inc not in live_incs)
-        else:
-            doomed = tag != public and tag not in building
-        if doomed:
-            _shm.remove_host_object(entry)
-            removed.append(entry)
+            if live_incs is None:
+                out.append((entry, "of the removed table"))
+            elif kind in ("c", "l", "i") and inc not in live_incs:
+                out.append((entry, f"no context of the table has incarnation {inc}"))
+        elif tag != public and tag not in building:
+            out.append((entry, "left by a table that is gone (crashed or unlinked)"))
+    return out
+
+
+def remove_stale(ns: str, entries: list[str], own_tag: str | None,
+                 live_incs: set[int] | None) -> list[str]:
+    """Remove what ``stale_objects`` finds stale; returns what was removed."""
+    removed = []
+    for entry, _why in stale_objects(ns, entries, own_tag, live_incs):
+        _shm.remove_host_object(entry)
+        removed.append(entry)
     return removed
 
 

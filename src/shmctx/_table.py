@@ -12,6 +12,7 @@ racing creators end with one table, and an existing table is never overwritten.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import mmap
@@ -62,7 +63,7 @@ class Table:
             max_processes=max_procs,
         )
         self.table_id = L.H_TABLE_ID.unpack_from(self.buf, L.H_TABLE_ID_OFF)[0]
-        self.tag = f"{self.table_id & 0xFFFFFFFFFFFF:012x}"
+        self.tag = _shm.tag_of(self.table_id)
         self.arbiter = Arbiter(self.fd)
         self._sems: list[posix_ipc.Semaphore] = []
         try:
@@ -71,6 +72,12 @@ class Table:
                 self._sems.append(
                     _shm.open_semaphore(_shm.stripe_name(ns, self.tag, k), mode, False)
                 )
+        except posix_ipc.PermissionsError:
+            self._close_sems()
+            self.buf.release()
+            raise PermissionError(
+                errno.EACCES, f"no permission to open the semaphores of namespace {ns!r}"
+            ) from None
         except posix_ipc.ExistentialError:
             self._close_sems()
             self.buf.release()  # so the caller can unmap
@@ -108,9 +115,10 @@ class Table:
                 if table is not None:
                     return table, True
                 continue  # lost the race: attach to the winner's table
-            except PermissionError as e:
+            except (PermissionError, posix_ipc.PermissionsError):
                 raise PermissionError(
-                    e.errno, f"no permission to open the table of namespace {ns!r}"
+                    errno.EACCES, f"no permission to open the table of namespace {ns!r} "
+                    f"({_shm.host_path(_shm.table_name(ns))})"
                 ) from None
             try:
                 table = cls._attach(ns, shm)
@@ -141,7 +149,7 @@ class Table:
     @classmethod
     def _create(cls, ns: str, config: ContextConfig, mode: int) -> Table | None:
         table_id = secrets.randbits(64) or 1
-        tag = f"{table_id & 0xFFFFFFFFFFFF:012x}"
+        tag = _shm.tag_of(table_id)
         geo = L.Geometry(config.capacity, config.max_processes)
         staging = _shm.staging_name(ns, tag, os.getpid())
         shm = posix_ipc.SharedMemory(staging, posix_ipc.O_CREX, mode=mode, size=0)
@@ -386,6 +394,21 @@ class Table:
             live += 1
         L.H_LIVE.pack_into(buf, L.H_LIVE_OFF, live)
         _rebuild_free_list(buf, geo)
+        self._recount_children()
+
+    def _recount_children(self) -> None:
+        buf, geo = self.buf, self.geo
+        counts: dict[int, int] = {}
+        for slot in range(geo.capacity):
+            f = self.read_slot(slot)
+            if f[0] != L.FREE and f[7] and f[7] <= geo.capacity:
+                p = f[7] - 1
+                pf = self.read_slot(p)
+                if pf[0] != L.FREE and pf[4] == f[9]:
+                    counts[p] = counts.get(p, 0) + 1
+        for slot in range(geo.capacity):
+            L.S_CHILDREN.pack_into(buf, geo.slot_off(slot) + L.S_CHILDREN_OFF,
+                                   counts.get(slot, 0))
 
     def dead_creations(self) -> list[tuple[int, int]]:
         """(slot, incarnation) of every slot in CREATING state whose creator is dead."""
