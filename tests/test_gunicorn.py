@@ -22,14 +22,12 @@ from typing import TypeVar
 from urllib.parse import quote
 
 import pytest
+from gunicorn.config import KNOWN_SETTINGS
 
 import shmctx.gunicorn
 from shmctx import ContextError, ContextManager, InvalidConfigError, _shm
 from shmctx._proc import is_alive
 from shmctx._worker import WorkerManager, attach
-
-pytest.importorskip("gunicorn")
-from gunicorn.config import KNOWN_SETTINGS
 
 GUNICORN_SETTINGS = {setting.name for setting in KNOWN_SETTINGS}
 

@@ -11,6 +11,7 @@ import select
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -23,7 +24,10 @@ import pytest
 from shmctx import ContextConfig, ContextManager, MemoryContextConfig, _shm
 from shmctx import _layout as L
 
-CLI = shutil.which("ctx-inspect")
+# The script installed beside this interpreter: CI runs .venv/bin/pytest without putting
+# .venv/bin on PATH.
+CLI = shutil.which("ctx-inspect", path=os.path.dirname(sys.executable)) or \
+    shutil.which("ctx-inspect")
 LT = 0.2  # lock_timeout: the wedged-lock read gives up after this
 CFG = ContextConfig(lock_timeout=LT, cleanup_interval=0)
 LONG = "a-context-with-a-name-far-too-long-for-a-hundred-column-terminal-" + "x" * 50
