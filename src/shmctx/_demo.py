@@ -2,8 +2,10 @@
 
 The parent is the supervisor: it creates the namespace and runs the sweeper. Each worker
 process gets the shared context, adds to a counter in its memory under ``ctx.lock``,
-records itself in a per-worker cell, returns the context. The parent then prints the
-table, unlinks the namespace and shows that nothing is left in ``/dev/shm``.
+records itself in a per-worker cell, returns the context; then it holds one reference
+while the parent shows the table (as ``ctx-inspect`` does), and returns it. The parent
+shows the table again, unlinks the namespace and shows that nothing is left in
+``/dev/shm``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import struct
 import sys
 import uuid
 
+from . import _inspect
 from ._config import ContextConfig, MemoryContextConfig
 from ._manager import ContextManager
 from ._shm import namespace_objects
@@ -23,7 +26,7 @@ _CELL = struct.Struct("<IQ")  # pid, increments done
 _ROUNDS = 200
 
 
-def _worker(namespace: str, index: int) -> None:
+def _worker(namespace: str, index: int, holding, release) -> None:
     with ContextManager(namespace=namespace) as m:
         for _ in range(_ROUNDS):
             ctx = m.get_context("demo.shared")
@@ -34,6 +37,9 @@ def _worker(namespace: str, index: int) -> None:
             done = _CELL.unpack_from(ctx.buf, off)[1]
             _CELL.pack_into(ctx.buf, off, os.getpid(), done + 1)
             m.return_context(ctx)
+        with m.context("demo.shared"):  # hold one reference while the table is shown
+            holding.release()
+            release.wait()
 
 
 def run(workers: int = 4, start_method: str = "spawn") -> int:
@@ -50,9 +56,16 @@ def run(workers: int = 4, start_method: str = "spawn") -> int:
             )
             print(f"created context {ctx.name!r} ({ctx.size} bytes), existed={existed}")
             mpc = mp.get_context(start_method)
-            procs = [mpc.Process(target=_worker, args=(namespace, i)) for i in range(workers)]
+            holding, release = mpc.Semaphore(0), mpc.Event()
+            procs = [mpc.Process(target=_worker, args=(namespace, i, holding, release))
+                     for i in range(workers)]
             for p in procs:
                 p.start()
+            for _ in procs:
+                holding.acquire()
+            print("\ntable while every worker holds one reference (ctx-inspect):")
+            show_table(namespace)
+            release.set()
             for p in procs:
                 p.join()
             failed = [p.exitcode for p in procs if p.exitcode != 0]
@@ -61,9 +74,9 @@ def run(workers: int = 4, start_method: str = "spawn") -> int:
             for i in range(workers):
                 pid, done = _CELL.unpack_from(ctx.buf, _COUNTER.size + i * _CELL.size)
                 print(f"  worker {i}: pid {pid}, {done} rounds, wrote into the same memory")
-            print("\ntable:")
-            print(format_table(sup))
             sup.return_context(ctx)
+            print("\ntable after the workers returned their references and exited:")
+            show_table(namespace)
             problems = sup.check()
             print(f"\ncheck(): {problems or 'sound'}")
         finally:
@@ -74,14 +87,10 @@ def run(workers: int = 4, start_method: str = "spawn") -> int:
     return 0 if ok else 1
 
 
-def format_table(m: ContextManager) -> str:
-    rows = [("name", "state", "refs", "holders", "size", "idle", "incarnation")]
-    for info in m.contexts():
-        holders = " ".join(f"{pid}:{n}" for pid, n in info.holders.items()) or "-"
-        rows.append((info.name, info.state, str(info.refcount), holders, str(info.size),
-                     f"{info.idle:.2f}s", str(info.incarnation)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+def show_table(namespace: str) -> None:
+    sys.stdout.flush()
+    _inspect.main([namespace])
+    sys.stdout.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
