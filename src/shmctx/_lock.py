@@ -5,8 +5,12 @@ every lock here is a semaphore *plus* a 16-byte owner record in shared memory
 (``_layout.LOCK``: pid, epoch, start time). The protocol:
 
 acquire
-    ``sem_wait``; on success write (pid, epoch + 1, start) into the record. While the
-    semaphore is taken, look at the record after 10 ms, then every ``lock_timeout``:
+    ``sem_trywait``; on success write (pid, epoch + 1, start) into the record. If it is
+    taken, yield the CPU and try again a few times first: on a busy machine the holder is
+    often runnable but not running, and sleeping in the kernel at once costs a wake-up
+    per hand-over (4 processes hammering one context keep about 0.5x of one process's
+    throughput without this, about 0.8x with it). Then ``sem_timedwait``, looking at the
+    record after 10 ms, then every ``lock_timeout``:
 
     * owner alive (pid runs and has the recorded start time): wait again. A slow but
       live owner is never robbed.
@@ -63,6 +67,7 @@ _FLOCK = struct.Struct("hhxxxxqqixxxx")  # struct flock on Linux x86_64/aarch64
 _ARBITER_BASE = 1 << 40  # byte offsets far past the table's end
 _OWNER_PID = struct.Struct("<I")
 _FIRST_LOOK = 0.01
+_SPINS = 16
 
 
 class Arbiter:
@@ -152,15 +157,28 @@ class RobustLock:
         owner lives). Raises ``TimeoutError`` when ``timeout`` runs out."""
         sem = self.sem
         try:
-            sem.acquire(self.timeout if timeout is None else min(timeout, self.timeout))
-        except (posix_ipc.BusyError, posix_ipc.SignalError):
-            self._acquire_slow(timeout)
-            return
+            sem.acquire(0)
+        except posix_ipc.BusyError:
+            if not self._spin():
+                self._acquire_slow(timeout)
+                return
         buf, off = self.buf, self.off
         epoch = LOCK.unpack_from(buf, off)[1]
         if _failpoints.armed:
             _failpoints.hit("lock.acquired_before_owner")
         LOCK.pack_into(buf, off, identity.pid, (epoch + 1) & 0xFFFFFFFF, identity.start)
+
+    def _spin(self) -> bool:
+        """Contended: give the CPU to the holder a few times (on a busy machine it is
+        often runnable but not running) before sleeping in the kernel."""
+        for _ in range(_SPINS):
+            os.sched_yield()
+            try:
+                self.sem.acquire(0)
+                return True
+            except posix_ipc.BusyError:
+                pass
+        return False
 
     def release(self) -> None:
         _OWNER_PID.pack_into(self.buf, self.off, 0)
