@@ -31,6 +31,7 @@ from shmctx import (
     TableFullError,
     _shm,
 )
+from shmctx import _layout as L
 
 # No automatic sweeping: the tests that want a sweep call sweep() themselves.
 CFG = ContextConfig(lock_timeout=0.2, cleanup_interval=0, capacity=64, max_processes=16)
@@ -691,3 +692,40 @@ def test_threads_mapping_one_context_at_once_share_one_mapping(managers, monkeyp
     assert handles[0]._mapped is handles[1]._mapped
     for ctx in handles:
         m.return_context(ctx)
+
+
+def test_failed_claim_at_the_per_process_limit_leaks_no_slot(managers):
+    """A process holding references to REFS_PER_PROCESS contexts gets TableFullError
+    for one more, and the table stays sound (no half-claimed slot left behind)."""
+    m = managers(ContextConfig(lock_timeout=0.2, cleanup_interval=0, capacity=128,
+                               max_processes=8))
+    for i in range(L.REFS_PER_PROCESS):
+        m.get_or_create_context(f"c{i}")
+    with pytest.raises(TableFullError, match="per-process limit"):
+        m.get_or_create_context("one-too-many")
+    assert m.check() == []
+    assert "one-too-many" not in {i.name for i in m.contexts()}
+
+
+def test_sweep_skips_a_context_referenced_after_it_was_planned(managers, monkeypatch):
+    """The sweep plans from an unlocked read; a worker that takes a reference before the
+    close must keep its context (the check is repeated under the stripe lock)."""
+    m = managers(ContextConfig(lock_timeout=0.2, cleanup_interval=0, max_idle_time=0.001))
+    worker = managers(None)  # adopts the table's config
+    ctx, _ = worker.get_or_create_context("x")
+    worker.return_context(ctx)  # mapped in the worker: its next get is the hot path
+    idle_since = time.monotonic()
+    while time.monotonic() - idle_since < 0.01:  # let it become idle for real
+        time.sleep(0.002)
+    taken = []
+    real_subtree = m._subtree
+
+    def subtree_while_a_worker_gets(slot):
+        taken.append(worker.get_context("x"))  # lands between the plan and the close
+        return real_subtree(slot)
+
+    monkeypatch.setattr(m, "_subtree", subtree_while_a_worker_gets)
+    report = m.sweep()
+    assert report.closed == [] and report.skipped_in_use == ["x"]
+    assert worker.validate_context(taken[0])
+    worker.return_context(taken[0])

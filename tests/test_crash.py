@@ -608,3 +608,25 @@ def test_forked_child_cannot_claim_the_parents_arbiter_key(ns):
         m._table.arbiter.release(5)
     finally:
         m.unlink()
+
+
+def _unlink_and_die(ns: str) -> None:
+    _failpoints.arm("close.index_removed")
+    ContextManager(namespace=ns).unlink(force=True)
+
+
+def test_unlink_killed_half_way_does_not_block_the_namespace(new_ns):
+    """A process killed inside unlink() leaves a table marked unlinked; the next manager
+    of the namespace makes a new table instead of failing for good."""
+    ns = new_ns()
+    m = ContextManager(CFG, namespace=ns)
+    ctx, _ = m.get_or_create_context("x", MEM)
+    m.return_context(ctx)
+    m.close()
+    assert run(_unlink_and_die, ns) == -signal.SIGKILL
+    fresh = ContextManager(CFG, namespace=ns)
+    ctx, existed = fresh.get_or_create_context("x", MEM)
+    assert not existed
+    fresh.return_context(ctx)
+    assert fresh.check() == []
+    fresh.unlink()  # and the dead unlink's leftovers go with it

@@ -13,6 +13,7 @@ import multiprocessing as mp
 import os
 import queue
 import struct
+import threading
 import time
 import traceback
 
@@ -567,3 +568,39 @@ def test_unlink_after_other_processes_leaves_nothing(harness, parent, ns):
     m.return_context(ctx)
     m.unlink()
     assert _shm.namespace_objects(ns) == []
+
+
+def _threads_first_use_in_forked_child(ns: str, inherited, out) -> None:
+    barrier = threading.Barrier(8)
+    handles = []
+
+    def first_get(i: int) -> None:
+        barrier.wait()
+        handles.append(inherited.get_context(f"c{i}"))
+
+    threads = [threading.Thread(target=first_get, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    snap = inherited._snapshot()
+    mine = [p for p in snap.procs if p.pid == os.getpid()]
+    out.put((len(mine), sum(c for p in mine for _s, c in p.refs), inherited.check()))
+    for h in handles:
+        inherited.return_context(h)
+    inherited.close()
+
+
+def test_threads_of_a_forked_child_register_it_once(parent):
+    """A manager inherited over fork registers the child on first use; eight threads
+    doing that at once must end with one process entry holding all eight references."""
+    m = parent()
+    for i in range(8):
+        m.return_context(m.get_or_create_context(f"c{i}")[0])
+    fork = mp.get_context("fork")
+    out = fork.Queue()
+    p = fork.Process(target=_threads_first_use_in_forked_child, args=(m.namespace, m, out))
+    p.start()
+    entries, refs, problems = out.get(timeout=60)
+    p.join(30)
+    assert (entries, refs, problems) == (1, 8, [])

@@ -84,39 +84,38 @@ class Arbiter:
     def __init__(self, fd: int) -> None:
         self.fd = _reopen(fd)
         self._local = threading.Lock()
+        self._claimed: set[int] = set()
 
     def _fcntl(self, cmd: int, kind: int, key: int) -> None:
         fcntl.fcntl(self.fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, _ARBITER_BASE + key, 1, 0))
 
     def try_claim(self, key: int) -> bool:
-        if not self._local.acquire(blocking=False):
-            return False
+        # Per key: a thread recovering one lock must not stop another thread of this
+        # process from recovering a different one (which the first may be waiting for).
+        with self._local:
+            if key in self._claimed:
+                return False
+            self._claimed.add(key)
         try:
             self._fcntl(fcntl.F_OFD_SETLK, fcntl.F_WRLCK, key)
         except OSError:
-            self._local.release()
+            with self._local:
+                self._claimed.discard(key)
             return False
         return True
-
-    def claim(self, key: int) -> None:
-        """Blocking claim; only used for table creation, which takes milliseconds."""
-        self._local.acquire()
-        try:
-            self._fcntl(fcntl.F_OFD_SETLKW, fcntl.F_WRLCK, key)
-        except BaseException:
-            self._local.release()
-            raise
 
     def release(self, key: int) -> None:
         try:
             self._fcntl(fcntl.F_OFD_SETLK, fcntl.F_UNLCK, key)
         finally:
-            self._local.release()
+            with self._local:
+                self._claimed.discard(key)
 
     def reset_after_fork(self) -> None:
         inherited, self.fd = self.fd, _reopen(self.fd)
         os.close(inherited)  # the parent's description (and its claims) stays the parent's
         self._local = threading.Lock()
+        self._claimed = set()
 
     def close(self) -> None:
         os.close(self.fd)
@@ -155,6 +154,7 @@ class RobustLock:
     def acquire(self, timeout: float | None = None) -> None:
         """Take the lock, waiting at most ``timeout`` seconds (None: as long as the
         owner lives). Raises ``TimeoutError`` when ``timeout`` runs out."""
+        # _take_sem and _own, inlined: this is the hot path of every get and return.
         sem = self.sem
         try:
             sem.acquire(0)
@@ -167,6 +167,18 @@ class RobustLock:
         if _failpoints.armed:
             _failpoints.hit("lock.acquired_before_owner")
         LOCK.pack_into(buf, off, identity.pid, (epoch + 1) & 0xFFFFFFFF, identity.start)
+
+    def _take_sem(self, timeout: float | None) -> bool:
+        """Get the semaphore: True if the owner record is still to be written, False if
+        the slow path got it and recorded this process (or took it over)."""
+        try:
+            self.sem.acquire(0)
+            return True
+        except posix_ipc.BusyError:
+            if self._spin():
+                return True
+        self._acquire_slow(timeout)
+        return False
 
     def _spin(self) -> bool:
         """Contended: give the CPU to the holder a few times (on a busy machine it is
@@ -326,11 +338,7 @@ class ContextLock(RobustLock):
             return
         if not self.is_current():
             raise self.closed_error()
-        try:
-            self.sem.acquire(self.timeout if timeout is None else min(timeout, self.timeout))
-        except (posix_ipc.BusyError, posix_ipc.SignalError):
-            self._acquire_slow(timeout)
-        else:
+        if self._take_sem(timeout):
             self._own(None)
         self._mark_held()
 
@@ -361,6 +369,11 @@ class ContextLock(RobustLock):
     def _after_timeout(self, suspect: tuple[int, int] | None) -> tuple[int, int] | None:
         if not self.is_current():
             raise self.closed_error()
+        if LOCK.unpack_from(self.buf, self.off)[0] == 0 and self.guard.sem.value == 0:
+            # Between sem_wait and recording itself, a holder of this lock waits for the
+            # stripe lock (``_own``); while that is taken, "no owner recorded" proves
+            # nothing, so it does not start the clock.
+            return None
         return super()._after_timeout(suspect)
 
 

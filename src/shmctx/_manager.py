@@ -75,6 +75,12 @@ def _check_name(name: object) -> bytes:
     return name_b
 
 
+def _check_timeout(timeout: object) -> None:
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(
+            timeout, (int, float)) or not 0 <= timeout < float("inf")):
+        raise InvalidConfigError(f"timeout must be None or >= 0 seconds, got {timeout!r}")
+
+
 class ContextManager:
     """Named, reference-counted shared-memory contexts, shared by every process of one
     host that opens the same ``namespace``.
@@ -136,6 +142,7 @@ class ContextManager:
         self._closed = False
         self._close_lock = threading.Lock()
         self._map_lock = threading.Lock()
+        self._ref_lock = threading.Lock()
         self._mapped: dict[str, _Mapped] = {}
         self._proc = -1  # our process entry
         self._proc_pid = 0  # pid that registered it (a forked child must register anew)
@@ -144,7 +151,11 @@ class ContextManager:
         self._free_refs: list[int] = []
         self._sweeper: threading.Thread | None = None
         self._stop = threading.Event()
-        self._register()
+        try:
+            self._register()
+        except BaseException:
+            t.close()
+            raise
         _live_managers.add(self)
         if (sweeper or (sweeper is None and created)) and self.config.cleanup_interval > 0:
             self._start_sweeper()
@@ -190,9 +201,9 @@ class ContextManager:
             raise InvalidConfigError(
                 f"config must be a MemoryContextConfig or None, not {type(config).__name__}"
             )
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(
-                timeout, (int, float)) or not timeout >= 0):
-            raise InvalidConfigError(f"timeout must be None or >= 0 seconds, got {timeout!r}")
+        if init is not None and not callable(init):
+            raise TypeError(f"init must be a callable taking the context, not {init!r}")
+        _check_timeout(timeout)
         if config is not None and self._matches(name, config):
             handle = self._get_fast(name)
             if handle is not None:
@@ -205,6 +216,7 @@ class ContextManager:
         if self._closed:
             self._raise_closed()
         name_b = _check_name(name)
+        _check_timeout(timeout)
         handle = self._get_fast(name)
         if handle is not None:
             return handle
@@ -286,18 +298,14 @@ class ContextManager:
                 raise ContextNotFoundError(
                     f"no context {name!r} in namespace {self.namespace!r}"
                 )
-            tree = self._subtree(slot)
-            if not force:
-                for s in tree:
-                    rc = L.S_CHECK.unpack_from(self._buf, self._geo.slot_off(s))[1]
-                    if rc:
-                        which = "it" if s == slot else f"its child {t.slot_name(s).decode()!r}"
-                        raise ContextInUseError(
-                            f"context {name!r} in namespace {self.namespace!r}: {which} "
-                            f"still has {rc} reference(s); pass force=True to close anyway"
-                        )
-            for s in tree:
-                self._free_slot(s)
+            busy = self._close(self._subtree(slot), force=force)
+            if busy >= 0:
+                which = "it" if busy == slot else \
+                    f"its child {t.slot_name(busy).decode('utf-8', 'replace')!r}"
+                raise ContextInUseError(
+                    f"context {name!r} in namespace {self.namespace!r}: {which} still has "
+                    "references; pass force=True to close anyway"
+                )
 
     def validate_context(self, ctx: MemoryContext) -> bool:
         """True only if ``ctx``'s context still exists as the same incarnation, is not
@@ -414,7 +422,7 @@ class ContextManager:
             L.H_FLAGS.pack_into(self._buf, L.H_FLAGS_OFF, t.flags() | L.FLAG_UNLINKED)
             for slot in range(self._geo.capacity):
                 if L.S_STATE.unpack_from(self._buf, self._geo.slot_off(slot))[0] != L.FREE:
-                    self._free_slot(slot)
+                    self._close([slot], force=True)
             t.unlink_names()
         with self._close_lock:
             self._closed = True
@@ -464,10 +472,19 @@ class ContextManager:
                 return True
         if delta < 0:
             return False
-        ri = self._claim_ref()
-        self._refidx[slot] = ri
-        L.REF.pack_into(buf, self._refs_off + L.REF_SIZE * ri, slot + 1, delta)
+        # Threads counting on other slots (under other stripe locks) may claim at the same
+        # time; the free list of records is this process's, so claims are serialised here.
+        with self._ref_lock:
+            ri = self._claim_ref()
+            self._refidx[slot] = ri
+            L.REF.pack_into(buf, self._refs_off + L.REF_SIZE * ri, slot + 1, delta)
         return True
+
+    def _reserve_ref(self) -> None:
+        """Make sure a reference record is free for a new context (``TableFullError`` if
+        this process already holds references to the per-process limit)."""
+        with self._ref_lock:
+            self._free_refs.append(self._claim_ref())
 
     def _claim_ref(self) -> int:
         try:
@@ -551,7 +568,10 @@ class ContextManager:
                             reclaimed_once = True
                             continue
                     else:
-                        wait = (slot, inc, self._register_waiter(slot, inc))
+                        sem = self._register_waiter(slot, inc)
+                        if sem is None:
+                            continue  # published (or removed) meanwhile: look again
+                        wait = (slot, inc, sem)
                 else:
                     if not create:
                         raise ContextNotFoundError(
@@ -616,7 +636,10 @@ class ContextManager:
         t = self._table
         parent_slot, parent_inc = -1, 0
         if cfg.parent is not None:
-            pb = _check_name(cfg.parent)
+            try:
+                pb = _check_name(cfg.parent)
+            except InvalidContextTypeError as e:
+                raise InvalidConfigError(f"parent of {name!r}: {e}") from None
             parent_slot = t.find(pb, name_hash(pb))
             if parent_slot < 0 or L.S_STATE.unpack_from(
                     self._buf, self._geo.slot_off(parent_slot))[0] != L.READY:
@@ -625,6 +648,7 @@ class ContextManager:
                     f"{self.namespace!r}"
                 )
             parent_inc = L.S_CHECK.unpack_from(self._buf, self._geo.slot_off(parent_slot))[2]
+        self._reserve_ref()  # the one step that fails in normal use, done before any write
         if t.live_count() >= self._geo.capacity:
             self._evict_lru(name)
         slot = t.pop_free()
@@ -635,17 +659,24 @@ class ContextManager:
                 raise TableFullError(f"namespace {self.namespace!r}: no free slot for {name!r}")
         inc = t.next_incarnation()
         so = self._geo.slot_off(slot)
-        with self._stripes[slot % self._nstripes]:
-            L.SLOT_ALL.pack_into(
-                self._buf, so, L.CREATING, 0, len(name_b), 0, inc, h, cfg.size,
-                parent_slot + 1, 0, parent_inc, time.time(), monotonic(),
-                identity.pid, identity.start, 0, 0, 0, name_b,
-            )
-            if _failpoints.armed:
-                _failpoints.hit("create.slot_claimed")
-            self._count(slot, 1)
-            L.S_REFCOUNT.pack_into(self._buf, so + L.S_REFCOUNT_OFF, 1)
-        t.index_insert(slot, h)
+        try:
+            with self._stripes[slot % self._nstripes]:
+                L.SLOT_ALL.pack_into(
+                    self._buf, so, L.CREATING, 0, len(name_b), 0, inc, h, cfg.size,
+                    parent_slot + 1, 0, parent_inc, time.time(), monotonic(),
+                    identity.pid, identity.start, 0, 0, 0, name_b,
+                )
+                if _failpoints.armed:
+                    _failpoints.hit("create.slot_claimed")
+                self._count(slot, 1)
+                L.S_REFCOUNT.pack_into(self._buf, so + L.S_REFCOUNT_OFF, 1)
+            t.index_insert(slot, h)
+        except BaseException:
+            # Give the slot back rather than leave a CREATING slot that no index entry,
+            # waiter or sweep would ever find while we live.
+            t.add_live(1)
+            self._close([slot], force=True)
+            raise
         t.add_live(1)
         if parent_slot >= 0:
             self._add_child(parent_slot, 1)
@@ -660,24 +691,24 @@ class ContextManager:
         """Close the least recently used context with no references and no children, to
         make room. Needs the table lock."""
         buf, geo = self._buf, self._geo
-        parents = set()
-        best, best_used = -1, float("inf")
+        candidates = []
         for slot in range(geo.capacity):
-            f = L.SLOT_ALL.unpack_from(buf, geo.slot_off(slot))
-            if f[0] != L.FREE and f[7]:
-                parents.add(f[7] - 1)
-        for slot in range(geo.capacity):
-            f = L.SLOT_ALL.unpack_from(buf, geo.slot_off(slot))
-            if f[0] == L.READY and f[3] == 0 and f[11] < best_used and slot not in parents:
-                best, best_used = slot, f[11]
-        if best < 0:
-            raise TableFullError(
-                f"namespace {self.namespace!r} is full ({geo.capacity} contexts, all "
-                f"referenced or parents); cannot create {for_name!r}"
-            )
-        log.info("namespace %r full: evicting least recently used context %r", self.namespace,
-                 self._table.slot_name(best).decode("utf-8", "replace"))
-        self._free_slot(best)
+            so = geo.slot_off(slot)
+            state, rc, _inc = L.S_CHECK.unpack_from(buf, so)
+            if state == L.READY and rc == 0 and \
+                    not L.S_CHILDREN.unpack_from(buf, so + L.S_CHILDREN_OFF)[0]:
+                candidates.append((L.S_LAST_USED.unpack_from(buf, so + L.S_LAST_USED_OFF)[0],
+                                   slot))
+        for _used, slot in sorted(candidates):
+            name = self._table.slot_name(slot).decode("utf-8", "replace")
+            if self._close([slot], force=False) < 0:  # unless referenced meanwhile
+                log.info("namespace %r full: evicted least recently used context %r",
+                         self.namespace, name)
+                return
+        raise TableFullError(
+            f"namespace {self.namespace!r} is full ({geo.capacity} contexts, all referenced "
+            f"or parents); cannot create {for_name!r}"
+        )
 
     def _finish_create(self, name: str, slot: int, inc: int, cfg: MemoryContextConfig,
                        init: Callable[[MemoryContext], object] | None) -> MemoryContext:
@@ -707,6 +738,8 @@ class ContextManager:
             state, _rc, cur = L.S_CHECK.unpack_from(self._buf, so)
             if cur != inc or state != L.CREATING:
                 m.unmap()
+                if size:  # made after the force close, so nobody else will unlink it
+                    _shm.unlink_segment(t.segment(slot, inc))
                 raise ContextClosedError(
                     f"context {name!r} was force-closed while it was being created"
                 )
@@ -724,14 +757,17 @@ class ContextManager:
         with t.table_lock:
             f = t.read_slot(slot)
             if f[0] == L.CREATING and f[4] == inc:
-                self._free_slot(slot)
+                self._close([slot], force=True)
 
-    def _register_waiter(self, slot: int, inc: int) -> posix_ipc.Semaphore:
-        """Mark ``slot`` as waited on and open its init semaphore. Needs the table lock;
-        the stripe lock orders us against the creator's publish."""
+    def _register_waiter(self, slot: int, inc: int) -> posix_ipc.Semaphore | None:
+        """Mark ``slot`` as waited on and open its init semaphore; None if it is no longer
+        being created as ``inc``. The creator publishes under the stripe lock alone, so the
+        state is checked again under it."""
         so = self._geo.slot_off(slot)
         with self._stripes[slot % self._nstripes]:
             state, flags = L.S_STATE.unpack_from(self._buf, so)
+            if state != L.CREATING or L.S_INC.unpack_from(self._buf, so + L.S_INC_OFF)[0] != inc:
+                return None
             L.S_STATE.pack_into(self._buf, so, state, flags | L.SLOT_WAITERS)
             return _shm.open_semaphore(
                 _shm.init_sem_name(self.namespace, self._table.tag, inc), self._table.mode,
@@ -766,11 +802,7 @@ class ContextManager:
                     return
                 if not is_alive(f[12], f[13]):
                     with t.table_lock:
-                        g = t.read_slot(slot)
-                        if g[0] == L.CREATING and g[4] == inc and not is_alive(g[12], g[13]):
-                            log.warning("context %r: creator pid %d died during init; "
-                                        "removing the half-made context", name, g[12])
-                            self._free_slot(slot)
+                        self._remove_dead_creation(slot, inc)
                     return
         finally:
             sem.close()
@@ -888,32 +920,69 @@ class ContextManager:
             stack.extend(children.get(s, ()))
         return order[::-1]
 
-    def _free_slot(self, slot: int) -> None:
-        """Close the context in ``slot``: clear every reference to it, mark it free,
-        remove it from the index and free list, wake init waiters, unlink its objects.
-        Needs the table lock."""
+    def _close(self, slots: list[int], *, force: bool, idle_limit: float = 0.0) -> int:
+        """Close the contexts in ``slots`` (a subtree, children first): clear every
+        reference to them, mark them free, remove them from the index and free list, wake
+        their init waiters, unlink their objects. Needs the table lock.
+
+        Unless ``force``, nothing is closed if one of them holds a reference (or, with
+        ``idle_limit``, was returned within that many seconds); that slot is returned,
+        else -1. The check is made with the slots' stripe locks all held (taken in
+        ascending order): the hot path takes references under a stripe lock alone, so a
+        check under the table lock only could close a context referenced a moment later.
+        """
+        buf, geo = self._buf, self._geo
+        held: list[RobustLock] = []
+        try:
+            for k in sorted({s % self._nstripes for s in slots}):
+                self._stripes[k].acquire()
+                held.append(self._stripes[k])
+            if not force:
+                now = monotonic()
+                for s in slots:
+                    so = geo.slot_off(s)
+                    last = L.S_LAST_USED.unpack_from(buf, so + L.S_LAST_USED_OFF)[0]
+                    in_use = L.S_CHECK.unpack_from(buf, so)[1]
+                    if in_use or (idle_limit and now - last <= idle_limit):
+                        return s
+            freed = [self._free_slot_state(s) for s in slots]
+        finally:
+            for lock in reversed(held):
+                lock.release()
+        for f in freed:
+            if f is not None:
+                self._free_slot_rest(*f)
+        return -1
+
+    def _free_slot_state(self, slot: int) -> tuple | None:
+        """The part of closing a slot that needs its stripe lock (held by the caller)."""
         t, buf, geo = self._table, self._buf, self._geo
         so = geo.slot_off(slot)
-        with self._stripes[slot % self._nstripes]:
-            state, flags, _n, rc, inc, h = L.S_HEAD.unpack_from(buf, so)
-            if state == L.FREE:
-                return
-            size, parent, _nf, parent_inc, _c, _u = L.S_BODY.unpack_from(buf, so + L.S_BODY_OFF)
-            if rc:
-                for p in range(geo.max_processes):
-                    if L.P_PID.unpack_from(buf, geo.proc_off(p))[0] == 0:
-                        continue
-                    for i, s, _c in t.proc_refs(p):
-                        if s == slot:
-                            L.REF.pack_into(buf, t.ref_off(p, i), 0, 0)
-            L.S_STATE.pack_into(buf, so, L.FREE, 0)
-            L.S_REFCOUNT.pack_into(buf, so + L.S_REFCOUNT_OFF, 0)
-            if _failpoints.armed:
-                _failpoints.hit("close.state_freed")
-            if flags & L.SLOT_WAITERS:
-                _wake_waiters(_shm.init_sem_name(self.namespace, t.tag, inc))
-            if flags & L.SLOT_LOCK:
-                _shm.unlink_semaphore(_shm.ctx_lock_name(self.namespace, t.tag, inc))
+        state, flags, _n, rc, inc, h = L.S_HEAD.unpack_from(buf, so)
+        if state == L.FREE:
+            return None
+        size, parent, _nf, parent_inc, _c, _u = L.S_BODY.unpack_from(buf, so + L.S_BODY_OFF)
+        if rc:
+            for p in range(geo.max_processes):
+                if L.P_PID.unpack_from(buf, geo.proc_off(p))[0] == 0:
+                    continue
+                for i, s, _c in t.proc_refs(p):
+                    if s == slot:
+                        L.REF.pack_into(buf, t.ref_off(p, i), 0, 0)
+        L.S_STATE.pack_into(buf, so, L.FREE, 0)
+        L.S_REFCOUNT.pack_into(buf, so + L.S_REFCOUNT_OFF, 0)
+        if _failpoints.armed:
+            _failpoints.hit("close.state_freed")
+        if flags & L.SLOT_WAITERS:
+            _wake_waiters(_shm.init_sem_name(self.namespace, t.tag, inc))
+        if flags & L.SLOT_LOCK:
+            _shm.unlink_semaphore(_shm.ctx_lock_name(self.namespace, t.tag, inc))
+        return slot, inc, h, size, parent, parent_inc
+
+    def _free_slot_rest(self, slot: int, inc: int, h: int, size: int, parent: int,
+                        parent_inc: int) -> None:
+        """The part of closing a slot that needs only the table lock."""
+        t, buf, geo = self._table, self._buf, self._geo
         t.index_remove(slot, h)
         if _failpoints.armed:
             _failpoints.hit("close.index_removed")
@@ -929,6 +998,18 @@ class ContextManager:
         if m is not None and m.inc == inc:
             del self._mapped[name]
             m.unmap()
+
+    def _remove_dead_creation(self, slot: int, inc: int) -> bool:
+        """Free ``slot`` if it is still being created as ``inc`` by a process that died.
+        Needs the table lock."""
+        f = self._table.read_slot(slot)
+        if f[0] != L.CREATING or f[4] != inc or is_alive(f[12], f[13]):
+            return False
+        log.warning("namespace %r: context %r: creator pid %d died during init; removing "
+                    "the half-made context", self.namespace,
+                    self._table.slot_name(slot).decode("utf-8", "replace"), f[12])
+        self._close([slot], force=True)
+        return True
 
     # --- processes ------------------------------------------------------------------
 
@@ -966,7 +1047,9 @@ class ContextManager:
 
     def _ensure_registered(self) -> None:
         if self._proc_pid != identity.pid:
-            self._register()
+            with self._ref_lock:  # threads of a forked child: one registration
+                if self._proc_pid != identity.pid:
+                    self._register()
 
     def _reclaim_entry(self, proc: int) -> int:
         """Release every reference of process entry ``proc`` and free the entry. Needs the
@@ -1053,7 +1136,10 @@ class ContextManager:
         self._stop = threading.Event()
         self._close_lock = threading.Lock()
         self._map_lock = threading.Lock()
+        self._ref_lock = threading.Lock()
         self._table.arbiter.reset_after_fork()
+        for m in self._mapped.values():
+            m.lock = None  # a lock held by the parent's thread is not held in the child
         self._refidx = {}
         self._free_refs = []
 

@@ -64,11 +64,7 @@ def sweep_once(m: ContextManager) -> SweepReport:
                          m.namespace, n, pid)
     for slot, inc in t.dead_creations():
         with t.table_lock:
-            f = t.read_slot(slot)
-            if f[0] == L.CREATING and f[4] == inc and not is_alive(f[12], f[13]):
-                log.warning("namespace %r: removing context %r whose creator died during init",
-                            m.namespace, t.slot_name(slot).decode("utf-8", "replace"))
-                m._free_slot(slot)
+            m._remove_dead_creation(slot, inc)
     idle_limit = m.config.max_idle_time
     if idle_limit > 0:
         now = monotonic()
@@ -81,18 +77,16 @@ def sweep_once(m: ContextManager) -> SweepReport:
                 candidates.append((slot, inc))
         for slot, inc in candidates:
             with t.table_lock:
-                so = geo.slot_off(slot)
-                state, rc, cur = L.S_CHECK.unpack_from(buf, so)
-                last = L.S_LAST_USED.unpack_from(buf, so + L.S_LAST_USED_OFF)[0]
-                if state != L.READY or cur != inc or rc or monotonic() - last <= idle_limit:
+                state, _rc, cur = L.S_CHECK.unpack_from(buf, geo.slot_off(slot))
+                if state != L.READY or cur != inc:
                     continue
                 tree = m._subtree(slot)
                 names = [t.slot_name(s).decode("utf-8", "replace") for s in tree]
-                if any(L.S_CHECK.unpack_from(buf, geo.slot_off(s))[1] for s in tree):
+                # Closed only if the whole subtree is unreferenced and idle, checked under
+                # its stripe locks: a worker may have taken a reference since the plan.
+                if m._close(tree, force=False, idle_limit=idle_limit) >= 0:
                     report.skipped_in_use.append(names[-1])
                     continue
-                for s in tree:
-                    m._free_slot(s)
                 report.closed.extend(names)
     report.locks_recovered = m._recover_dead_locks()
     report.orphans_removed = remove_namespace_orphans(m)

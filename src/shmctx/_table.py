@@ -125,6 +125,12 @@ class Table:
             except posix_ipc.ExistentialError:
                 shm.close_fd()
                 continue  # unlinked under our feet; look again
+            if table.flags() & L.FLAG_UNLINKED:
+                # An unlink() began, and may have died half way: finish removing the
+                # names (idempotent if it is still running) and make a new table.
+                table.unlink_names()
+                table.close()
+                continue
             return table, False
         raise TableFormatError(f"namespace {ns!r}: table keeps vanishing while being opened")
 
