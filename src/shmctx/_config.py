@@ -116,8 +116,8 @@ class MemoryContextConfig:
     def __post_init__(self) -> None:
         if isinstance(self.size, bool) or not isinstance(self.size, int):
             raise InvalidConfigError(f"size must be an int, not {type(self.size).__name__}")
-        if self.size < 0 or self.size >= 1 << 62:
-            raise InvalidConfigError(f"size must be >= 0 bytes, got {self.size}")
+        if not 0 <= self.size < 1 << 62:
+            raise InvalidConfigError(f"size must be in [0, 2**62) bytes, got {self.size}")
         if self.parent is not None and not isinstance(self.parent, str):
             raise InvalidConfigError(
                 f"parent must be a context name or None, not {type(self.parent).__name__}"

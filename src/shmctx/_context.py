@@ -12,7 +12,7 @@ import msgpack
 from ._errors import ContextClosedError
 
 if TYPE_CHECKING:
-    from ._lock import RobustLock
+    from ._lock import ContextLock, RobustLock
     from ._manager import ContextManager
 
 __all__ = ["MemoryContext", "ContextInfo", "SweepReport"]
@@ -37,10 +37,12 @@ class _Mapped:
         self.size = size
         self.mm = mm
         self.view = memoryview(mm) if mm is not None else memoryview(b"")
-        self.lock: RobustLock | None = None
+        self.lock: ContextLock | None = None
         self.parent = parent
-        self.off = off  # of the slot in the table, and its stripe lock: the hot path's two
-        self.stripe = stripe  # lookups, done once per mapping
+        # The slot's offset in the table and its stripe lock, looked up once per mapping
+        # rather than on every get and return.
+        self.off = off
+        self.stripe = stripe
 
     def unmap(self) -> None:
         try:
@@ -94,19 +96,26 @@ class MemoryContext:
         return self._view
 
     @property
-    def lock(self) -> RobustLock:
-        """A cross-process lock for this context: ``with ctx.lock: ...``. Not re-entrant.
-        If its holder dies, the next waiter takes it over after ``lock_timeout``."""
+    def lock(self) -> ContextLock:
+        """A cross-process lock for this context: ``with ctx.lock: ...``, or
+        ``ctx.lock.acquire(timeout=...)`` / ``release()``. Re-entrant for the thread that
+        holds it (``put`` and ``get`` take it too). If its holder dies, the next waiter
+        takes it over (within ``lock_timeout``, usually about 10 ms)."""
         self._ensure_valid()
         return self._manager._context_lock(self)
 
     def put(self, obj: Any) -> None:
         """Store one msgpack-encoded value in the context's memory, under its lock.
 
-        A value that does not fit raises ``ValueError`` and nothing is written. ``put``
-        and ``buf`` share the same bytes: use one or the other on a context.
+        A value that does not fit raises ``ValueError``, one msgpack cannot encode
+        ``TypeError``; in both cases nothing is written. ``put`` and ``buf`` share the same
+        bytes: use one or the other on a context.
         """
-        data = msgpack.packb(obj, use_bin_type=True)
+        try:
+            data = msgpack.packb(obj, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise TypeError(f"context {self.name!r}: cannot encode {type(obj).__name__} "
+                            f"with msgpack: {e}") from None
         need = _VALUE_HEAD.size + len(data)
         if need > self.size:
             raise ValueError(

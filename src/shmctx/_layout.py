@@ -99,7 +99,8 @@ Context slot (256 bytes)::
     96  128   128s   name
     224 32           reserved, zero
 
-Slot state machine (all transitions under the table lock AND the slot's stripe lock)::
+Slot state machine (every transition under the slot's stripe lock; all but publish also
+under the table lock, since publish changes neither the index nor the free list)::
 
     FREE --claim--> CREATING --publish--> READY --close--> FREE
                        |                                   ^
@@ -116,7 +117,6 @@ import struct
 MAGIC = b"SHMCTX\x00\x02"
 LAYOUT_VERSION = 2  # bump (with the last byte of MAGIC) on any change of offsets or sizes
 HEADER_SIZE = 256
-LOCK_SIZE = 16
 LOCK_STRIDE = 64  # one cache line per table/stripe lock record
 PROC_SIZE = 512
 SLOT_SIZE = 256
@@ -124,7 +124,6 @@ REFS_PER_PROCESS = 60
 REF_SIZE = 8
 REFS_OFF = 32
 NAME_MAX = 128
-NAMESPACE_MAX = 64
 PAGE = 4096
 MAX_STRIPES = 64
 
@@ -189,13 +188,10 @@ S_NEXT_FREE_OFF = 36
 S_NEXT_FREE = struct.Struct("<I")
 S_LAST_USED_OFF = 56
 S_LAST_USED = struct.Struct("<d")
-S_CREATOR = struct.Struct("<IxxxxQ")  # creator pid, creator start
-S_CREATOR_OFF = 64
 S_CHILDREN = struct.Struct("<I")  # written apart from SLOT_ALL, which zeroes it at claim
 S_CHILDREN_OFF = 68
 S_LOCK_OFF = 80
 S_NAME_OFF = 96
-S_NAME = struct.Struct("<128s")
 SLOT_ALL = struct.Struct("<BBHIQQQIIQddIxxxxQIIQ128s")  # the whole 224 used bytes
 
 assert SLOT_ALL.size == 224 and S_HEAD.size == 24 and S_BODY.size == 40

@@ -2,8 +2,9 @@
 
 Hot path (a process gets a context it has mapped before, then returns it): one stripe
 lock, three fixed-offset reads and two writes each way; no table lock, no scan, no
-``shm_open``/``mmap``, no msgpack. Everything else (first get in a process, create,
-close, sweep) takes the table lock, then the slot's stripe lock.
+``shm_open``/``mmap``, no msgpack. The cold path (first get in a process, create,
+close, sweep) takes the table lock, then the slot's stripe lock; publishing a created
+context and creating a context's own lock take only the stripe lock.
 """
 
 from __future__ import annotations
@@ -381,10 +382,7 @@ class ContextManager:
             if self._closed:
                 self._raise_closed()
             self._closed = True
-        self._stop.set()
-        th = self._sweeper
-        if th is not None and th is not threading.current_thread():
-            th.join()
+        self._stop_sweeper()
         t = self._table
         try:
             if self._proc >= 0 and self._proc_pid == identity.pid and not \
@@ -426,10 +424,7 @@ class ContextManager:
             t.unlink_names()
         with self._close_lock:
             self._closed = True
-        self._stop.set()
-        th = self._sweeper
-        if th is not None and th is not threading.current_thread():
-            th.join()
+        self._stop_sweeper()
         self._detach()
         from ._sweeper import remove_stale
 
@@ -514,6 +509,9 @@ class ContextManager:
         return self._free_refs.pop()
 
     def _try_free_zero(self, lock: RobustLock, off: int, sp1: int) -> bool:
+        # Another slot's stripe, taken bare and only by a try (never waiting, so it cannot
+        # deadlock against the stripe we hold); held for two struct operations, too short
+        # to be worth an owner record.
         try:
             lock.sem.acquire(0)
         except posix_ipc.BusyError:
@@ -563,7 +561,7 @@ class ContextManager:
                         try:
                             self._take_ref_cold(name, slot, inc)
                         except MaxReferencesReachedError:
-                            if reclaimed_once or not self._reclaim_dead_locked():
+                            if reclaimed_once or not self._reclaim_dead(locked=True):
                                 raise
                             reclaimed_once = True
                             continue
@@ -843,7 +841,7 @@ class ContextManager:
         state, _rc, inc = L.S_CHECK.unpack_from(self._buf, self._geo.slot_off(m.slot))
         return inc == m.inc and state != L.FREE
 
-    def _context_lock(self, ctx: MemoryContext) -> RobustLock:
+    def _context_lock(self, ctx: MemoryContext) -> ContextLock:
         m = ctx._mapped
         if m.lock is not None:
             return m.lock
@@ -1019,7 +1017,7 @@ class ContextManager:
             t.check_usable()
             proc = self._find_free_proc()
             if proc < 0:
-                self._reclaim_dead_locked()
+                self._reclaim_dead(locked=True)
                 proc = self._find_free_proc()
             if proc < 0:
                 raise TableFullError(
@@ -1089,18 +1087,29 @@ class ContextManager:
                 dead.append((p, pid, start))
         return dead
 
-    def _reclaim_dead_locked(self) -> dict[int, int]:
-        """Reclaim every dead process entry. Needs the table lock. Returns {pid: refs}."""
-        t = self._table
+    def _reclaim_dead(self, *, locked: bool) -> dict[int, int]:
+        """Reclaim every dead process entry; returns {pid: references released}.
+
+        ``locked``: the caller holds the table lock. Otherwise liveness, which reads /proc,
+        is checked without it, and each dead entry is reclaimed under a short hold after
+        checking it still names the same process (a sweep must not stall workers)."""
         out: dict[int, int] = {}
-        for p in range(self._geo.max_processes):
-            pid, _f, start, _a = t.proc_head(p)
-            if pid and not is_alive(pid, start):
-                n = self._reclaim_entry(p)
-                out[pid] = out.get(pid, 0) + n
-                log.info("namespace %r: reclaimed %d reference(s) of dead pid %d",
-                         self.namespace, n, pid)
+        for proc, pid, start in self._dead_process_entries():
+            if locked:
+                self._reclaim_if_same(proc, pid, start, out)
+            else:
+                with self._table.table_lock:
+                    self._reclaim_if_same(proc, pid, start, out)
         return out
+
+    def _reclaim_if_same(self, proc: int, pid: int, start: int, out: dict[int, int]) -> None:
+        now_pid, _f, now_start, _a = self._table.proc_head(proc)
+        if (now_pid, now_start) != (pid, start):
+            return
+        n = self._reclaim_entry(proc)
+        out[pid] = out.get(pid, 0) + n
+        log.info("namespace %r: reclaimed %d reference(s) of dead pid %d",
+                 self.namespace, n, pid)
 
     # --- misc -----------------------------------------------------------------------
 
@@ -1142,6 +1151,12 @@ class ContextManager:
             m.lock = None  # a lock held by the parent's thread is not held in the child
         self._refidx = {}
         self._free_refs = []
+
+    def _stop_sweeper(self) -> None:
+        self._stop.set()
+        th = self._sweeper
+        if th is not None and th is not threading.current_thread():
+            th.join()
 
     def _detach(self) -> None:
         _live_managers.discard(self)

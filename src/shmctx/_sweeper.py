@@ -54,14 +54,7 @@ def sweep_once(m: ContextManager) -> SweepReport:
     t.check_usable()
     # Liveness checks read /proc and are slow: they are made without the table lock, and
     # each finding is acted on under a short hold after checking it still stands.
-    for proc, pid, start in m._dead_process_entries():
-        with t.table_lock:
-            now_pid, _f, now_start, _a = t.proc_head(proc)
-            if (now_pid, now_start) == (pid, start):
-                n = m._reclaim_entry(proc)
-                report.reclaimed[pid] = report.reclaimed.get(pid, 0) + n
-                log.info("namespace %r: reclaimed %d reference(s) of dead pid %d",
-                         m.namespace, n, pid)
+    report.reclaimed = m._reclaim_dead(locked=False)
     for slot, inc in t.dead_creations():
         with t.table_lock:
             m._remove_dead_creation(slot, inc)

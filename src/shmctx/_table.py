@@ -1,8 +1,8 @@
 """One namespace's mapped table: creation, attachment, and the operations on its regions.
 
 Field offsets come from ``_layout``; the locking protocol from ``_lock``. This module
-knows which lock each operation needs but does not take them itself, except in
-``repair_*`` and ``check``; ``_manager`` composes the operations under the locks.
+knows which lock each operation needs but does not take them itself, except in the
+``repair_*`` methods; ``_manager`` composes the operations under the locks.
 
 Creation is atomic by construction: the creator builds the whole table, semaphores
 included, under a private staging name and then ``link(2)``s it to the public name,
@@ -359,17 +359,6 @@ class Table:
 
     def ref_off(self, proc: int, ref: int) -> int:
         return self.geo.proc_off(proc) + L.REFS_OFF + L.REF_SIZE * ref
-
-    def holders_of(self, slot: int) -> dict[int, int]:
-        """{process entry: count} of every entry holding references to ``slot``."""
-        out: dict[int, int] = {}
-        for proc in range(self.geo.max_processes):
-            if L.P_PID.unpack_from(self.buf, self.geo.proc_off(proc))[0] == 0:
-                continue
-            for _i, s, c in self.proc_refs(proc):
-                if s == slot and c:
-                    out[proc] = out.get(proc, 0) + c
-        return out
 
     # --- repair ---------------------------------------------------------------------
 
