@@ -214,22 +214,19 @@ def _open_floor(spec: dict) -> _Client:
     return _Client(pair, close)
 
 
-def _open_manager(spec: dict) -> _Client:
-    d, lock = spec["dict"], spec["lock"]
-
-    def get(name: str) -> None:
+def _locked_counter_pair(d, lock) -> Callable[[str], None]:
+    """acquire + return on a dict of counts behind a lock (Manager, UltraDict)."""
+    def pair(name: str) -> None:
         with lock:
             d[name] = d[name] + 1
-
-    def ret(name: str) -> None:
         with lock:
             d[name] = d[name] - 1
 
-    def pair(name: str) -> None:
-        get(name)
-        ret(name)
+    return pair
 
-    return _Client(pair, lambda: None)
+
+def _open_manager(spec: dict) -> _Client:
+    return _Client(_locked_counter_pair(spec["dict"], spec["lock"]), lambda: None)
 
 
 def _open_filelock(spec: dict) -> _Client:
@@ -271,21 +268,7 @@ def _open_ultradict(spec: dict) -> _Client:
     from UltraDict import UltraDict
 
     d = UltraDict(name=spec["name"], create=False, shared_lock=True, auto_unlink=False)
-    lock = d.lock
-
-    def get(name: str) -> None:
-        with lock:
-            d[name] = d[name] + 1
-
-    def ret(name: str) -> None:
-        with lock:
-            d[name] = d[name] - 1
-
-    def pair(name: str) -> None:
-        get(name)
-        ret(name)
-
-    return _Client(pair, d.close)
+    return _Client(_locked_counter_pair(d, d.lock), d.close)
 
 
 _OPENERS = {

@@ -1030,24 +1030,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _count(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a count >= 0, got {text!r}")
-    return n
+def _non_negative(kind: type, what: str) -> Callable[[str], float]:
+    """An argparse type: a finite number >= 0 of ``kind`` (int or float)."""
+    def parse(text: str) -> float:
+        try:
+            v = kind(text)
+        except ValueError:
+            v = -1
+        if not 0 <= v < float("inf"):
+            raise argparse.ArgumentTypeError(f"expected {what} >= 0, got {text!r}")
+        return v
+    return parse
 
 
-def _seconds(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = -1.0
-    if not 0 <= v < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
-    return v
+_count = _non_negative(int, "a count")
+_seconds = _non_negative(float, "seconds")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
