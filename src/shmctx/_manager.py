@@ -1032,10 +1032,12 @@ class ContextManager:
                 _failpoints.hit("register.entry_claimed")
             L.P_PID.pack_into(self._buf, off, identity.pid)
         self._proc = proc
-        self._proc_pid = identity.pid
         self._refs_off = off + L.REFS_OFF
         self._refidx = {}
         self._free_refs = list(range(L.REFS_PER_PROCESS - 1, -1, -1))
+        # Last: other threads take the hot path as soon as the pid matches, and must then
+        # find this process's own entry, not the parent's.
+        self._proc_pid = identity.pid
 
     def _find_free_proc(self) -> int:
         for p in range(self._geo.max_processes):
