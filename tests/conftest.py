@@ -10,43 +10,29 @@ import pytest
 from shmctx import ContextManager, _shm
 
 
-def _leftovers(ns: str) -> list[str]:
-    return _shm.namespace_objects(ns)
-
-
-def _cleanup(ns: str) -> None:
-    for entry in _shm.namespace_objects(ns):
-        _shm.remove_host_object(entry)
-
-
-@pytest.fixture
-def ns(request: pytest.FixtureRequest):
-    """A namespace unique to this test. The test fails if anything of it is left in
-    /dev/shm afterwards (the leftovers are then removed, so one leak does not cascade)."""
-    name = f"t{uuid.uuid4().hex[:12]}"
-    yield name
-    left = _leftovers(name)
-    if left:
-        _cleanup(name)
-        pytest.fail(f"test left objects in /dev/shm: {left}")
-
-
 @pytest.fixture
 def new_ns():
-    """A factory of further unique namespaces, each checked for leftovers like ``ns``."""
+    """A factory of namespaces unique to this test. The test fails if anything of them is
+    left in /dev/shm afterwards (the leftovers are then removed, so one leak does not
+    cascade)."""
     made: list[str] = []
 
     def make() -> str:
-        name = f"t{uuid.uuid4().hex[:12]}"
-        made.append(name)
-        return name
+        made.append(f"t{uuid.uuid4().hex[:12]}")
+        return made[-1]
 
     yield make
-    leaked = {n: _leftovers(n) for n in made if _leftovers(n)}
+    leaked = {n: left for n in made if (left := _shm.namespace_objects(n))}
     for n in leaked:
-        _cleanup(n)
+        _shm.remove_namespace_objects(n)
     if leaked:
         pytest.fail(f"test left objects in /dev/shm: {leaked}")
+
+
+@pytest.fixture
+def ns(new_ns) -> str:
+    """One namespace unique to this test, checked for leftovers like ``new_ns``."""
+    return new_ns()
 
 
 _MODULE_CFG = object()

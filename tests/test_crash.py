@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+from helpers import wait_for
 
 from shmctx import (
     ContextConfig,
@@ -35,16 +36,6 @@ MEM = MemoryContextConfig(size=SIZE)
 fork = mp.get_context("fork")
 
 
-def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
-    """Poll a real condition until it holds (never a fixed sleep)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def run(target, *args, ctx=fork) -> int:

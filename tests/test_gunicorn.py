@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +22,7 @@ from urllib.parse import quote
 
 import pytest
 from gunicorn.config import KNOWN_SETTINGS
+from helpers import wait_for
 
 import shmctx.gunicorn
 from shmctx import ContextError, ContextManager, InvalidConfigError, _shm
@@ -48,16 +48,6 @@ APP = _load_app()
 DATASET_CRC = zlib.crc32(APP.dataset_bytes())
 
 
-def _wait_for(cond: Callable[[], T | None], timeout: float, what: str) -> T:
-    """Poll ``cond`` until it returns something truthy; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def _free_port() -> int:
@@ -117,7 +107,7 @@ class _Server:
         return True
 
     def workers(self, n: int = 3) -> set[int]:
-        return _wait_for(lambda: len(c := _children(self.pid)) == n and c,
+        return wait_for(lambda: len(c := _children(self.pid)) == n and c,
                          20, f"{n} gunicorn workers")
 
     def gather(self, path: str, done: Callable[[list[dict]], bool],
@@ -128,7 +118,7 @@ class _Server:
             def more() -> bool:
                 results.extend(pool.map(lambda _: self.get(path), range(24)))
                 return len(results) >= at_least and done(results)
-            _wait_for(more, 30, f"responses of {path} to satisfy the test")
+            wait_for(more, 30, f"responses of {path} to satisfy the test")
         return results
 
     def serve_all(self) -> None:
@@ -183,7 +173,7 @@ def _gunicorn(ns: str | None, tmp_path: Path, *args: str, preload: bool = False,
     if started is not None:
         started.append(server)
     try:
-        _wait_for(server.ready, 30, "gunicorn to serve")
+        wait_for(server.ready, 30, "gunicorn to serve")
         yield server
     finally:
         # The whole session: workers, and a master re-executed by SIGUSR2, may outlive
@@ -244,7 +234,7 @@ def test_killed_worker_is_reclaimed_by_child_exit_and_replaced(ns, tmp_path):
         with socket.create_connection(("127.0.0.1", srv.port), timeout=20) as s:
             s.sendall(f"GET /hold?path={quote(str(pidfile))} HTTP/1.1\r\n"
                       "Host: test\r\n\r\n".encode())
-            victim = int(_wait_for(lambda: pidfile.exists() and pidfile.read_text(), 20,
+            victim = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), 20,
                                    "the /hold request to take its reference"))
             assert victim in workers
             with ContextManager(namespace=ns, sweeper=False) as tm:
@@ -252,16 +242,16 @@ def test_killed_worker_is_reclaimed_by_child_exit_and_replaced(ns, tmp_path):
                 assert tm.config.cleanup_interval == 3600
                 assert _info(tm, "held").holders == {victim: 1}
                 os.kill(victim, signal.SIGKILL)
-                _wait_for(lambda: not _info(tm, "held").holders, 20,
+                wait_for(lambda: not _info(tm, "held").holders, 20,
                           "the killed worker's reference to be reclaimed")
                 assert _info(tm, "held").refcount == 0
         assert f"reclaimed 1 reference(s) of dead worker {victim}" in srv.log()
 
-        new = _wait_for(lambda: (c := srv.workers()) != workers and c - workers, 20,
+        new = wait_for(lambda: (c := srv.workers()) != workers and c - workers, 20,
                         "gunicorn to respawn the worker")
         assert len(new) == 1 and victim not in srv.workers()
         (respawned,) = new
-        _wait_for(lambda: srv.get("/count")["pid"] == respawned, 30,
+        wait_for(lambda: srv.get("/count")["pid"] == respawned, 30,
                   "the respawned worker to serve a request")
         srv.stop(ns)
 
@@ -285,8 +275,7 @@ def test_preload_app_master_references_stay_the_masters(ns, tmp_path):
 def _remove_namespaces_of(servers: list[_Server]) -> None:
     """After a failure: do not leave a pid-derived namespace to the next run."""
     for srv in servers:
-        for entry in _shm.namespace_objects(f"gunicorn-{srv.pid}"):
-            _shm.remove_host_object(entry)
+        _shm.remove_namespace_objects(f"gunicorn-{srv.pid}")
 
 
 def test_usr2_reexec_keeps_the_namespace_until_the_last_master_exits(tmp_path):
@@ -299,10 +288,10 @@ def test_usr2_reexec_keeps_the_namespace_until_the_last_master_exits(tmp_path):
             before = srv.get("/count")["value"]
             srv.serve_all()
             os.kill(srv.pid, signal.SIGUSR2)  # re-exec: a new master beside the old one
-            new_master = _wait_for(
+            new_master = wait_for(
                 lambda: len(c := _children(srv.pid) - old_workers) == 1 and next(iter(c)),
                 20, "the re-executed master")
-            _wait_for(lambda: len(_children(new_master)) == 3, 20, "the new master's workers")
+            wait_for(lambda: len(_children(new_master)) == 3, 20, "the new master's workers")
             os.kill(srv.pid, signal.SIGTERM)  # retire the old master
             srv.proc.wait(timeout=30)
             assert srv.proc.returncode == 0, srv.log()
@@ -316,7 +305,7 @@ def test_usr2_reexec_keeps_the_namespace_until_the_last_master_exits(tmp_path):
             new.pid = new_master
             new.serve_all()
             os.kill(new_master, signal.SIGTERM)
-            _wait_for(lambda: not is_alive(new_master, 0), 30, "the new master to exit")
+            wait_for(lambda: not is_alive(new_master, 0), 30, "the new master to exit")
             assert _shm.namespace_objects(ns) == [], srv.log()
             assert f"namespace {ns!r} unlinked" in srv.log()
     finally:

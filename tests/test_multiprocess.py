@@ -18,6 +18,7 @@ import time
 import traceback
 
 import pytest
+from helpers import wait_for
 
 from shmctx import (
     ContextClosedError,
@@ -122,10 +123,7 @@ def _info(m: ContextManager, name: str):
 
 
 def _poll(condition, what: str, deadline: float = 15.0) -> None:
-    end = time.monotonic() + deadline
-    while not condition():
-        assert time.monotonic() < end, f"timed out waiting until {what}"
-        time.sleep(0.005)  # a poll interval, not a stand-in for synchronisation
+    wait_for(condition, deadline, what)
 
 
 def _table_snapshot(ns: str):

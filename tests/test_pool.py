@@ -6,11 +6,11 @@ import multiprocessing as mp
 import os
 import signal
 import sys
-import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
+from helpers import wait_for
 
 from shmctx import (
     ContextConfig,
@@ -102,13 +102,7 @@ def _put_blob(m: ContextManager, name: str, data: bytes):
     return ctx
 
 
-def _wait_for(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (value := cond()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-    return value
+
 
 
 # --- tests ------------------------------------------------------------------------------
@@ -183,7 +177,7 @@ def test_worker_killed_mid_task_leaves_nothing_after_the_next_sweep(ns, start_me
                         if pid != os.getpid() and not is_alive(pid, 0)]
                 return dead and dead[0]
 
-            victim = _wait_for(dead_holder, 20, "a worker to die holding a reference")
+            victim = wait_for(dead_holder, 20, "a worker to die holding a reference")
             assert _info(m, "blob").holders == {os.getpid(): 1, victim: 1}
             report = m.sweep()
             assert report.reclaimed == {victim: 1}

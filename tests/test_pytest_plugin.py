@@ -290,8 +290,7 @@ def test_namespaces_of_dead_runs_are_removed(pytester, prefix):
         assert _shm.namespace_objects(stale) == []
         assert _shm.namespace_objects(alive) != []
     finally:
-        for entry in _shm.namespace_objects(alive):
-            _shm.remove_host_object(entry)
+        _shm.remove_namespace_objects(alive)
 
 
 # --- SessionValues in one process -----------------------------------------------------

@@ -593,8 +593,7 @@ class _Bench:
         def drop() -> None:
             with contextlib.suppress(Exception):
                 m.unlink(force=True)
-            for entry in _shm.namespace_objects(ns):  # whatever unlink could not reach
-                _shm.remove_host_object(entry)
+            _shm.remove_namespace_objects(ns)  # whatever unlink could not reach
 
         self.cleanups.append((f"namespace {ns}", drop))
         return m

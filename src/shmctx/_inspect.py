@@ -38,7 +38,7 @@ from . import _layout as L
 from . import _shm
 from ._errors import ContextError, ContextInUseError, TableFormatError
 from ._layout import LOCKS_OFF
-from ._lock import Arbiter, RobustLock
+from ._lock import RobustLock
 from ._manager import ContextManager
 from ._proc import is_alive
 from ._snapshot import Snapshot, decode, violations
@@ -172,7 +172,7 @@ def _read(ns: str) -> _Read:
             table_id = L.H_TABLE_ID.unpack_from(head, L.H_TABLE_ID_OFF)[0]
             tag = _shm.tag_of(table_id)
             if writable:
-                data, why = _copy_locked(ns, tag, shm.fd, mm, lock_timeout)
+                data, why = _copy_locked(ns, tag, mm, lock_timeout)
             else:
                 data, why = bytes(mm), "read-only access: the table lock cannot be taken"
         finally:
@@ -186,14 +186,13 @@ def _read(ns: str) -> _Read:
     return _Read(ns, path, snap, tag, size, why)
 
 
-def _copy_locked(ns: str, tag: str, fd: int, mm: mmap.mmap,
-                 timeout: float) -> tuple[bytes, str]:
+def _copy_locked(ns: str, tag: str, mm: mmap.mmap, timeout: float) -> tuple[bytes, str]:
     """The table's bytes, and why they were copied without the table lock ('' if not).
 
     The lock is held as any holder holds it, with this process recorded as its owner (the
     only bytes ctx-inspect writes outside --gc --yes), so that waiters see a live owner
-    and never mistake the copy for a dead holder's wedge. Unlike ``RobustLock.acquire``
-    it gives up after ``timeout`` instead of taking the lock over from a dead owner.
+    and never mistake the copy for a dead holder's wedge; ``try_acquire`` gives up after
+    ``timeout`` instead of taking the lock over from a dead owner.
     """
     try:
         sem = posix_ipc.Semaphore(_shm.table_lock_name(ns, tag))
@@ -202,26 +201,16 @@ def _copy_locked(ns: str, tag: str, fd: int, mm: mmap.mmap,
     except posix_ipc.PermissionsError:
         return bytes(mm), "no permission to take its table lock"
     buf = memoryview(mm)
-    arbiter = Arbiter(fd)  # required by RobustLock, used only by the takeover never done here
     try:
-        lock = RobustLock(sem, buf, LOCKS_OFF, 0, timeout, arbiter, None,
+        lock = RobustLock(sem, buf, LOCKS_OFF, 0, timeout, None, None,
                           f"table lock of namespace {ns!r}")
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                sem.acquire(max(0.0, deadline - time.monotonic()))
-                break
-            except posix_ipc.SignalError:
-                continue  # e.g. SIGWINCH in --watch; Ctrl-C surfaces as KeyboardInterrupt
-            except posix_ipc.BusyError:
-                return bytes(mm), f"the table lock was not free within {timeout:g}s"
-        lock._own(None)
+        if not lock.try_acquire(timeout):
+            return bytes(mm), f"the table lock was not free within {timeout:g}s"
         try:
             return bytes(mm), ""
         finally:
             lock.release()
     finally:
-        arbiter.close()
         buf.release()
         sem.close()
 

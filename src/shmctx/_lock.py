@@ -138,7 +138,7 @@ class RobustLock:
         off: int,
         key: int,
         timeout: float,
-        arbiter: Arbiter,
+        arbiter: Arbiter | None,
         repair: Callable[[], None] | None,
         what: str,
     ) -> None:
@@ -167,6 +167,22 @@ class RobustLock:
         if _failpoints.armed:
             _failpoints.hit("lock.acquired_before_owner")
         LOCK.pack_into(buf, off, identity.pid, (epoch + 1) & 0xFFFFFFFF, identity.start)
+
+    def try_acquire(self, timeout: float = 0.0) -> bool:
+        """Take the lock if it is free within ``timeout`` seconds, else return False.
+        Never takes it over from a dead owner: for readers that would rather give up
+        than repair (``ctx-inspect``), and for tries that must not wait."""
+        deadline = monotonic() + timeout
+        while True:
+            try:
+                self.sem.acquire(max(0.0, deadline - monotonic()))
+                break
+            except posix_ipc.SignalError:
+                continue
+            except posix_ipc.BusyError:
+                return False
+        self._own(None)
+        return True
 
     def _take_sem(self, timeout: float | None) -> bool:
         """Get the semaphore: True if the owner record is still to be written, False if
@@ -275,7 +291,7 @@ class RobustLock:
         return None
 
     def _take_over(self, pid: int, epoch: int) -> bool:
-        if not self.arbiter.try_claim(self.key):
+        if self.arbiter is None or not self.arbiter.try_claim(self.key):
             return False  # another waiter is recovering; it will release in time
         try:
             now_pid, now_epoch, _ = LOCK.unpack_from(self.buf, self.off)

@@ -40,6 +40,7 @@ from ._errors import (
 from ._lock import ContextLock, RobustLock
 from ._proc import identity, is_alive
 from ._snapshot import Snapshot, decode, violations
+from ._sweeper import remove_stale, run_sweeper, sweep_once
 from ._table import Table, name_hash
 
 log = logging.getLogger("shmctx")
@@ -103,10 +104,7 @@ class ContextManager:
         sweeper: bool | None = None,
         mode: int | None = None,
     ) -> None:
-        if not isinstance(namespace, str) or not _shm.NAMESPACE_RE.fullmatch(namespace):
-            raise InvalidConfigError(
-                f"namespace must be 1-64 characters of [A-Za-z0-9._-], got {namespace!r}"
-            )
+        _shm.check_namespace(namespace)
         if config is not None and not isinstance(config, ContextConfig):
             raise InvalidConfigError(
                 f"config must be a ContextConfig or None, not {type(config).__name__}"
@@ -137,8 +135,6 @@ class ContextManager:
         self.config: ContextConfig = t.config
         self._buf = t.buf
         self._geo = t.geo
-        self._stripes = t.stripe_locks
-        self._nstripes = t.geo.stripes
         self._max_refs = t.config.max_references
         self._closed = False
         self._close_lock = threading.Lock()
@@ -349,8 +345,6 @@ class ContextManager:
         """One sweep now: reclaim references of dead processes, then close contexts with
         no references idle longer than ``max_idle_time``."""
         self._check_open()
-        from ._sweeper import sweep_once
-
         return sweep_once(self)
 
     def reclaim(self, pid: int) -> int:
@@ -426,8 +420,6 @@ class ContextManager:
             self._closed = True
         self._stop_sweeper()
         self._detach()
-        from ._sweeper import remove_stale
-
         remove_stale(self.namespace, _shm.namespace_objects(self.namespace), t.tag, None)
 
     # --- hot path -------------------------------------------------------------------
@@ -444,6 +436,7 @@ class ContextManager:
             state, rc, inc = L.S_CHECK.unpack_from(buf, so)
             if inc != m.inc or state != L.READY or (self._max_refs and rc >= self._max_refs):
                 return None  # stale, or at the limit: the cold path decides
+            # _add_ref, inlined: this is the hot path.
             self._count(m.slot, 1)
             if _failpoints.armed:
                 _failpoints.hit("acquire.proc_counted")
@@ -495,12 +488,10 @@ class ContextManager:
             sp1, c = L.REF.unpack_from(self._buf, off)
             if sp1 == 0:
                 self._free_refs.append(ri)
-            elif c == 0 and self._refidx.get(sp1 - 1) == ri:
-                lock = t.stripe_of(sp1 - 1)
-                # Another thread may be counting on this entry under its own stripe lock.
-                if lock.sem.value > 0 and self._try_free_zero(lock, off, sp1):
-                    del self._refidx[sp1 - 1]
-                    self._free_refs.append(ri)
+            elif c == 0 and self._refidx.get(sp1 - 1) == ri and \
+                    self._try_free_zero(t.stripe_of(sp1 - 1), off, sp1):
+                del self._refidx[sp1 - 1]
+                self._free_refs.append(ri)
         if not self._free_refs:
             raise TableFullError(
                 f"namespace {self.namespace!r}: this process already holds references to "
@@ -509,12 +500,9 @@ class ContextManager:
         return self._free_refs.pop()
 
     def _try_free_zero(self, lock: RobustLock, off: int, sp1: int) -> bool:
-        # Another slot's stripe, taken bare and only by a try (never waiting, so it cannot
-        # deadlock against the stripe we hold); held for two struct operations, too short
-        # to be worth an owner record.
-        try:
-            lock.sem.acquire(0)
-        except posix_ipc.BusyError:
+        # Another thread may be counting on this record under that slot's stripe lock.
+        # Only a try: waiting for another stripe while holding ours could deadlock.
+        if not lock.try_acquire():
             return False
         try:
             if L.REF.unpack_from(self._buf, off) == (sp1, 0):
@@ -522,7 +510,7 @@ class ContextManager:
                 return True
             return False
         finally:
-            lock.sem.release()
+            lock.release()
 
     # --- cold path ------------------------------------------------------------------
 
@@ -616,17 +604,23 @@ class ContextManager:
 
     def _take_ref_cold(self, name: str, slot: int, inc: int) -> None:
         so = self._geo.slot_off(slot)
-        with self._stripes[slot % self._nstripes]:
+        with self._table.stripe_of(slot):
             rc = L.S_CHECK.unpack_from(self._buf, so)[1]  # state cannot move: table lock held
             if self._max_refs and rc >= self._max_refs:
                 raise MaxReferencesReachedError(
                     f"context {name!r} in namespace {self.namespace!r} already holds "
                     f"{rc} references (max_references={self._max_refs})"
                 )
-            self._count(slot, 1)
-            if _failpoints.armed:
-                _failpoints.hit("acquire.proc_counted")
-            L.S_REFCOUNT.pack_into(self._buf, so + L.S_REFCOUNT_OFF, rc + 1)
+            self._add_ref(slot, so, rc)
+
+    def _add_ref(self, slot: int, so: int, rc: int) -> None:
+        """Count one more reference of ours to ``slot`` (whose refcount was ``rc``):
+        the per-process count first, the derived refcount second. Needs its stripe lock.
+        ``_get_fast`` does the same inline."""
+        self._count(slot, 1)
+        if _failpoints.armed:
+            _failpoints.hit("acquire.proc_counted")
+        L.S_REFCOUNT.pack_into(self._buf, so + L.S_REFCOUNT_OFF, rc + 1)
 
     def _claim(self, name: str, name_b: bytes, h: int, cfg: MemoryContextConfig) -> tuple[int, int]:
         """Claim a slot for a new context in CREATING state, with one reference of ours.
@@ -658,7 +652,7 @@ class ContextManager:
         inc = t.next_incarnation()
         so = self._geo.slot_off(slot)
         try:
-            with self._stripes[slot % self._nstripes]:
+            with self._table.stripe_of(slot):
                 L.SLOT_ALL.pack_into(
                     self._buf, so, L.CREATING, 0, len(name_b), 0, inc, h, cfg.size,
                     parent_slot + 1, 0, parent_inc, time.time(), monotonic(),
@@ -666,14 +660,16 @@ class ContextManager:
                 )
                 if _failpoints.armed:
                     _failpoints.hit("create.slot_claimed")
-                self._count(slot, 1)
-                L.S_REFCOUNT.pack_into(self._buf, so + L.S_REFCOUNT_OFF, 1)
+                self._add_ref(slot, so, 0)
             t.index_insert(slot, h)
         except BaseException:
             # Give the slot back rather than leave a CREATING slot that no index entry,
             # waiter or sweep would ever find while we live.
-            t.add_live(1)
-            self._close([slot], force=True)
+            if L.S_STATE.unpack_from(self._buf, so)[0] == L.FREE:
+                t.push_free(slot)  # failed before it was written
+            else:
+                t.add_live(1)  # _close counts it out again
+                self._close([slot], force=True)
             raise
         t.add_live(1)
         if parent_slot >= 0:
@@ -732,7 +728,7 @@ class ContextManager:
             self._abort_create(name, slot, inc)
             raise
         so = self._geo.slot_off(slot)
-        with self._stripes[slot % self._nstripes]:
+        with self._table.stripe_of(slot):
             state, _rc, cur = L.S_CHECK.unpack_from(self._buf, so)
             if cur != inc or state != L.CREATING:
                 m.unmap()
@@ -762,7 +758,7 @@ class ContextManager:
         being created as ``inc``. The creator publishes under the stripe lock alone, so the
         state is checked again under it."""
         so = self._geo.slot_off(slot)
-        with self._stripes[slot % self._nstripes]:
+        with self._table.stripe_of(slot):
             state, flags = L.S_STATE.unpack_from(self._buf, so)
             if state != L.CREATING or L.S_INC.unpack_from(self._buf, so + L.S_INC_OFF)[0] != inc:
                 return None
@@ -826,11 +822,11 @@ class ContextManager:
     def _mapping(self, name: str, slot: int, inc: int, size: int, mm: mmap.mmap | None,
                  parent: str | None) -> _Mapped:
         return _Mapped(name, slot, inc, size, mm, parent, self._geo.slot_off(slot),
-                       self._stripes[slot % self._nstripes])
+                       self._table.stripe_of(slot))
 
     def _undo_ref(self, slot: int, inc: int) -> None:
         so = self._geo.slot_off(slot)
-        with self._stripes[slot % self._nstripes]:
+        with self._table.stripe_of(slot):
             state, rc, cur = L.S_CHECK.unpack_from(self._buf, so)
             if cur == inc and state != L.FREE and self._count(slot, -1):
                 L.S_REFCOUNT.pack_into(self._buf, so + L.S_REFCOUNT_OFF, max(0, rc - 1))
@@ -846,10 +842,10 @@ class ContextManager:
         if m.lock is not None:
             return m.lock
         t = self._table
-        so = self._geo.slot_off(m.slot)
+        so = m.off
         # Created under the stripe lock after checking the incarnation, and unlinked by
         # close under the same lock: a stale handle can never re-create (and leak) it.
-        with self._stripes[m.slot % self._nstripes]:
+        with m.stripe:
             state, flags = L.S_STATE.unpack_from(self._buf, so)
             if L.S_INC.unpack_from(self._buf, so + L.S_INC_OFF)[0] != m.inc or state == L.FREE:
                 raise ContextClosedError(f"context {m.name!r} was closed")
@@ -862,9 +858,9 @@ class ContextManager:
 
     def _make_context_lock(self, m: _Mapped, sem: posix_ipc.Semaphore) -> ContextLock:
         return ContextLock(
-            sem, self._buf, self._geo.slot_off(m.slot) + L.S_LOCK_OFF, (1 << 20) + m.slot,
+            sem, self._buf, m.off + L.S_LOCK_OFF, (1 << 20) + m.slot,
             self.config.lock_timeout, self._table.arbiter, f"lock of context {m.name!r}",
-            self._stripes[m.slot % self._nstripes], partial(self._is_current, m),
+            m.stripe, partial(self._is_current, m),
             partial(ContextClosedError, f"context {m.name!r} (incarnation {m.inc}) was closed"),
         )
 
@@ -897,16 +893,10 @@ class ContextManager:
 
     def _subtree(self, slot: int) -> list[int]:
         """``slot`` and its descendants, children before parents. Needs the table lock."""
-        buf, geo = self._buf, self._geo
-        if not L.S_CHILDREN.unpack_from(buf, geo.slot_off(slot) + L.S_CHILDREN_OFF)[0]:
+        off = self._geo.slot_off(slot) + L.S_CHILDREN_OFF
+        if not L.S_CHILDREN.unpack_from(self._buf, off)[0]:
             return [slot]  # a leaf, the common case: no scan of the table
-        children: dict[int, list[int]] = {}
-        for s in range(geo.capacity):
-            f = L.SLOT_ALL.unpack_from(buf, geo.slot_off(s))
-            if f[0] != L.FREE and f[7]:
-                p = f[7] - 1
-                if p < geo.capacity and L.S_CHECK.unpack_from(buf, geo.slot_off(p))[2] == f[9]:
-                    children.setdefault(p, []).append(s)
+        children = self._table.children()
         order: list[int] = []
         stack, seen = [slot], set()
         while stack:
@@ -932,9 +922,9 @@ class ContextManager:
         buf, geo = self._buf, self._geo
         held: list[RobustLock] = []
         try:
-            for k in sorted({s % self._nstripes for s in slots}):
-                self._stripes[k].acquire()
-                held.append(self._stripes[k])
+            for k in sorted({s % self._geo.stripes for s in slots}):
+                self._table.stripe_locks[k].acquire()
+                held.append(self._table.stripe_locks[k])
             if not force:
                 now = monotonic()
                 for s in slots:
@@ -1062,11 +1052,10 @@ class ContextManager:
                 L.REF.pack_into(buf, t.ref_off(proc, i), 0, 0)
                 continue
             so = geo.slot_off(slot)
-            with self._stripes[slot % self._nstripes]:
-                if not c:
-                    L.REF.pack_into(buf, t.ref_off(proc, i), 0, 0)
-                    continue
+            with self._table.stripe_of(slot):
                 L.REF.pack_into(buf, t.ref_off(proc, i), 0, 0)
+                if not c:
+                    continue
                 if _failpoints.armed:
                     _failpoints.hit("reclaim.ref_cleared")
                 state, rc, _inc = L.S_CHECK.unpack_from(buf, so)
@@ -1132,8 +1121,6 @@ class ContextManager:
         )
 
     def _start_sweeper(self) -> None:
-        from ._sweeper import run_sweeper
-
         self._sweeper = threading.Thread(
             target=run_sweeper, args=(weakref.ref(self), self._stop),
             name=f"shmctx-sweeper[{self.namespace}]", daemon=True,

@@ -24,12 +24,21 @@ import re
 
 import posix_ipc
 
-from ._errors import ContextError
+from ._errors import ContextError, InvalidConfigError
 
 SHM_DIR = "/dev/shm"
 PREFIX = "shmctx@"
 NAMESPACE_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 TAG_LEN = 12  # hex digits of the table id in every name but the table's own
+
+
+def check_namespace(namespace: object) -> str:
+    """``namespace`` if it is a valid namespace name, else ``InvalidConfigError``."""
+    if not isinstance(namespace, str) or not NAMESPACE_RE.fullmatch(namespace):
+        raise InvalidConfigError(
+            f"namespace must be 1-64 characters of [A-Za-z0-9._-], got {namespace!r}"
+        )
+    return namespace
 
 
 def table_name(ns: str) -> str:
@@ -122,6 +131,16 @@ def namespace_objects(ns: str) -> list[str]:
         for e in entries
         if e.removeprefix("sem.") == own or e.removeprefix("sem.").startswith(own + "@")
     )
+
+
+def remove_namespace_objects(ns: str) -> list[str]:
+    """Remove every object of namespace ``ns`` from the host, whatever table it belongs
+    to (for cleanups after the namespace's processes are gone). Returns what it removed;
+    raises ``OSError`` for an object it may not remove."""
+    removed = namespace_objects(ns)
+    for entry in removed:
+        remove_host_object(entry)
+    return removed
 
 
 def remove_host_object(entry: str) -> None:

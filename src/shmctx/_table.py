@@ -20,6 +20,7 @@ import os
 import secrets
 import time
 from collections.abc import Iterator
+from functools import partial
 
 import posix_ipc
 
@@ -96,7 +97,8 @@ class Table:
         self.stripe_locks = [
             RobustLock(
                 self._sems[1 + k], self.buf, self.geo.lock_off(1 + k), 1 + k, timeout,
-                self.arbiter, self._stripe_repairer(k), f"stripe lock {k} of namespace {ns!r}",
+                self.arbiter, partial(self.repair_stripe, k, locked=True),
+                f"stripe lock {k} of namespace {ns!r}",
             )
             for k in range(self.geo.stripes)
         ]
@@ -391,19 +393,25 @@ class Table:
         _rebuild_free_list(buf, geo)
         self._recount_children()
 
-    def _recount_children(self) -> None:
-        buf, geo = self.buf, self.geo
-        counts: dict[int, int] = {}
+    def children(self) -> dict[int, list[int]]:
+        """Live parent slot -> its live child slots, by a scan of every slot (the child
+        counts in the slots say only how many). Needs the table lock."""
+        geo = self.geo
+        out: dict[int, list[int]] = {}
         for slot in range(geo.capacity):
             f = self.read_slot(slot)
             if f[0] != L.FREE and f[7] and f[7] <= geo.capacity:
                 p = f[7] - 1
                 pf = self.read_slot(p)
                 if pf[0] != L.FREE and pf[4] == f[9]:
-                    counts[p] = counts.get(p, 0) + 1
-        for slot in range(geo.capacity):
-            L.S_CHILDREN.pack_into(buf, geo.slot_off(slot) + L.S_CHILDREN_OFF,
-                                   counts.get(slot, 0))
+                    out.setdefault(p, []).append(slot)
+        return out
+
+    def _recount_children(self) -> None:
+        children = self.children()
+        for slot in range(self.geo.capacity):
+            L.S_CHILDREN.pack_into(self.buf, self.geo.slot_off(slot) + L.S_CHILDREN_OFF,
+                                   len(children.get(slot, ())))
 
     def dead_creations(self) -> list[tuple[int, int]]:
         """(slot, incarnation) of every slot in CREATING state whose creator is dead."""
@@ -413,11 +421,6 @@ class Table:
             if f[0] == L.CREATING and not is_alive(f[12], f[13]):
                 out.append((slot, f[4]))
         return out
-
-    def _stripe_repairer(self, k: int):
-        def repair() -> None:
-            self.repair_stripe(k, locked=True)
-        return repair
 
     def repair_stripe(self, k: int, locked: bool = False) -> None:
         """Recompute the derived refcount of every slot of stripe ``k`` from the

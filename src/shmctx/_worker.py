@@ -15,22 +15,14 @@ import os
 import threading
 
 from . import _shm
-from ._errors import ContextError, ContextManagerClosedError, InvalidConfigError
+from ._errors import ContextError, ContextManagerClosedError
 from ._manager import ContextManager
 from ._proc import identity
+from ._shm import check_namespace
 
 log = logging.getLogger("shmctx.worker")
 
 __all__ = ["check_namespace", "attach", "WorkerManager"]
-
-
-def check_namespace(namespace: object) -> str:
-    """``namespace`` if it is a valid namespace name, else ``InvalidConfigError``."""
-    if not isinstance(namespace, str) or not _shm.NAMESPACE_RE.fullmatch(namespace):
-        raise InvalidConfigError(
-            f"namespace must be 1-64 characters of [A-Za-z0-9._-], got {namespace!r}"
-        )
-    return namespace
 
 
 def attach(namespace: str) -> ContextManager:

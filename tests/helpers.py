@@ -1,0 +1,22 @@
+"""Helpers shared by the test modules (import as ``from helpers import ...``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def wait_for(condition: Callable[[], T | None], timeout: float = 10.0,
+             what: str = "condition") -> T:
+    """Poll a real condition until it is truthy and return its value; fail after
+    ``timeout`` seconds. The sleep is the poll interval, never a stand-in for the
+    condition itself."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+    return value
