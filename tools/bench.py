@@ -1177,7 +1177,7 @@ def _components(m: ContextManager, pair: Callable[[str], None]) -> None:
     name = TARGET_NAMES[0]
     mapped = m._mapped[name]
     slot = mapped.slot
-    lock = m._stripes[slot % m._nstripes]
+    lock = mapped.stripe
     sem, buf, so = lock.sem, m._buf, m._geo.slot_off(slot)
     spec, remove = _create_floor(f"/bench-prof-{uuid.uuid4().hex[:8]}")
     floor = _open_floor(spec)

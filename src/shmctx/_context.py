@@ -27,10 +27,11 @@ class _Mapped:
     """This process's mapping of one context incarnation, shared by its handles and kept
     after they are returned, so the next get of the same context maps nothing."""
 
-    __slots__ = ("name", "slot", "inc", "size", "mm", "view", "lock", "parent", "off", "stripe")
+    __slots__ = ("name", "slot", "inc", "size", "mm", "view", "lock", "parent", "off", "stripe",
+                 "hot")
 
     def __init__(self, name: str, slot: int, inc: int, size: int, mm: mmap.mmap | None,
-                 parent: str | None, off: int, stripe: RobustLock):
+                 parent: str | None, off: int, stripe: RobustLock, stripe_index: int):
         self.name = name
         self.slot = slot
         self.inc = inc
@@ -43,6 +44,8 @@ class _Mapped:
         # rather than on every get and return.
         self.off = off
         self.stripe = stripe
+        # The same, as the C hot path (_speedups.c) reads it: one attribute, plain ints.
+        self.hot = (off, stripe_index, inc, slot)
 
     def unmap(self) -> None:
         try:
@@ -63,6 +66,8 @@ class MemoryContext:
     __slots__ = ("_manager", "_mapped", "_pid", "_returned", "_view", "__weakref__")
 
     def __init__(self, manager: ContextManager, mapped: _Mapped, pid: int) -> None:
+        # The C hot path (_speedups.c, new_handle) makes handles without calling this and
+        # sets the same five fields: keep the two in step.
         self._manager = manager
         self._mapped = mapped
         self._pid = pid

@@ -58,6 +58,25 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _load_speedups():  # type: ignore[no-untyped-def]
+    """The C hot path (``_speedups.c``), unless ``SHMCTX_PURE_PYTHON`` is set or it was
+    not built (no compiler at install): then the Python hot path below serves alone."""
+    if os.environ.get("SHMCTX_PURE_PYTHON"):
+        return None
+    try:
+        from . import _speedups
+    except ImportError as e:
+        log.debug("C speedups not available (%s); the hot path runs in Python", e)
+        return None
+    # The field widths _speedups.c reads and writes; the offsets it gets from _layout.
+    assert (L.LOCK.format, L.REF.format, L.S_CHECK.format, L.S_LAST_USED.format) == (
+        "<IIQ", "<II", "<BxxxIQ", "<d") and L.REF_SIZE == 8, "_speedups.c is out of date"
+    return _speedups
+
+
+_speedups = _load_speedups()
+
+
 def _check_name(name: object) -> bytes:
     if not isinstance(name, str):
         raise InvalidContextTypeError(f"context name must be a str, not {type(name).__name__}")
@@ -148,9 +167,14 @@ class ContextManager:
         self._free_refs: list[int] = []
         self._sweeper: threading.Thread | None = None
         self._stop = threading.Event()
+        self._hot = None
         try:
+            if _speedups is not None:
+                self._install_hot_path()
             self._register()
         except BaseException:
+            if self._hot is not None:
+                self._hot.close()
             t.close()
             raise
         _live_managers.add(self)
@@ -376,6 +400,7 @@ class ContextManager:
             if self._closed:
                 self._raise_closed()
             self._closed = True
+            self._disable_hot_path()
         self._stop_sweeper()
         t = self._table
         try:
@@ -418,6 +443,7 @@ class ContextManager:
             t.unlink_names()
         with self._close_lock:
             self._closed = True
+            self._disable_hot_path()
         self._stop_sweeper()
         self._detach()
         remove_stale(self.namespace, _shm.namespace_objects(self.namespace), t.tag, None)
@@ -822,7 +848,7 @@ class ContextManager:
     def _mapping(self, name: str, slot: int, inc: int, size: int, mm: mmap.mmap | None,
                  parent: str | None) -> _Mapped:
         return _Mapped(name, slot, inc, size, mm, parent, self._geo.slot_off(slot),
-                       self._table.stripe_of(slot))
+                       self._table.stripe_of(slot), slot % self._geo.stripes)
 
     def _undo_ref(self, slot: int, inc: int) -> None:
         so = self._geo.slot_off(slot)
@@ -1028,6 +1054,8 @@ class ContextManager:
         # Last: other threads take the hot path as soon as the pid matches, and must then
         # find this process's own entry, not the parent's.
         self._proc_pid = identity.pid
+        if self._hot is not None:
+            self._hot.enable(identity.pid, identity.start, self._refs_off, self._refidx)
 
     def _find_free_proc(self) -> int:
         for p in range(self._geo.max_processes):
@@ -1140,6 +1168,31 @@ class ContextManager:
             m.lock = None  # a lock held by the parent's thread is not held in the child
         self._refidx = {}
         self._free_refs = []
+        self._disable_hot_path()  # until the child registers its own entry
+
+    def _install_hot_path(self) -> None:
+        """Put the C hot path in front of get_or_create_context, get_context and
+        return_context. It completes their common case itself and calls the methods below
+        for everything else, so these stay the one full definition."""
+        t, cls = self._table, type(self)
+        hot = _speedups.HotPath(
+            self, t.buf, [lk.sem.name for lk in t.stripe_locks],
+            [lk.off for lk in t.stripe_locks],
+            (0, L.S_REFCOUNT_OFF, L.S_INC_OFF, L.S_LAST_USED_OFF, L.SLOT_SIZE),
+            (L.READY, L.FREE), self._max_refs, self._mapped, MemoryContext,
+            tuple(MemoryContext.__dict__[f] for f in
+                  ("_manager", "_mapped", "_pid", "_returned", "_view")),
+            vars(_failpoints), cls.get_or_create_context.__get__(self),
+            cls.get_context.__get__(self), cls.return_context.__get__(self),
+        )
+        self._hot = hot
+        self.get_or_create_context = hot.get_or_create_context  # type: ignore[method-assign]
+        self.get_context = hot.get_context  # type: ignore[method-assign]
+        self.return_context = hot.return_context  # type: ignore[method-assign]
+
+    def _disable_hot_path(self) -> None:
+        if self._hot is not None:
+            self._hot.disable()
 
     def _stop_sweeper(self) -> None:
         self._stop.set()
@@ -1152,6 +1205,8 @@ class ContextManager:
         for m in list(self._mapped.values()):
             m.unmap()
         self._mapped.clear()
+        if self._hot is not None:
+            self._hot.close()  # it holds the table's buffer, which must go before the mmap
         self._table.close()
 
 
