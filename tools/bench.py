@@ -6,7 +6,9 @@ and give it back. The contenders, all run in one process tree:
 
 * ``shmctx``: the hot path, ``ctx, _ = m.get_or_create_context(name)`` on a context
   that exists and is already mapped in this process, then ``m.return_context(ctx)``;
-  also on a table holding 10,000 live contexts (``shmctx-10k``);
+  also on a table holding 10,000 live contexts (``shmctx-10k``). Both use the C hot path
+  (``_speedups.c``) when it was built; ``shmctx-py`` is the same on the pure-Python hot
+  path, what an install without a C compiler (or ``SHMCTX_PURE_PYTHON=1``) runs;
 * ``floor``: the least a pure-Python shared-memory registry can do: one POSIX semaphore
   around a ``struct`` read and write of a fixed 16-byte slot, found by ``hash(name)``,
   in an mmap (get: +1, return: -1). It has no crash safety and no per-name locking;
@@ -71,7 +73,7 @@ from time import monotonic, perf_counter_ns
 
 import posix_ipc
 
-from shmctx import ContextConfig, ContextManager, MemoryContextConfig, _shm
+from shmctx import ContextConfig, ContextManager, MemoryContextConfig, _manager, _shm
 
 log = logging.getLogger("bench")
 
@@ -89,6 +91,7 @@ _U32 = struct.Struct("<I")
 LABELS = {
     "shmctx": "shmctx hot path",
     "shmctx-10k": "shmctx hot path, 10,000 live contexts",
+    "shmctx-py": "shmctx hot path, pure Python (no C compiler)",
     "floor": "floor: 1 semaphore + struct in mmap",
     "manager": "multiprocessing.Manager dict + Lock",
     "filelock-10": "FileLock + JSON, 10 names",
@@ -164,6 +167,11 @@ class _Client:
 
 def _open_shmctx(spec: dict) -> _Client:
     m = ContextManager(namespace=spec["ns"], sweeper=False)
+    if spec.get("pure_python"):
+        # What an install without the C hot path runs: the class's own methods (the C
+        # object is only installed as instance attributes in front of them).
+        for attr in ("get_or_create_context", "get_context", "return_context"):
+            vars(m).pop(attr, None)
     for name in spec["names"]:  # map each one here, so the timed gets take the hot path
         ctx, _ = m.get_or_create_context(name)
         m.return_context(ctx)
@@ -614,6 +622,7 @@ class _Bench:
         steps = {
             "shmctx": self._setup_shmctx,
             "shmctx-10k": self._setup_shmctx_10k,
+            "shmctx-py": self._setup_shmctx_py,
             "floor": self._setup_floor,
             "manager": self._setup_manager,
             "filelock-10": lambda: self._setup_filelock(10),
@@ -641,6 +650,11 @@ class _Bench:
             ctx, _ = m.get_or_create_context(name, MemoryContextConfig(size=4096))
             m.return_context(ctx)
         return {"kind": "shmctx", "ns": m.namespace, "names": TARGET_NAMES[: max(PROCS)]}
+
+    def _setup_shmctx_py(self) -> dict:
+        if "shmctx" not in self.specs:
+            raise _Unavailable("it shares the shmctx contender's table; run that too")
+        return {**self.specs["shmctx"], "pure_python": True}
 
     def _setup_shmctx_10k(self) -> dict:
         m = self._manager("10k", capacity=BIG_CAPACITY)
@@ -976,7 +990,7 @@ def _targets(summary: dict, extra: dict) -> list[dict]:
     v = lat["p99_us"] / lat["median_us"] if lat["median_us"] else None
     add("hot path p99 / median", "<= 2", v, v is not None and v <= 2, "x")
     alts = [k for k, e in meth.items() if e.get("available") and k not in
-            ("shmctx", "shmctx-10k", "floor")]
+            ("shmctx", "shmctx-10k", "shmctx-py", "floor")]
     if alts:
         best = min(alts, key=lambda k: meth[k]["latency"]["median_us"])
         v = meth[best]["latency"]["median_us"] / lat["median_us"]
@@ -1105,6 +1119,7 @@ def _machine() -> dict:
         "python": platform.python_version(),
         "kernel": platform.release(),
         "platform": platform.platform(),
+        "shmctx_hot_path": "C" if _manager._speedups is not None else "Python",
         "load_average": os.getloadavg(),
     }
 

@@ -24,6 +24,7 @@
 #include <Python.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <semaphore.h>
 #include <stdint.h>
 #include <string.h>
@@ -100,12 +101,49 @@ wr64(char *p, uint64_t v)
     memcpy(p, &v, 8);
 }
 
-/* RobustLock.acquire's uncontended case: sem_trywait, then the owner record. Returns 0
- * if the semaphore is taken: the caller defers to Python, which waits properly. */
+/* How long a busy stripe is retried here before Python takes over (and, after its own
+ * yields, sleeps in the kernel). A holder keeps a stripe for about 100 ns, so a short
+ * spin usually wins; on a busy machine the holder may be runnable but not running, so
+ * yielding the CPU comes next, as in RobustLock._spin. Bounded: the holder may be
+ * another thread of this process, which needs the GIL that this loop keeps. */
+#define SPIN_PAUSES 64
+#define SPIN_YIELDS 4
+
+static inline void
+cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static int
+sem_take(sem_t *sem)
+{
+    if (sem_trywait(sem) == 0)
+        return 1;
+    for (int i = 0; i < SPIN_PAUSES; i++) {
+        cpu_relax();
+        if (sem_trywait(sem) == 0)
+            return 1;
+    }
+    for (int i = 0; i < SPIN_YIELDS; i++) {
+        sched_yield();
+        if (sem_trywait(sem) == 0)
+            return 1;
+    }
+    return 0;
+}
+
+/* RobustLock.acquire without its slow path: take the semaphore, then write the owner
+ * record. Returns 0 if the semaphore stays taken: the caller defers to Python, which
+ * waits properly (and takes the lock over from a dead owner). */
 static int
 lock_try(HotPath *self, Py_ssize_t stripe)
 {
-    if (sem_trywait(self->sems[stripe]) != 0)
+    if (!sem_take(self->sems[stripe]))
         return 0;
     char *rec = (char *)self->table.buf + self->lock_offs[stripe];
     uint32_t epoch = rd32(rec + 4);
