@@ -168,14 +168,18 @@ class _Client:
 def _open_shmctx(spec: dict) -> _Client:
     m = ContextManager(namespace=spec["ns"], sweeper=False)
     if spec.get("pure_python"):
-        # What an install without the C hot path runs: the class's own methods (the C
-        # object is only installed as instance attributes in front of them).
-        for attr in ("get_or_create_context", "get_context", "return_context"):
-            vars(m).pop(attr, None)
+        _use_pure_python(m)
     for name in spec["names"]:  # map each one here, so the timed gets take the hot path
         ctx, _ = m.get_or_create_context(name)
         m.return_context(ctx)
     return _Client(_shmctx_pair(m), m.close, m)
+
+
+def _use_pure_python(m: ContextManager) -> None:
+    # What an install without the C hot path runs: the class's own methods (the C
+    # object is only installed as instance attributes in front of them).
+    for attr in ("get_or_create_context", "get_context", "return_context"):
+        vars(m).pop(attr, None)
 
 
 def _shmctx_pair(m: ContextManager) -> Callable[[str], None]:
@@ -1144,44 +1148,53 @@ def _busy_processes() -> list[str]:
 
 # --- profiling ---------------------------------------------------------------------------
 
-def _hot_manager() -> tuple[ContextManager, Callable[[str], None]]:
+def _hot_manager(pure_python: bool = False) -> tuple[ContextManager, Callable[[str], None]]:
     ns = f"bench-prof-{uuid.uuid4().hex[:8]}"
     m = ContextManager(ContextConfig(max_references=0, cleanup_interval=0), namespace=ns,
                        sweeper=False)
+    if pure_python:
+        _use_pure_python(m)
     ctx, _ = m.get_or_create_context(TARGET_NAMES[0], MemoryContextConfig(size=4096))
     m.return_context(ctx)
     return m, _shmctx_pair(m)
 
 
 def _profile(pairs: int) -> None:
-    m, pair = _hot_manager()
-    try:
-        name = TARGET_NAMES[0]
-        _warm(pair, name, 0.2)
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(pairs):
-            pair(name)
-        prof.disable()
-        st = pstats.Stats(prof)
-        print(f"cProfile of {pairs:,} hot-path pairs (get_or_create_context + "
-              "return_context); per pair = tottime / pairs:\n")
-        rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])  # type: ignore[attr-defined]
-        total = sum(v[2] for _k, v in rows)
-        print(f"{'per pair µs':>12} {'share':>6} {'calls/pair':>10}  function")
-        for (file, line, fn), (_cc, nc, tt, _ct, _callers) in rows[:16]:
-            where = f"{Path(file).name}:{line}" if line else file
-            print(f"{tt / pairs * 1e6:12.3f} {tt / total:6.1%} {nc / pairs:10.1f}  "
-                  f"{fn} ({where})")
-        print(f"{total / pairs * 1e6:12.3f} 100.0%             total (profiled; cProfile "
-              "inflates small calls)\n")
-        _components(m, pair)
-    finally:
-        m.unlink(force=True)
+    """cProfile of the hot path as installed (the C one when built), then of the
+    pure-Python one, then the unprofiled cost of the parts."""
+    for pure_python in (False, True):
+        m, pair = _hot_manager(pure_python)
+        try:
+            name = TARGET_NAMES[0]
+            _warm(pair, name, 0.2)
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(pairs):
+                pair(name)
+            prof.disable()
+            st = pstats.Stats(prof)
+            which = "pure-Python" if pure_python else \
+                ("C" if "get_or_create_context" in vars(m) else "pure-Python (C not built)")
+            print(f"cProfile of {pairs:,} hot-path pairs, {which} hot path "
+                  "(get_or_create_context + return_context); per pair = tottime / pairs:\n")
+            rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])  # type: ignore[attr-defined]
+            total = sum(v[2] for _k, v in rows)
+            print(f"{'per pair µs':>12} {'share':>6} {'calls/pair':>10}  function")
+            for (file, line, fn), (_cc, nc, tt, _ct, _callers) in rows[:16]:
+                where = f"{Path(file).name}:{line}" if line else file
+                print(f"{tt / pairs * 1e6:12.3f} {tt / total:6.1%} {nc / pairs:10.1f}  "
+                      f"{fn} ({where})")
+            print(f"{total / pairs * 1e6:12.3f} 100.0%             total (profiled; cProfile "
+                  "inflates small calls)\n")
+            if pure_python:
+                _components(m, pair)
+        finally:
+            m.unlink(force=True)
 
 
 def _components(m: ContextManager, pair: Callable[[str], None]) -> None:
-    """Unprofiled cost of the hot path's parts (timeit, best of 5), next to the floor.
+    """Unprofiled cost of the pure-Python hot path's parts (timeit, best of 5), next to the
+    C hot path and the floor.
     Reaches into shmctx internals: measurement only."""
     import timeit
 
@@ -1196,6 +1209,9 @@ def _components(m: ContextManager, pair: Callable[[str], None]) -> None:
     sem, buf, so = lock.sem, m._buf, m._geo.slot_off(slot)
     spec, remove = _create_floor(f"/bench-prof-{uuid.uuid4().hex[:8]}")
     floor = _open_floor(spec)
+    c_manager = ContextManager(namespace=m.namespace, sweeper=False)
+    c_pair = _shmctx_pair(c_manager)
+    c_pair(name)  # maps it
 
     def stripe_lock() -> None:
         lock.acquire()
@@ -1219,8 +1235,10 @@ def _components(m: ContextManager, pair: Callable[[str], None]) -> None:
         L.S_LAST_USED.pack_into(buf, so + L.S_LAST_USED_OFF, monotonic())
 
     parts = [
-        ("whole pair (get_or_create_context + return_context)", 1, lambda: pair(name)),
+        ("whole pair, C hot path (get_or_create_context + return_context)", 1,
+         lambda: c_pair(name)),
         ("floor pair (for comparison)", 1, lambda: floor.pair(name)),
+        ("whole pair, pure-Python hot path; its parts:", 1, lambda: pair(name)),
         ("RobustLock acquire+release (stripe lock)", 2, stripe_lock),
         ("  of which posix_ipc sem acquire(timeout)+release", 2, semaphore),
         ("_count(+1) and _count(-1), incl. one lock pair", 1, counts),
@@ -1234,6 +1252,7 @@ def _components(m: ContextManager, pair: Callable[[str], None]) -> None:
             t = min(timeit.repeat(fn, number=100_000, repeat=5)) / 100_000 * 1e6
             print(f"{t:8.3f} {per_pair:6d} {t * per_pair:8.3f}  {label}")
     finally:
+        c_manager.close()
         floor.close()
         remove()
 

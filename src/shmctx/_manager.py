@@ -68,9 +68,12 @@ def _load_speedups():  # type: ignore[no-untyped-def]
     except ImportError as e:
         log.debug("C speedups not available (%s); the hot path runs in Python", e)
         return None
-    # The field widths _speedups.c reads and writes; the offsets it gets from _layout.
-    assert (L.LOCK.format, L.REF.format, L.S_CHECK.format, L.S_LAST_USED.format) == (
-        "<IIQ", "<II", "<BxxxIQ", "<d") and L.REF_SIZE == 8, "_speedups.c is out of date"
+    # The field widths _speedups.c reads and writes; the offsets it gets from _layout. A
+    # stale build (say, an old .so left in a source tree) must not write the table.
+    if (L.LOCK.format, L.REF.format, L.S_CHECK.format, L.S_LAST_USED.format,
+            L.REF_SIZE) != ("<IIQ", "<II", "<BxxxIQ", "<d", 8):
+        log.warning("C speedups do not match the table layout; the hot path runs in Python")
+        return None
     return _speedups
 
 
