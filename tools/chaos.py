@@ -26,6 +26,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import re
 import signal
 import sys
 import threading
@@ -54,6 +55,34 @@ OPS = ("get_or_create", "return", "get", "lock+put", "close", "force close")
 EXPECTED = (ContextNotFoundError, ContextInUseError, MaxReferencesReachedError,
             ContextClosedError, TimeoutError)
 SIZE = 512
+# glibc's sem_open(O_CREAT) builds a semaphore in a temporary /dev/shm/sem.XXXXXX and then
+# links it into place; a worker SIGKILLed in between leaves the temporary behind under a
+# name nothing can attribute (see docs/reliability.md, Limits).
+GLIBC_SEM_TEMP = re.compile(r"sem\.[A-Za-z0-9]{6}")
+
+
+def _glibc_sem_temps() -> set[str]:
+    try:
+        return {n for n in os.listdir(_shm.SHM_DIR) if GLIBC_SEM_TEMP.fullmatch(n)}
+    except FileNotFoundError:
+        return set()
+
+
+def _remove_orphaned_sem_temps(before: set[str], workers_dead_at: float) -> int:
+    """Remove the glibc temporaries that appeared during the run and were last written
+    before every worker was dead: those were left by killed workers (a live process
+    links and unlinks its own within microseconds)."""
+    removed = 0
+    for name in _glibc_sem_temps() - before:
+        path = os.path.join(_shm.SHM_DIR, name)
+        try:
+            st = os.stat(path)
+            if st.st_uid == os.getuid() and st.st_size <= 32 and st.st_mtime < workers_dead_at:
+                os.unlink(path)
+                removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def _worker(ns: str, names: list[str], seed: int, stats, base: int, stop) -> None:
@@ -66,7 +95,7 @@ def _worker(ns: str, names: list[str], seed: int, stats, base: int, stop) -> Non
     def init(ctx):
         ctx.put({"by": os.getpid(), "n": 0})
 
-    while not stop.is_set():
+    while not stop.value:
         name = rng.choice(names)
         op = rng.random()
         kind = 0 if op < 0.35 else 1 if op < 0.55 and held else 2 if op < 0.7 else \
@@ -141,7 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     sup = ContextManager(config, namespace=ns, sweeper=False)
     slots = args.workers * 4096  # enough slots for every worker ever started
     stats = mpc.Array("d", FIELDS * slots, lock=False)
-    stop = mpc.Event()
+    # A plain shared flag, not an mp.Event: Event.is_set() takes a lock, and a worker
+    # SIGKILLed while holding it would wedge the harness's every later wait or set.
+    stop = mpc.RawValue("b", 0)
+    harness_done = threading.Event()
     procs: dict[int, mp.process.BaseProcess] = {}
     used = 0
 
@@ -154,12 +186,13 @@ def main(argv: list[str] | None = None) -> int:
         procs[used] = p
         used += 1
 
+    temps_before = _glibc_sem_temps()
     kills = 0
     reclaimed = [0]
     violations: list[str] = []
 
     def sweeper() -> None:
-        while not stop.wait(args.cleanup_interval):
+        while not harness_done.wait(args.cleanup_interval):
             reclaimed[0] += sum(sup.sweep().reclaimed.values())
 
     sweep_thread = threading.Thread(target=sweeper, daemon=True)
@@ -171,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         while time.monotonic() < deadline:
             # Poisson-ish kill times; waiting here is the harness's schedule, not a
             # stand-in for synchronisation.
-            stop.wait(min(rng.expovariate(1 / args.kill_every), deadline - time.monotonic()))
+            time.sleep(max(0.0, min(rng.expovariate(1 / args.kill_every),
+                                    deadline - time.monotonic())))
             alive = [k for k, p in procs.items() if p.is_alive()]
             if not alive:
                 continue
@@ -180,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             victim.join()
             kills += 1
             start_worker()
-        stop.set()
+        stop.value = 1
+        harness_done.set()
         sweep_thread.join()
         for p in procs.values():
             p.join(bound * 10 + 10)
@@ -198,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                 if not is_alive(pid, 0):
                     violations.append(f"context {info.name!r}: reference of dead pid {pid}")
     finally:
-        stop.set()
+        stop.value = 1
+        harness_done.set()
         if sweep_thread.is_alive():
             sweep_thread.join()
         for p in procs.values():
@@ -206,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                 p.kill()
                 p.join()
         sup.unlink(force=True)
+    sem_temps = _remove_orphaned_sem_temps(temps_before, time.time())
     left = _shm.namespace_objects(ns)
     if left:
         violations.append(f"left in /dev/shm: {left}")
@@ -224,12 +261,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"VIOLATION: {v}", file=sys.stderr)
     figures = dict(ops=ops, kills=kills, recoveries=recoveries, reclaimed=reclaimed[0],
                    violations=len(violations), longest_stall=round(longest, 4),
+                   orphaned_sem_temps=sem_temps,
                    seconds=args.seconds, workers=args.workers, seed=seed)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)
     print(f"chaos: ops={ops} kills={kills} recoveries={recoveries} reclaimed={reclaimed[0]} "
-          f"violations={len(violations)} longest_stall={longest:.3f}s", flush=True)
+          f"violations={len(violations)} longest_stall={longest:.3f}s "
+          f"orphaned_sem_temps={sem_temps}", flush=True)
     return 0 if not violations else 1
 
 
