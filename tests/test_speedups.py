@@ -10,15 +10,19 @@ what a machine without a C compiler runs). The rest of the suite runs the C path
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
+import pytest
+
 from shmctx import (
     ContextConfig,
     ContextManager,
+    ContextManagerClosedError,
     MemoryContextConfig,
     _manager,
 )
@@ -217,3 +221,69 @@ def test_the_core_tests_pass_on_the_pure_python_hot_path():
     )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and "failed" not in r.stdout
+
+
+_CLOSE_IN_COLLECTION = """
+import gc, sys
+from shmctx import ContextManager, ContextManagerClosedError
+m = ContextManager(namespace=sys.argv[1], sweeper=False)
+m.return_context(m.get_or_create_context("a")[0])
+fired = []
+
+def close_once(phase, info):
+    if phase == "start" and not fired:
+        fired.append(1)
+        m.close()
+
+gc.collect()
+gc.callbacks.append(close_once)
+gc.set_threshold(1)  # the handle the get makes is the allocation that starts a collection
+try:
+    m.get_context("a")
+except ContextManagerClosedError:
+    print("closed error")
+"""
+
+
+def test_a_collection_that_closes_the_manager_mid_get_is_an_error_not_a_crash(new_ns):
+    """Making the handle may start a garbage collection, and a finalizer run by it may
+    close the manager (freeing the semaphores and the table buffer the C path was about
+    to use): the get must see that and report it, as the Python path does."""
+    ns = new_ns()
+    r = subprocess.run([sys.executable, "-c", _CLOSE_IN_COLLECTION, ns],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-2000:]}"
+    assert r.stdout.strip() == "closed error"
+    ContextManager(namespace=ns, sweeper=False).unlink(force=True)
+
+
+def test_a_failed_hot_path_construction_leaks_no_reference():
+    class Field:  # a descriptor, as the slot descriptors of MemoryContext are
+        def __get__(self, obj, owner=None): ...
+        def __set__(self, obj, value): ...
+
+    fields = tuple(Field() for _ in range(5))
+    before = [sys.getrefcount(f) for f in fields]
+    for _ in range(3):
+        with pytest.raises(TypeError):  # failpoints must be a dict
+            _manager._speedups.HotPath(
+                None, bytearray(8192), ["/x"], [256], (0, 4, 8, 56, 256), (2, 0), 0, {},
+                object, fields, [], None, None, None)
+    gc.collect()
+    assert [sys.getrefcount(f) for f in fields] == before
+
+
+def test_a_namespace_unlinked_while_attaching_is_the_documented_error(managers, monkeypatch):
+    """The C path opens the stripe semaphores anew by name; if the namespace goes in the
+    moment between attaching the table and that, the manager reports it as the Python
+    path does instead of a raw FileNotFoundError."""
+    m = managers()
+    install = ContextManager._install_hot_path
+
+    def unlink_first(self: ContextManager) -> None:
+        m.unlink(force=True)
+        install(self)
+
+    monkeypatch.setattr(ContextManager, "_install_hot_path", unlink_first)
+    with pytest.raises(ContextManagerClosedError):
+        ContextManager(namespace=m.namespace, sweeper=False)

@@ -1178,16 +1178,24 @@ class ContextManager:
         return_context. It completes their common case itself and calls the methods below
         for everything else, so these stay the one full definition."""
         t, cls = self._table, type(self)
-        hot = _speedups.HotPath(
-            self, t.buf, [lk.sem.name for lk in t.stripe_locks],
-            [lk.off for lk in t.stripe_locks],
-            (0, L.S_REFCOUNT_OFF, L.S_INC_OFF, L.S_LAST_USED_OFF, L.SLOT_SIZE),
-            (L.READY, L.FREE), self._max_refs, self._mapped, MemoryContext,
-            tuple(MemoryContext.__dict__[f] for f in
-                  ("_manager", "_mapped", "_pid", "_returned", "_view")),
-            vars(_failpoints), cls.get_or_create_context.__get__(self),
-            cls.get_context.__get__(self), cls.return_context.__get__(self),
-        )
+        try:
+            hot = _speedups.HotPath(
+                self, t.buf, [lk.sem.name for lk in t.stripe_locks],
+                [lk.off for lk in t.stripe_locks],
+                (0, L.S_REFCOUNT_OFF, L.S_INC_OFF, L.S_LAST_USED_OFF, L.SLOT_SIZE),
+                (L.READY, L.FREE), self._max_refs, self._mapped, MemoryContext,
+                tuple(MemoryContext.__dict__[f] for f in
+                      ("_manager", "_mapped", "_pid", "_returned", "_view")),
+                vars(_failpoints), cls.get_or_create_context.__get__(self),
+                cls.get_context.__get__(self), cls.return_context.__get__(self),
+            )
+        except FileNotFoundError:
+            # It opens the stripe semaphores anew by name: the namespace was unlinked
+            # since the table was attached. The Python path, which _register runs next,
+            # reports that as the documented error.
+            log.debug("namespace %r went away while attaching; the hot path runs in Python",
+                      self.namespace)
+            return
         self._hot = hot
         self.get_or_create_context = hot.get_or_create_context  # type: ignore[method-assign]
         self.get_context = hot.get_context  # type: ignore[method-assign]

@@ -139,11 +139,15 @@ sem_take(sem_t *sem)
 
 /* RobustLock.acquire without its slow path: take the semaphore, then write the owner
  * record. Returns 0 if the semaphore stays taken: the caller defers to Python, which
- * waits properly (and takes the lock over from a dead owner). */
+ * waits properly (and takes the lock over from a dead owner).
+ * ``enabled`` is checked here, after the caller's last step that can run Python code (an
+ * allocation may start a collection whose finalizers, or another thread given the GIL,
+ * close the manager, which frees ``sems`` and the buffer, or fork), and nothing between
+ * this check and the table writes can run any. */
 static int
 lock_try(HotPath *self, Py_ssize_t stripe)
 {
-    if (!sem_take(self->sems[stripe]))
+    if (!self->enabled || stripe >= self->nstripes || !sem_take(self->sems[stripe]))
         return 0;
     char *rec = (char *)self->table.buf + self->lock_offs[stripe];
     uint32_t epoch = rd32(rec + 4);
@@ -246,11 +250,10 @@ try_get(HotPath *self, PyObject *name)
     }
     Py_INCREF(m);
     Where w;
-    PyObject *h = NULL;
-    /* The handle is made before the lock: once the counts are written nothing may fail. */
-    if (!locate(self, m, &w) || (h = new_handle(self, m)) == NULL)
-        goto defer;
-    if (!lock_try(self, w.stripe))
+    /* The handle is made first: once the counts are written nothing may fail. Making it
+     * may run a collection (see lock_try), so the slot is located after it. */
+    PyObject *h = new_handle(self, m);
+    if (h == NULL || !locate(self, m, &w) || !lock_try(self, w.stripe))
         goto defer;
     char *so = (char *)self->table.buf + w.slot_off;
     char *ref = (char *)self->table.buf + w.ref_off;
@@ -458,6 +461,7 @@ HotPath_init(HotPath *self, PyObject *args, PyObject *kwds)
         "slow_get", "slow_get_context", "slow_return", NULL};
     PyObject *manager, *table, *names, *offs, *mapped, *htype,
         *fp, *sg, *sgc, *sr;
+    PyObject *fields[5];
     unsigned int max_refs;
     if (self->have_buffer || self->manager != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "HotPath is initialised once");
@@ -468,24 +472,21 @@ HotPath_init(HotPath *self, PyObject *args, PyObject *kwds)
             &PyList_Type, &names, &PyList_Type, &offs, &self->o_state, &self->o_refcount,
             &self->o_inc, &self->o_last_used, &self->slot_size, &self->ready,
             &self->free_state, &max_refs, &PyDict_Type, &mapped, &PyType_Type, &htype,
-            &self->d_manager, &self->d_mapped, &self->d_pid, &self->d_returned,
-            &self->d_view, &PyDict_Type, &fp, &sg, &sgc, &sr))
+            &fields[0], &fields[1], &fields[2], &fields[3], &fields[4],
+            &PyDict_Type, &fp, &sg, &sgc, &sr))
         return -1;
-    /* Borrowed until here; owned from here on (released by clear). */
-    PyObject **fields_[] = {&self->d_manager, &self->d_mapped, &self->d_pid,
-                            &self->d_returned, &self->d_view};
-    const size_t nfields = sizeof(fields_) / sizeof(fields_[0]);
-    for (size_t i = 0; i < nfields; i++) {
-        if (Py_TYPE(*fields_[i])->tp_descr_get == NULL ||
-            Py_TYPE(*fields_[i])->tp_descr_set == NULL) {
-            for (size_t j = 0; j < nfields; j++)
-                *fields_[j] = NULL;
+    for (size_t i = 0; i < 5; i++) {
+        if (Py_TYPE(fields[i])->tp_descr_get == NULL ||
+            Py_TYPE(fields[i])->tp_descr_set == NULL) {
             PyErr_SetString(PyExc_TypeError, "handle_fields must be slot descriptors");
             return -1;
         }
     }
-    for (size_t i = 0; i < nfields; i++)
-        Py_INCREF(*fields_[i]);
+    self->d_manager = Py_NewRef(fields[0]);
+    self->d_mapped = Py_NewRef(fields[1]);
+    self->d_pid = Py_NewRef(fields[2]);
+    self->d_returned = Py_NewRef(fields[3]);
+    self->d_view = Py_NewRef(fields[4]);
     self->max_refs = max_refs;
     self->manager = Py_NewRef(manager);
     self->mapped = Py_NewRef(mapped);
@@ -539,8 +540,8 @@ HotPath_enable(HotPath *self, PyObject *args)
     PyObject *pid_obj = PyLong_FromUnsignedLong(pid);
     if (pid_obj == NULL)
         return NULL;
-    Py_SETREF(self->pid_obj, pid_obj);
-    Py_SETREF(self->refidx, Py_NewRef(refidx));
+    Py_XSETREF(self->pid_obj, pid_obj);
+    Py_XSETREF(self->refidx, Py_NewRef(refidx));
     self->pid = pid;
     self->start = start;
     self->refs_off = refs_off;
