@@ -62,10 +62,7 @@ GLIBC_SEM_TEMP = re.compile(r"sem\.[A-Za-z0-9]{6}")
 
 
 def _glibc_sem_temps() -> set[str]:
-    try:
-        return {n for n in os.listdir(_shm.SHM_DIR) if GLIBC_SEM_TEMP.fullmatch(n)}
-    except FileNotFoundError:
-        return set()
+    return {n for n in os.listdir(_shm.SHM_DIR) if GLIBC_SEM_TEMP.fullmatch(n)}
 
 
 def _remove_orphaned_sem_temps(before: set[str], workers_dead_at: float) -> int:
@@ -174,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     # SIGKILLed while holding it would wedge the harness's every later wait or set.
     stop = mpc.RawValue("b", 0)
     harness_done = threading.Event()
+
+    def halt() -> None:
+        stop.value = 1
+        harness_done.set()
     procs: dict[int, mp.process.BaseProcess] = {}
     used = 0
 
@@ -214,8 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             victim.join()
             kills += 1
             start_worker()
-        stop.value = 1
-        harness_done.set()
+        halt()
         sweep_thread.join()
         for p in procs.values():
             p.join(bound * 10 + 10)
@@ -233,8 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not is_alive(pid, 0):
                     violations.append(f"context {info.name!r}: reference of dead pid {pid}")
     finally:
-        stop.value = 1
-        harness_done.set()
+        halt()
         if sweep_thread.is_alive():
             sweep_thread.join()
         for p in procs.values():

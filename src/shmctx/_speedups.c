@@ -147,7 +147,7 @@ sem_take(sem_t *sem)
 static int
 lock_try(HotPath *self, Py_ssize_t stripe)
 {
-    if (!self->enabled || stripe >= self->nstripes || !sem_take(self->sems[stripe]))
+    if (!self->enabled || !sem_take(self->sems[stripe]))
         return 0;
     char *rec = (char *)self->table.buf + self->lock_offs[stripe];
     uint32_t epoch = rd32(rec + 4);
@@ -475,7 +475,7 @@ HotPath_init(HotPath *self, PyObject *args, PyObject *kwds)
             &fields[0], &fields[1], &fields[2], &fields[3], &fields[4],
             &PyDict_Type, &fp, &sg, &sgc, &sr))
         return -1;
-    for (size_t i = 0; i < 5; i++) {
+    for (size_t i = 0; i < sizeof(fields) / sizeof(fields[0]); i++) {
         if (Py_TYPE(fields[i])->tp_descr_get == NULL ||
             Py_TYPE(fields[i])->tp_descr_set == NULL) {
             PyErr_SetString(PyExc_TypeError, "handle_fields must be slot descriptors");
