@@ -126,6 +126,41 @@ def _reopen(fd: int) -> int:
     return os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
 
 
+def wait_and_look(sem: posix_ipc.Semaphore, deadline: float | None, first: float,
+                  period: float, look: Callable[[], bool], timeout_message: str) -> bool:
+    """Wait for ``sem`` until ``deadline`` (a ``monotonic()`` time, None for no limit),
+    calling ``look()`` once ``first`` seconds of waiting have passed and then every
+    ``period`` seconds. Returns True once the semaphore is taken, False as soon as
+    ``look()`` returns True (the caller got what it waited for another way); raises
+    ``TimeoutError(timeout_message)`` at the deadline.
+
+    The looks are on a schedule of their own: a signal interrupts ``sem_timedwait``
+    (posix_ipc raises ``SignalError``), and the wait then resumes with the time left until
+    the next look. Restarting the whole period instead would let a timer signal more
+    frequent than ``period`` (a profiler, a watchdog) postpone every look, and with it
+    the takeover of a dead holder's lock, forever.
+    """
+    next_look = monotonic() + first
+    while True:
+        now = monotonic()
+        if deadline is not None and now >= deadline:
+            raise TimeoutError(timeout_message)
+        end = next_look if deadline is None else min(next_look, deadline)
+        try:
+            sem.acquire(max(0.0, end - now))
+            return True
+        except posix_ipc.SignalError:
+            continue
+        except posix_ipc.BusyError:
+            pass
+        # sem_timedwait keeps a wall-clock deadline, so it may return a hair before
+        # next_look on the monotonic clock: then the loop waits out the rest.
+        if monotonic() >= next_look:
+            if look():
+                return False
+            next_look = monotonic() + period
+
+
 class RobustLock:
     """One cross-process mutex of the protocol above. Not re-entrant."""
 
@@ -248,33 +283,22 @@ class RobustLock:
     def _acquire_slow(self, timeout: float | None) -> None:
         deadline = None if timeout is None else monotonic() + timeout
         suspect: tuple[int, int] | None = None  # (pid, epoch) seen without an owner
+
+        def look() -> bool:
+            nonlocal suspect
+            suspect = self._after_timeout(suspect, deadline)
+            return suspect == (-1, -1)
+
         # The first look at the owner comes early: an owner recorded dead is taken over
         # at once instead of after a whole lock_timeout. Later looks come every
         # lock_timeout, which is also the least time between the two observations that
         # condemn a lock with no recorded owner.
-        period = min(self.timeout, _FIRST_LOOK)
-        while True:
-            if deadline is not None:
-                left = deadline - monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"timed out after {timeout}s waiting for {self.what}")
-                wait = min(left, period)
-            else:
-                wait = period
-            period = self.timeout
-            try:
-                self.sem.acquire(wait)
-            except posix_ipc.SignalError:
-                continue
-            except posix_ipc.BusyError:
-                suspect = self._after_timeout(suspect)
-                if suspect == (-1, -1):
-                    return
-                continue
+        if wait_and_look(self.sem, deadline, min(self.timeout, _FIRST_LOOK), self.timeout,
+                         look, f"timed out after {timeout}s waiting for {self.what}"):
             self._own(None)
-            return
 
-    def _after_timeout(self, suspect: tuple[int, int] | None) -> tuple[int, int] | None:
+    def _after_timeout(self, suspect: tuple[int, int] | None,
+                       deadline: float | None) -> tuple[int, int] | None:
         """Decide what a timed-out wait means. Returns the new suspect, or (-1, -1) when
         this process took the lock over."""
         pid, epoch, start = LOCK.unpack_from(self.buf, self.off)
@@ -332,10 +356,13 @@ class ContextLock(RobustLock):
 
     It is re-entrant for the thread that holds it, like ``threading.RLock``: ``put`` and
     ``get`` take it themselves, and ``with ctx.lock: ctx.put(ctx.get() + 1)`` is the
-    read-modify-write users write first.
+    read-modify-write users write first. The holder is a thread *of a process*: a child
+    forked inside ``with ctx.lock`` inherits this object with the parent's thread id, but
+    not the lock, so it neither re-enters nor releases it (that would post the parent's
+    semaphore and let a second holder in).
     """
 
-    __slots__ = ("guard", "is_current", "closed_error", "_thread", "_depth")
+    __slots__ = ("guard", "is_current", "closed_error", "_thread", "_pid", "_depth")
 
     def __init__(self, sem: posix_ipc.Semaphore, buf: memoryview, off: int, key: int,
                  timeout: float, arbiter: Arbiter, what: str, guard: RobustLock,
@@ -345,11 +372,11 @@ class ContextLock(RobustLock):
         self.is_current = is_current
         self.closed_error = closed_error
         self._thread = 0
+        self._pid = 0
         self._depth = 0
 
     def acquire(self, timeout: float | None = None) -> None:
-        me = threading.get_ident()
-        if self._thread == me:
+        if self._thread == threading.get_ident() and self._pid == identity.pid:
             self._depth += 1
             return
         if not self.is_current():
@@ -368,11 +395,17 @@ class ContextLock(RobustLock):
 
     def _mark_held(self) -> None:
         self._thread = threading.get_ident()
+        self._pid = identity.pid
         self._depth = 1
 
     def release(self) -> None:
         if self._thread != threading.get_ident():
             raise RuntimeError(f"{self.what}: released by a thread that does not hold it")
+        if self._pid != identity.pid:
+            raise RuntimeError(
+                f"{self.what}: held by pid {self._pid} when it forked; pid {identity.pid}, "
+                "its child, does not hold it and cannot release it"
+            )
         self._depth -= 1
         if self._depth:
             return
@@ -382,15 +415,24 @@ class ContextLock(RobustLock):
                 _OWNER_PID.pack_into(self.buf, self.off, 0)
         self.sem.release()
 
-    def _after_timeout(self, suspect: tuple[int, int] | None) -> tuple[int, int] | None:
+    def _after_timeout(self, suspect: tuple[int, int] | None,
+                       deadline: float | None) -> tuple[int, int] | None:
         if not self.is_current():
             raise self.closed_error()
-        if LOCK.unpack_from(self.buf, self.off)[0] == 0 and self.guard.sem.value == 0:
+        if LOCK.unpack_from(self.buf, self.off)[0] == 0:
             # Between sem_wait and recording itself, a holder of this lock waits for the
-            # stripe lock (``_own``); while that is taken, "no owner recorded" proves
-            # nothing, so it does not start the clock.
-            return None
-        return super()._after_timeout(suspect)
+            # stripe lock and writes the record under it (``_own``). So "no owner
+            # recorded" means something only once the stripe lock has been free: take it
+            # and let it go. That also recovers the stripe lock if its holder died, for
+            # example a holder of this lock killed while recording itself, which would
+            # otherwise wedge this lock until some other operation touched the stripe.
+            left = None if deadline is None else max(0.0, deadline - monotonic())
+            try:
+                self.guard.acquire(self.timeout if left is None else min(left, self.timeout))
+            except TimeoutError:
+                return None  # a live process keeps the stripe lock: no verdict yet
+            self.guard.release()
+        return super()._after_timeout(suspect, deadline)
 
 
 # Process-wide count of lock takeovers (read by tools/chaos.py and tests).

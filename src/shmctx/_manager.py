@@ -37,7 +37,7 @@ from ._errors import (
     MaxReferencesReachedError,
     TableFullError,
 )
-from ._lock import ContextLock, RobustLock
+from ._lock import ContextLock, RobustLock, wait_and_look
 from ._proc import identity, is_alive
 from ._snapshot import Snapshot, decode, violations
 from ._sweeper import remove_stale, run_sweeper, sweep_once
@@ -801,32 +801,25 @@ class ContextManager:
                        deadline: float | None, timeout: float | None) -> None:
         t = self._table
         so = self._geo.slot_off(slot)
+
+        def look() -> bool:
+            """After each lock_timeout of waiting: is the creation over, or its creator
+            dead (then remove the half-made context and look up the name again)?"""
+            f = L.SLOT_ALL.unpack_from(self._buf, so)
+            if f[0] != L.CREATING or f[4] != inc:
+                return True
+            if not is_alive(f[12], f[13]):
+                with t.table_lock:
+                    self._remove_dead_creation(slot, inc)
+                return True
+            return False
+
         try:
-            while True:
-                wait = t.config.lock_timeout
-                if deadline is not None:
-                    left = deadline - monotonic()
-                    if left <= 0:
-                        raise TimeoutError(
-                            f"timed out after {timeout}s waiting for context {name!r} in "
-                            f"namespace {self.namespace!r} to be initialised"
-                        )
-                    wait = min(wait, left)
-                try:
-                    sem.acquire(wait)
-                    sem.release()  # pass the baton to the next waiter
-                    return
-                except posix_ipc.SignalError:
-                    continue
-                except posix_ipc.BusyError:
-                    pass
-                f = L.SLOT_ALL.unpack_from(self._buf, so)
-                if f[0] != L.CREATING or f[4] != inc:
-                    return
-                if not is_alive(f[12], f[13]):
-                    with t.table_lock:
-                        self._remove_dead_creation(slot, inc)
-                    return
+            lt = t.config.lock_timeout
+            if wait_and_look(sem, deadline, lt, lt, look,
+                             f"timed out after {timeout}s waiting for context {name!r} in "
+                             f"namespace {self.namespace!r} to be initialised"):
+                sem.release()  # pass the baton to the next waiter
         finally:
             sem.close()
 
@@ -872,17 +865,25 @@ class ContextManager:
             return m.lock
         t = self._table
         so = m.off
-        # Created under the stripe lock after checking the incarnation, and unlinked by
-        # close under the same lock: a stale handle can never re-create (and leak) it.
-        with m.stripe:
-            state, flags = L.S_STATE.unpack_from(self._buf, so)
-            if L.S_INC.unpack_from(self._buf, so + L.S_INC_OFF)[0] != m.inc or state == L.FREE:
-                raise ContextClosedError(f"context {m.name!r} was closed")
-            sem = _shm.open_semaphore(
-                _shm.ctx_lock_name(self.namespace, t.tag, m.inc), t.mode, create=True
-            )
-            L.S_STATE.pack_into(self._buf, so, state, flags | L.SLOT_LOCK)
-        m.lock = self._make_context_lock(m, sem)
+        # One lock object per mapping: two threads asking for it at once must not each
+        # build their own, or each would think it holds the lock through its object, and
+        # ``with ctx.lock: ctx.put(...)`` would wait for itself.
+        with self._map_lock:
+            if m.lock is not None:
+                return m.lock
+            # Created under the stripe lock after checking the incarnation, and unlinked
+            # by close under the same lock: a stale handle can never re-create (and
+            # leak) it.
+            with m.stripe:
+                state, flags = L.S_STATE.unpack_from(self._buf, so)
+                if L.S_INC.unpack_from(self._buf, so + L.S_INC_OFF)[0] != m.inc or \
+                        state == L.FREE:
+                    raise ContextClosedError(f"context {m.name!r} was closed")
+                sem = _shm.open_semaphore(
+                    _shm.ctx_lock_name(self.namespace, t.tag, m.inc), t.mode, create=True
+                )
+                L.S_STATE.pack_into(self._buf, so, state, flags | L.SLOT_LOCK)
+            m.lock = self._make_context_lock(m, sem)
         return m.lock
 
     def _make_context_lock(self, m: _Mapped, sem: posix_ipc.Semaphore) -> ContextLock:
