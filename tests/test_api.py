@@ -515,12 +515,11 @@ def test_context_block_returns_reference_on_exception(m):
 
 def test_close_returns_references_and_spares_others(managers):
     m1, m2 = managers(), managers()
-    m1.get_or_create_context("x")
-    m1.get_context("x")
+    held = [m1.get_or_create_context("x")[0], m1.get_context("x")]  # kept: references
     b = m2.get_context("x")
     m1.close()
     info = _info(m2, "x")
-    assert info.refcount == 1 and m2.validate_context(b)
+    assert info.refcount == 1 and m2.validate_context(b) and len(held) == 2
     m2.return_context(b)
 
 
@@ -574,7 +573,7 @@ def _calls_after_close(handle: MemoryContext):
 
 def test_every_call_after_close_raises(managers):
     keeper = managers()  # keeps the context alive for the closed manager's handle
-    keeper.get_or_create_context("x")
+    _kept, _ = keeper.get_or_create_context("x")
     m = managers()
     handle = m.get_context("x")
     m.close()
@@ -598,7 +597,7 @@ def test_validate_context_after_close_raises(managers):
 
 def test_with_manager_closes_on_exit(ns):
     with ContextManager(CFG, namespace=ns, sweeper=False) as m:
-        m.get_or_create_context("w")
+        _w, _ = m.get_or_create_context("w")  # a reference m still holds at close()
         with ContextManager(namespace=ns, sweeper=False) as other:
             assert _info(other, "w").refcount == 1
             m.close()  # an explicit close inside the block is fine
@@ -612,7 +611,7 @@ def test_with_manager_closes_on_exit(ns):
 
 def test_with_manager_closes_on_exception(ns):
     with pytest.raises(RuntimeError), ContextManager(CFG, namespace=ns, sweeper=False) as m:
-        m.get_or_create_context("w")
+        _w, _ = m.get_or_create_context("w")  # a reference m still holds at close()
         raise RuntimeError("inside")
     with pytest.raises(ContextManagerClosedError):
         m.get_context("w")
@@ -626,7 +625,7 @@ def test_unlink_removes_everything(managers, ns):
     a, _ = m.get_or_create_context("a", MemoryContextConfig(size=4096))
     with a.lock:
         a.buf[:6] = b"locked"
-    m.get_or_create_context("b", MemoryContextConfig(size=128, parent="a"))
+    _b, _ = m.get_or_create_context("b", MemoryContextConfig(size=128, parent="a"))
     c = other.get_context("a")
     other.return_context(c)  # mapped by a second manager, but not referenced
     assert _shm.namespace_objects(ns)
@@ -644,7 +643,7 @@ def test_unlink_is_not_blocked_by_this_process(managers, ns):
     """Issue 2: unlink raises ContextInUseError "while another live process holds
     references"; a second manager of this same process is not another process."""
     m, other = managers(), managers()
-    m.get_or_create_context("a", MemoryContextConfig(size=64))
+    _a, _ = m.get_or_create_context("a", MemoryContextConfig(size=64))
     c = other.get_context("a")
     m.unlink()
     assert _shm.namespace_objects(ns) == []
@@ -659,17 +658,17 @@ def test_threads_mapping_one_context_at_once_share_one_mapping(managers, monkeyp
     serialised, until the second cannot get in). Both handles must stay usable and the
     process must end with one mapping."""
     owner = managers()
-    owner.get_or_create_context("c", MemoryContextConfig(size=4096))
+    _kept, _ = owner.get_or_create_context("c", MemoryContextConfig(size=4096))
     m = managers()
     both_inside = threading.Barrier(2)
     real_attach = _shm.attach_segment
 
-    def attach_with_the_window_open(name):
+    def attach_with_the_window_open(name, **kw):
         try:
             both_inside.wait(timeout=0.5)  # only a second thread in the window releases it
         except threading.BrokenBarrierError:
             pass
-        return real_attach(name)
+        return real_attach(name, **kw)
 
     monkeypatch.setattr(_shm, "attach_segment", attach_with_the_window_open)
     errors: list[BaseException] = []
@@ -699,12 +698,12 @@ def test_failed_claim_at_the_per_process_limit_leaks_no_slot(managers):
     for one more, and the table stays sound (no half-claimed slot left behind)."""
     m = managers(ContextConfig(lock_timeout=0.2, cleanup_interval=0, capacity=128,
                                max_processes=8))
-    for i in range(L.REFS_PER_PROCESS):
-        m.get_or_create_context(f"c{i}")
+    held = [m.get_or_create_context(f"c{i}")[0] for i in range(L.REFS_PER_PROCESS)]
     with pytest.raises(TableFullError, match="per-process limit"):
         m.get_or_create_context("one-too-many")
     assert m.check() == []
     assert "one-too-many" not in {i.name for i in m.contexts()}
+    assert len(held) == L.REFS_PER_PROCESS
 
 
 def test_sweep_skips_a_context_referenced_after_it_was_planned(managers, monkeypatch):

@@ -82,8 +82,8 @@ def _hold_table_lock_and_die(ns: str) -> None:
 
 def _take_ref_and_exit(ns: str, n: int, name: str = "held") -> None:
     m = ContextManager(namespace=ns)
-    for _ in range(n):
-        m.get_context(name)
+    held = [m.get_context(name) for _ in range(n)]  # kept: a dropped handle gives its back
+    assert len(held) == n
     os._exit(0)
 
 
@@ -199,9 +199,9 @@ def test_every_failpoint_has_a_test():
 
 def _hold_and_die(ns: str, how: str, ready) -> None:
     m = ContextManager(namespace=ns)
-    m.get_context("held")
-    m.get_context("held")
+    held = [m.get_context("held"), m.get_context("held")]  # kept: references
     ready.set()
+    assert held
     if how == "exit":
         os._exit(0)
     os.kill(os.getpid(), signal.SIGKILL)
@@ -232,10 +232,10 @@ def test_sweeper_reclaims_dead_holders(ns, mp_ctx, how):
 
 def _hold_until(ns: str, ready, release) -> None:
     m = ContextManager(namespace=ns)
-    m.get_context("held")
+    held = m.get_context("held")  # kept: a reference
     ready.set()
     release.wait(30)
-    os._exit(0)  # without returning
+    os._exit(0 if held else 1)  # without returning
 
 
 def test_reclaim_refuses_live_pid_then_reclaims_dead(ns):
@@ -459,10 +459,10 @@ def _owner(ns: str, ready) -> None:
 
 def _user(ns: str, ready) -> None:
     m = ContextManager(namespace=ns)
-    m.get_context("data")
-    m.get_context("data")
+    held = [m.get_context("data"), m.get_context("data")]  # kept: references
     ready.set()
     threading.Event().wait(60)
+    assert held
 
 
 def test_everything_dies_then_the_next_manager_carries_on(new_ns, mp_ctx):
@@ -539,7 +539,7 @@ def test_scribbled_slot_is_reported_and_others_stay_usable(ns, seed):
 def test_ctx_supervisor_takes_lead_reclaims_and_unlinks(ns, mp_ctx):
     m = ContextManager(ContextConfig(lock_timeout=LT, cleanup_interval=30), namespace=ns,
                        sweeper=False)
-    m.get_or_create_context("held", MEM)
+    _held, _ = m.get_or_create_context("held", MEM)
     led = mp_ctx.Event()
     dead_leader = mp_ctx.Process(target=_lead_then_wait, args=(ns, led))
     dead_leader.start()

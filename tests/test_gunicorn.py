@@ -46,8 +46,7 @@ def _load_app():
 
 APP = _load_app()
 DATASET_CRC = zlib.crc32(APP.dataset_bytes())
-
-
+_PPID, _SESSION = 1, 3  # fields of /proc/PID/stat after the command name
 
 
 def _free_port() -> int:
@@ -56,8 +55,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _children(pid: int) -> set[int]:
-    """Live (non-zombie) child processes of ``pid``."""
+def _processes(field: int, value: int, zombies: bool = False) -> set[int]:
+    """Processes whose /proc/PID/stat ``field`` is ``value``; live ones only unless
+    ``zombies`` (a zombie still counts as a child until its parent reaps it)."""
     out = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -67,9 +67,25 @@ def _children(pid: int) -> set[int]:
                 fields = f.read().rsplit(b")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[1]) == pid and fields[0] not in (b"Z", b"X"):
+        if int(fields[field]) == value and (zombies or fields[0] not in (b"Z", b"X")):
             out.add(int(entry))
     return out
+
+
+def _children(pid: int) -> set[int]:
+    """Live (non-zombie) child processes of ``pid``."""
+    return _processes(_PPID, pid)
+
+
+def _session(sid: int) -> set[int]:
+    """Live processes of session ``sid``: a server's master(s) and workers, including
+    any orphaned worker (it keeps its session when it is re-parented)."""
+    return _processes(_SESSION, sid)
+
+
+def _table_id(ns: str) -> int:
+    with ContextManager(namespace=ns, sweeper=False) as tm:
+        return tm._snapshot().table_id
 
 
 def _info(m: ContextManager, name: str):
@@ -128,6 +144,15 @@ class _Server:
         workers = self.workers()
         self.gather("/ping", lambda rs: workers <= _pids(rs), at_least=1)
 
+    def replaced(self, old: set[int], n: int = 3) -> set[int]:
+        """After a reload: ``n`` workers, none of them one of ``old``, and nothing else
+        left in the server's session (an old worker orphaned by a dead master would be)."""
+        new = wait_for(lambda: len(c := _children(self.pid)) == n and not c & old and c,
+                       20, "gunicorn to replace its workers")
+        wait_for(lambda: _session(self.proc.pid) == {self.pid} | new, 20,
+                 f"the server's session to hold only master {self.pid} and workers {new}")
+        return new
+
     def stop(self, ns: str, sig: int = signal.SIGTERM) -> None:
         """Stop the master with ``sig``: it must exit cleanly leaving nothing in /dev/shm."""
         self.serve_all()
@@ -149,40 +174,53 @@ def _stop_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-@contextmanager
-def _gunicorn(ns: str | None, tmp_path: Path, *args: str, preload: bool = False,
-              cwd: Path = APPS, started: list | None = None) -> Iterator[_Server]:
-    """Run ``gunicorn ARGS`` in ``cwd`` (the test app and config unless ARGS say otherwise)
-    on a free port, with SHMCTX_NAMESPACE=ns; SIGKILL whatever is left of it at the end.
-    The server is appended to ``started`` as soon as it runs."""
+def _spawn(ns: str | None, tmp_path: Path, *args: str, preload: bool = False,
+           cwd: Path = APPS, env: dict[str, str] | None = None) -> _Server:
+    """Start ``gunicorn ARGS`` in ``cwd`` (the test app and config unless ARGS say
+    otherwise) on a free port, with SHMCTX_NAMESPACE=ns and ``env``, in a session of its
+    own. The caller must end that session (see ``_kill_session``)."""
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != shmctx.gunicorn.ENV_NAMESPACE}
-    env["SHMCTX_TEST_PRELOAD"] = "1" if preload else "0"
+    environ = {k: v for k, v in os.environ.items() if k != shmctx.gunicorn.ENV_NAMESPACE}
+    environ["SHMCTX_TEST_PRELOAD"] = "1" if preload else "0"
     if ns is not None:
-        env[shmctx.gunicorn.ENV_NAMESPACE] = ns
+        environ[shmctx.gunicorn.ENV_NAMESPACE] = ns
+    environ.update(env or {})
     if not args or args[0] != "-c":
         args = ("-c", str(APPS / "gunicorn_conf.py"), *args, "gunicorn_app:app")
     log_path = tmp_path / "gunicorn.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", *args, "-b", f"127.0.0.1:{port}"],
-            cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=_stop_with_parent,
+            cwd=cwd, env=environ, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=_stop_with_parent,
         )
-    server = _Server(proc, port, log_path)
+    return _Server(proc, port, log_path)
+
+
+def _kill_session(server: _Server) -> None:
+    # The whole session: workers, and a master re-executed by SIGUSR2, may outlive the
+    # master we started.
+    try:
+        os.killpg(server.proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    server.proc.wait()
+
+
+@contextmanager
+def _gunicorn(ns: str | None, tmp_path: Path, *args: str, preload: bool = False,
+              cwd: Path = APPS, started: list | None = None,
+              env: dict[str, str] | None = None) -> Iterator[_Server]:
+    """Run ``gunicorn ARGS`` (see ``_spawn``) until it serves; SIGKILL whatever is left of
+    it at the end. The server is appended to ``started`` as soon as it runs."""
+    server = _spawn(ns, tmp_path, *args, preload=preload, cwd=cwd, env=env)
     if started is not None:
         started.append(server)
     try:
         wait_for(server.ready, 30, "gunicorn to serve")
         yield server
     finally:
-        # The whole session: workers, and a master re-executed by SIGUSR2, may outlive
-        # the master we started.
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        _kill_session(server)
 
 
 def _pids(results: list[dict]) -> set[int]:
@@ -272,44 +310,190 @@ def test_preload_app_master_references_stay_the_masters(ns, tmp_path):
         srv.stop(ns)
 
 
+def _holders(ns: str, name: str) -> dict[int, int]:
+    with ContextManager(namespace=ns, sweeper=False) as tm:
+        return _info(tm, name).holders
+
+
+def test_ttin_ttou_hup_term_one_server_keeps_one_namespace(ns, tmp_path):
+    knob = tmp_path / "configure.json"  # read by gunicorn_conf.py on every (re)load
+    with _gunicorn(ns, tmp_path, "-k", "sync",
+                   env={"SHMCTX_TEST_CONFIGURE": str(knob)}) as srv:
+        table_id = _table_id(ns)
+        dataset = srv.get("/dataset")
+        counted = srv.get("/count")["value"]
+        three = srv.workers()
+
+        # SIGTTIN adds a worker, which attaches like the others.
+        os.kill(srv.pid, signal.SIGTTIN)
+        four = srv.workers(4)
+        srv.gather("/lease", lambda rs: four <= _pids(rs), at_least=1)
+        assert _holders(ns, "leased") == dict.fromkeys(four, 1)
+        # SIGTTOU stops the oldest worker: the references it held are returned with it.
+        os.kill(srv.pid, signal.SIGTTOU)
+        three = srv.workers(3)
+        (removed,) = four - three
+        assert removed not in _session(srv.pid)
+        wait_for(lambda: _holders(ns, "leased") == dict.fromkeys(three, 1), 20,
+                 f"the references of removed worker {removed} to be released")
+
+        # SIGHUP: gunicorn executes gunicorn.conf.py again (configure() with the same
+        # arguments) and replaces every worker. The master, its namespace and the
+        # contexts in it carry on.
+        srv.serve_all()  # a booting worker would ignore the reload's SIGTERM for a while
+        os.kill(srv.pid, signal.SIGHUP)
+        reloaded = srv.replaced(three)
+        assert srv.proc.poll() is None, srv.log()
+        assert f"shmctx: reload keeps namespace {ns!r}" in srv.log()
+        assert "now asks for" not in srv.log()
+        assert _table_id(ns) == table_id
+        # The retired workers' references went with them; the new workers took none yet.
+        wait_for(lambda: _holders(ns, "leased") == {}, 20, "the old workers' references")
+        srv.serve_all()
+        assert srv.get("/dataset")["incarnation"] == dataset["incarnation"]  # not rebuilt
+        assert srv.get("/count")["value"] > counted  # the same counter
+        _assert_all_served(srv, reloaded)
+
+        # A reload cannot move the server to another namespace or config: the master
+        # keeps both, says so in its log, and goes on serving.
+        other = f"{ns}x"
+        knob.write_text(json.dumps({"namespace": other, "config": {"cleanup_interval": 10}}))
+        os.kill(srv.pid, signal.SIGHUP)
+        srv.replaced(reloaded)
+        assert srv.proc.poll() is None, srv.log()
+        assert (f"[ERROR] shmctx: gunicorn.conf.py now asks for namespace: {other!r} != "
+                f"{ns!r}; config.cleanup_interval: 10.0 != 3600.0; a reload cannot change "
+                f"the namespace") in srv.log()
+        assert _shm.namespace_objects(other) == []
+        assert _table_id(ns) == table_id
+        with ContextManager(namespace=ns, sweeper=False) as tm:
+            assert tm.config.cleanup_interval == 3600
+        srv.serve_all()
+        assert srv.get("/dataset")["incarnation"] == dataset["incarnation"]
+
+        srv.stop(ns)  # SIGTERM: a clean exit, nothing left in /dev/shm
+        assert _session(srv.pid) == set()
+
+
+def _assert_all_served(srv: _Server, workers: set[int]) -> None:
+    srv.gather("/count", lambda rs: workers <= _pids(rs), at_least=1)
+
+
+def test_configure_twice_with_other_arguments_stops_the_start(new_ns, tmp_path):
+    first, second = new_ns(), new_ns()
+    conf = tmp_path / "twice.conf.py"
+    conf.write_text("import shmctx.gunicorn\n"
+                    "from shmctx.gunicorn import *  # noqa: F403\n"
+                    f"shmctx.gunicorn.configure({first!r})\n"
+                    f"shmctx.gunicorn.configure({first!r})  # the same: a no-op\n"
+                    f"shmctx.gunicorn.configure({second!r})\n"
+                    "control_socket_disable = True\n")
+    srv = _spawn(None, tmp_path, "-c", str(conf), "gunicorn_app:app")
+    try:
+        assert srv.proc.wait(timeout=30) == 1, srv.log()
+        assert ("InvalidConfigError: shmctx.gunicorn.configure() was already called in this "
+                f"process with other arguments (namespace: {second!r} != {first!r})"
+                in srv.log())
+    finally:
+        _kill_session(srv)
+    # new_ns checks that neither namespace was created
+
+
 def _remove_namespaces_of(servers: list[_Server]) -> None:
     """After a failure: do not leave a pid-derived namespace to the next run."""
     for srv in servers:
         _shm.remove_namespace_objects(f"gunicorn-{srv.pid}")
 
 
+def _reexec(master: _Server) -> _Server:
+    """SIGUSR2 ``master``: a new master beside it, once that one runs 3 workers."""
+    old_workers = master.workers()
+    master.serve_all()
+    os.kill(master.pid, signal.SIGUSR2)
+    pid = wait_for(lambda: len(c := _children(master.pid) - old_workers) == 1 and next(iter(c)),
+                   20, "the re-executed master")
+    wait_for(lambda: len(_children(pid)) == 3, 20, "the new master's workers")
+    new = _Server(master.proc, master.port, master.log_path)
+    new.pid = pid
+    return new
+
+
+def _retire(old: _Server, new: _Server, ns: str, promoted: bool = True) -> None:
+    """SIGTERM the old master: it leaves the namespace to the new one. With ``promoted``,
+    wait until gunicorn promotes the new one (only then may it re-execute in turn).
+    ``_reexec`` made sure the old master's workers have booted, so that they heed the
+    SIGTERM at once."""
+    os.kill(old.pid, signal.SIGTERM)
+    if old.pid == old.proc.pid:
+        assert old.proc.wait(timeout=30) == 0, old.log()  # ours to reap
+    else:
+        wait_for(lambda: not is_alive(old.pid, 0), 30, f"master {old.pid} to exit")
+    log = old.log()
+    assert f"[{old.pid}] [INFO] shmctx: master pid {new.pid} still runs; leaving namespace " \
+           f"{ns!r} to it" in log, log
+    if promoted:
+        wait_for(lambda: f"[{new.pid}] [INFO] Master has been promoted." in old.log(), 20,
+                 f"master {new.pid} to be promoted")
+
+
 def test_usr2_reexec_keeps_the_namespace_until_the_last_master_exits(tmp_path):
-    # No SHMCTX_NAMESPACE: the re-executed master must derive the same default name.
+    # No SHMCTX_NAMESPACE: every re-executed master must use the first master's default
+    # name, however many upgrades follow one another.
+    knob = tmp_path / "configure.json"  # read by gunicorn_conf.py
     started: list[_Server] = []
+    masters: list[int] = []  # the re-executed ones
+    elsewhere = ""
     try:
-        with _gunicorn(None, tmp_path, "-k", "sync", started=started) as srv:
-            ns = f"gunicorn-{srv.pid}"
-            old_workers = srv.workers()
-            before = srv.get("/count")["value"]
-            srv.serve_all()
-            os.kill(srv.pid, signal.SIGUSR2)  # re-exec: a new master beside the old one
-            new_master = wait_for(
-                lambda: len(c := _children(srv.pid) - old_workers) == 1 and next(iter(c)),
-                20, "the re-executed master")
-            wait_for(lambda: len(_children(new_master)) == 3, 20, "the new master's workers")
-            os.kill(srv.pid, signal.SIGTERM)  # retire the old master
-            srv.proc.wait(timeout=30)
-            assert srv.proc.returncode == 0, srv.log()
-            log = srv.log()
-            assert f"[{new_master}] [INFO] shmctx: master pid {new_master} owns namespace " \
-                   f"{ns!r}" in log
-            assert f"shmctx: master pid {new_master} still runs" in log
-            # The namespace survived the old master: the new one serves the same counter.
-            assert srv.get("/count")["value"] > before
-            new = _Server(srv.proc, srv.port, srv.log_path)
-            new.pid = new_master
-            new.serve_all()
-            os.kill(new_master, signal.SIGTERM)
-            wait_for(lambda: not is_alive(new_master, 0), 30, "the new master to exit")
-            assert _shm.namespace_objects(ns) == [], srv.log()
-            assert f"namespace {ns!r} unlinked" in srv.log()
+        with _gunicorn(None, tmp_path, "-k", "sync", started=started,
+                       env={"SHMCTX_TEST_CONFIGURE": str(knob)}) as first:
+            ns = f"gunicorn-{first.pid}"
+            table_id = _table_id(ns)
+            counted = first.get("/count")["value"]
+
+            # A new master told to use another namespace refuses to start: both masters
+            # serve at once, so they must share one. The old one goes on serving.
+            elsewhere = f"{ns}x"
+            knob.write_text(json.dumps({"namespace": elsewhere}))
+            workers = first.workers()
+            first.serve_all()
+            os.kill(first.pid, signal.SIGUSR2)
+            wait_for(lambda: f"must keep its namespace {ns!r}, but gunicorn.conf.py or "
+                             f"SHMCTX_NAMESPACE asks for {elsewhere!r}" in first.log(),
+                     20, "the re-executed master to refuse another namespace")
+            wait_for(lambda: _processes(_PPID, first.pid, zombies=True) == workers, 20,
+                     "the old master to reap the new one")
+            assert _shm.namespace_objects(elsewhere) == []
+            knob.unlink()
+            assert first.get("/count")["value"] > counted
+
+            second = _reexec(first)
+            masters.append(second.pid)
+            _retire(first, second, ns)
+            assert f"[{second.pid}] [INFO] shmctx: master pid {second.pid} owns namespace " \
+                   f"{ns!r}" in first.log()
+
+            # The promoted master upgrades again: still the same namespace and table.
+            third = _reexec(second)
+            masters.append(third.pid)
+            _retire(second, third, ns, promoted=False)
+            assert f"[{third.pid}] [INFO] shmctx: master pid {third.pid} owns namespace " \
+                   f"{ns!r}" in first.log()
+            assert _table_id(ns) == table_id
+            assert third.get("/count")["value"] > counted + 1  # the same counter
+
+            third.serve_all()
+            os.kill(third.pid, signal.SIGTERM)
+            wait_for(lambda: not is_alive(third.pid, 0), 30, "the last master to exit")
+            assert _shm.namespace_objects(ns) == [], first.log()
+            assert f"[{third.pid}] [INFO] shmctx: namespace {ns!r} unlinked" in first.log()
+            for pid in masters:
+                assert _shm.namespace_objects(f"gunicorn-{pid}") == []
+            assert _session(first.pid) == set()
     finally:
+        # After a failure: leave no namespace behind.
         _remove_namespaces_of(started)
+        for name in [f"gunicorn-{pid}" for pid in masters] + [elsewhere] * bool(elsewhere):
+            _shm.remove_namespace_objects(name)
 
 
 def test_documented_example_runs_with_its_one_command(tmp_path):

@@ -15,12 +15,11 @@ from helpers import wait_for
 from shmctx import (
     ContextConfig,
     ContextError,
-    ContextInUseError,
     ContextManager,
     InvalidConfigError,
     MemoryContextConfig,
 )
-from shmctx import _layout as L
+from shmctx._proc import identity
 
 LT = 0.2
 CFG = ContextConfig(lock_timeout=LT, cleanup_interval=0, max_references=0)
@@ -71,7 +70,10 @@ def _run(target, *args) -> int:
     p = fork.Process(target=target, args=args)
     p.start()
     p.join(30)
-    assert not p.is_alive()
+    if p.is_alive():  # wedged: kill it, so that what it holds is recovered as a death
+        p.kill()
+        p.join()
+        raise AssertionError(f"{target.__name__} did not finish")
     return p.exitcode
 
 
@@ -195,3 +197,223 @@ def test_fork_inside_ctx_lock_child_does_not_release_the_parents_hold(managers):
         assert lock.owner()[0] == os.getpid()
     assert lock.sem.value == 1
     m.return_context(ctx)
+
+
+def _fork_at_the_descriptor_limit(ns: str, report: int, hold: int) -> None:
+    """Middle process: attach, use the hot path, then fork with no descriptor free. The
+    grandchild frees a few, takes a reference, reports its pid and waits."""
+    import resource
+
+    m = ContextManager(namespace=ns)
+    m.return_context(m.get_context("c"))  # mapped: the next get takes the hot path
+    # The child's start time must differ from ours, or a child that kept our start time
+    # would pass for itself: let the clock (in ticks since boot) move on first.
+    tick = os.sysconf("SC_CLK_TCK")
+    with open("/proc/uptime") as f:
+        wait_for(lambda: float(f.seek(0) or f.read().split()[0]) * tick > identity.start + 2,
+                 what="the clock to pass our start time")
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+    fillers = []
+    while True:
+        try:
+            fillers.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError:
+            break
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            for fd in fillers:
+                os.close(fd)
+            m.get_context("c")
+            os.write(report, str(os.getpid()).encode().ljust(16))
+            os.read(hold, 1)
+        except BaseException:
+            code = 1
+            os.write(report, b"error".ljust(16))
+        os._exit(code)
+    for fd in fillers:
+        os.close(fd)
+    os._exit(_wait_child(pid))
+
+
+def test_fork_at_the_descriptor_limit_books_the_child_as_itself(managers):
+    m = managers(CFG)
+    ctx, _ = m.get_or_create_context("c", MEM)
+    m.return_context(ctx)
+    report_r, report_w = os.pipe()
+    hold_r, hold_w = os.pipe()
+    p = fork.Process(target=_fork_at_the_descriptor_limit,
+                     args=(m.namespace, report_w, hold_r))
+    p.start()
+    try:
+        got = os.read(report_r, 16).strip()
+        assert got != b"error"
+        child = int(got)
+        holders = {i.name: i.holders for i in m.contexts()}["c"]
+        assert holders == {child: 1}  # its own entry, not its parent's
+        m.sweep()  # and alive: its entry names it, start time included
+        assert {i.name: i.holders for i in m.contexts()}["c"] == {child: 1}
+    finally:
+        os.write(hold_w, b"x")
+        p.join(30)
+        for fd in (report_r, report_w, hold_r, hold_w):
+            os.close(fd)
+    assert p.exitcode == 0
+    m.sweep()
+    assert {i.name: i.holders for i in m.contexts()}["c"] == {}
+
+
+def test_get_context_inside_its_own_init_raises_instead_of_waiting_for_itself(managers):
+    m = managers(CFG)
+    seen = []
+
+    def init(ctx):
+        with pytest.raises(ContextError, match="being initialised by this thread"):
+            m.get_context("x", timeout=5)
+        with pytest.raises(ContextError, match="being initialised by this thread"):
+            m.get_or_create_context("x", MEM, timeout=5)
+        seen.append(True)
+
+    ctx, existed = m.get_or_create_context("x", MEM, init=init)
+    assert seen and not existed
+    m.return_context(ctx)
+    m.return_context(m.get_context("x"))  # published as usual afterwards
+    assert m.check() == []
+
+
+def test_fork_inside_init_leaves_the_context_to_the_parent(managers):
+    m = managers(CFG)
+    children = []
+
+    def init(ctx):
+        ctx.buf[:6] = b"parent"
+        pid = os.fork()
+        if pid:
+            children.append(pid)
+            assert _wait_child(pid) == 9  # the child returned from init and was refused
+        # the child goes on into get_or_create_context's publish step, as a fork does
+
+    try:
+        ctx, existed = m.get_or_create_context("x", MEM, init=init)
+    except ContextError as e:
+        if not children:  # the child: refused, and it must not touch the parent's slot
+            os._exit(9 if "forked inside its init" in str(e) else 1)
+        raise
+    except BaseException:
+        if not children:
+            os._exit(2)
+        raise
+    if not children:
+        os._exit(3)  # the child published: the bug
+    assert not existed
+    assert bytes(ctx.buf[:6]) == b"parent"
+    assert m.validate_context(ctx)
+    m.return_context(ctx)
+    assert m.check() == []
+
+
+@pytest.mark.parametrize("seconds", [0.001, 0.0001, 0.099])
+def test_lock_timeout_too_short_to_tell_slow_from_dead_is_refused(seconds):
+    with pytest.raises(InvalidConfigError, match=r"lock_timeout must be at least 0\.1"):
+        ContextConfig(lock_timeout=seconds)
+    assert ContextConfig(lock_timeout=0.1).lock_timeout == 0.1
+
+
+# --- Ctrl-C ----------------------------------------------------------------------------
+
+def test_handle_dropped_unreturned_gives_its_reference_back(managers):
+    """What Ctrl-C right after a get leaves: a handle nobody will return. Its reference
+    is given back (at the manager's next call), so the counts stay exact and such drops
+    never add up to MaxReferencesReachedError."""
+    m = managers(ContextConfig(lock_timeout=LT, cleanup_interval=0, max_references=3))
+    ctx, _ = m.get_or_create_context("c", MEM)
+    m.return_context(ctx)
+    for _ in range(10):  # far more drops than max_references
+        m.get_context("c")  # dropped at once, as an interrupted assignment would
+        held = m.get_context("c")
+        assert {i.name: i.refcount for i in m.contexts()}["c"] == 1
+        m.return_context(held)
+    m.sweep()
+    assert {i.name: i.holders for i in m.contexts()}["c"] == {}
+    assert m.check() == []
+
+
+def test_keyboard_interrupt_right_after_a_get_leaves_exact_counts(managers):
+    m = managers(CFG)
+    ctx, _ = m.get_or_create_context("c", MEM)
+    m.return_context(ctx)
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        for _ in range(20):
+            with pytest.raises(KeyboardInterrupt):
+                ctx = m.get_context("c")
+                # The signal arrives before the handle reaches anything that returns it.
+                signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+                pytest.fail("the signal handler did not raise at once")
+            del ctx
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+    m.return_context(m.get_context("c"))  # the manager gives the dropped ones back
+    assert {i.name: i.holders for i in m.contexts()}["c"] == {}
+    assert m.check() == []
+
+
+def _leak_a_stripe_then_close(ns: str) -> None:
+    """Hold a reference, then leave its stripe lock taken as an exception between taking
+    it and the ``try`` that releases it would (Ctrl-C there), then close()."""
+    m = ContextManager(namespace=ns)
+    ctx = m.get_context("c")
+    assert ctx is not None
+    ctx._mapped.stripe.acquire()
+    m.close()  # returns this reference under that very stripe lock
+    os._exit(0)
+
+
+def test_close_after_a_lock_left_held_by_an_interrupt_does_not_wait_forever(managers):
+    m = managers(CFG)
+    ctx, _ = m.get_or_create_context("c", MEM)
+    assert _run(_leak_a_stripe_then_close, m.namespace) == 0
+    assert {i.name: i.holders for i in m.contexts()}["c"] == {os.getpid(): 1}
+    m.return_context(ctx)
+    assert m.check() == []
+
+
+def test_a_lock_left_held_is_recovered_as_the_exception_leaves_the_call(managers):
+    """Other processes take a lock held by a live process for held: the process that
+    left it held recovers it as soon as an exception leaves its call."""
+    m = managers(CFG)
+    ctx, _ = m.get_or_create_context("c", MEM)
+    stripe = ctx._mapped.stripe
+    stripe.acquire()  # left held, as by an interrupt right after taking it
+    with pytest.raises(ContextError):
+        m.close_context("no-such-context")  # the exception leaves the call here
+    assert stripe.owner()[0] == 0 and stripe.sem.value == 1
+    assert _run(_get_and_return, m.namespace, "c") == 0  # another process gets through
+    m.return_context(ctx)
+    assert m.check() == []
+
+
+def _get_and_return(ns: str, name: str) -> None:
+    m = ContextManager(namespace=ns)
+    m.return_context(m.get_context(name, timeout=5))
+    os._exit(0)
+
+
+def test_a_lock_left_held_by_a_thread_that_ended_is_recovered_by_the_sweep(managers):
+    m = managers(CFG)
+    ctx, _ = m.get_or_create_context("c", MEM)
+    stripe = ctx._mapped.stripe
+    t = threading.Thread(target=stripe.acquire)  # takes it and ends without releasing
+    t.start()
+    t.join()
+    assert stripe.owner()[0] == os.getpid()
+    assert m.sweep().locks_recovered >= 1
+    assert stripe.owner()[0] == 0 and stripe.sem.value == 1
+    m.return_context(ctx)
+    assert m.check() == []

@@ -5,11 +5,16 @@ and every exit code (0 ok, 1 violations, 2 unknown/permission/usage, 3 foreign t
 from __future__ import annotations
 
 import json
+import math
+import mmap
+import multiprocessing as mp
 import os
 import pty
 import select
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -20,15 +25,19 @@ from contextlib import contextmanager
 import msgpack
 import posix_ipc
 import pytest
+from helpers import wait_for
 
-from shmctx import ContextConfig, ContextManager, MemoryContextConfig, _shm
+from shmctx import ContextConfig, ContextManager, MemoryContextConfig, TableFormatError, _shm
 from shmctx import _layout as L
+from shmctx._lock import RobustLock
+from shmctx._table import name_hash
 
 # The script installed beside this interpreter: CI runs .venv/bin/pytest without putting
 # .venv/bin on PATH.
 CLI = shutil.which("ctx-inspect", path=os.path.dirname(sys.executable)) or \
     shutil.which("ctx-inspect")
-LT = 0.2  # lock_timeout: the wedged-lock read gives up after this
+LT = 0.2  # lock_timeout of the tables made here
+QUICK = ("--timeout", str(LT))  # ctx-inspect's own wait for a busy or wedged table lock
 CFG = ContextConfig(lock_timeout=LT, cleanup_interval=0)
 LONG = "a-context-with-a-name-far-too-long-for-a-hundred-column-terminal-" + "x" * 50
 DEADLINE = 60  # subprocess timeout: a hang guard only, never a speed assertion
@@ -75,9 +84,8 @@ def _hold(ns: str, names: list[str], ready, done) -> None:
 
 def _take_and_die(ns: str, *names: str) -> None:
     m = ContextManager(namespace=ns, sweeper=False)
-    for name in names:
-        m.get_context(name)
-    os._exit(0)  # no close: the references stay recorded for a dead pid
+    held = [m.get_context(name) for name in names]  # kept: a dropped handle gives its back
+    os._exit(0 if held else 1)  # no close: the references stay recorded for a dead pid
 
 
 def _attach_and_die(ns: str) -> None:
@@ -313,24 +321,30 @@ def test_wedged_lock_still_shows_the_table_unlocked(ns, mp_ctx):
         assert ready.wait(DEADLINE)
         os.kill(p.pid, signal.SIGKILL)
         p.join(DEADLINE)
-        r = cli(ns)  # must not hang (the DEADLINE guard would fail the test)
+        r = cli(ns, *QUICK)  # must not hang (the DEADLINE guard would fail the test)
         assert r.returncode == 0, r.stderr
         assert "UNLOCKED SNAPSHOT" in r.stdout and f"held by pid {p.pid}† (dead" in r.stdout
         row = next(ln for ln in r.stdout.splitlines() if ln.startswith("alpha "))
         assert f"{p.pid}:1†" in row
-        d = doc(ns)
-        assert d["snapshot"]["locked"] is False and "not free" in d["snapshot"]["unlocked_reason"]
+        d = doc(ns, *QUICK)
+        assert d["snapshot"]["locked"] is False  # at once: nobody releases a dead owner's lock
+        assert d["snapshot"]["unlocked_reason"] == f"the table lock is held by dead pid {p.pid}"
         assert d["lock"] == {"owner_pid": p.pid, "owner_alive": False,
                              "epoch": d["lock"]["epoch"]}
-        assert msgpack.unpackb(cli(ns, "--msgpack", binary=True).stdout)["snapshot"][
+        assert msgpack.unpackb(cli(ns, "--msgpack", *QUICK, binary=True).stdout)["snapshot"][
             "locked"] is False
-        listed = {n["namespace"]: n for n in doc()["namespaces"]}
+        listed = {n["namespace"]: n for n in doc(*QUICK)["namespaces"]}
         assert listed[ns]["locked"] is False and listed[ns]["contexts"] == 1
-        check = cli(ns, "--check")
+        check = cli(ns, "--check", *QUICK)
         assert check.returncode == 1
         assert f"{ns}: table lock: held by dead pid {p.pid}" in check.stdout.splitlines()
         # Read-only: nobody took the lock over, the dead owner is still recorded.
         assert m._table.table_lock.owner()[0] == p.pid
+        # The repair path does take a dead owner's lock over, within --timeout.
+        gc = cli(ns, "--gc", "--yes", *QUICK)
+        assert gc.returncode == 0, gc.stderr
+        assert f"reclaimed the references of dead pid {p.pid}" in gc.stdout
+        assert f"took over from dead owner pid {p.pid}" in gc.stderr
 
 
 # --- --check ---------------------------------------------------------------------------
@@ -518,3 +532,339 @@ def test_colour_only_on_a_terminal_and_never_with_no_color(ns, mp_ctx):
         assert b"\x1b[" not in plain and f"{dead}:1†".encode() in plain
         piped = cli(ns)
         assert "\x1b[" not in piped.stdout and f"{dead}:1†" in piped.stdout
+
+
+# --- hostile tables: ctx-inspect is bounded by its own timeout and the file's size -----
+
+_LT_OFF = L.H_FIXED_OFF + 56  # lock_timeout in the header (see _layout's header table)
+_STRIPES_OFF, _TOTAL_OFF = L.H_FIXED_OFF + 16, L.H_FIXED_OFF + 24
+
+
+def _hold_table_lock(ns: str, ready, release) -> None:
+    """Take ``ns``'s table lock and keep it, alive, until the test writes to ``release``
+    (a pipe), then give it back."""
+    m = ContextManager(namespace=ns, sweeper=False)
+    m._table.table_lock.acquire()
+    ready.set()
+    try:
+        release.recv()
+    except EOFError:  # the test died: let go all the same
+        pass
+    m._table.table_lock.release()
+    m.close()
+
+
+def test_absurd_lock_timeout_and_a_live_holder_cost_only_own_timeout(ns):
+    """A header's lock_timeout of 1e9 s and a table lock held by a live process that
+    never lets go: every read ends after ctx-inspect's own --timeout as an unlocked
+    snapshot, and --gc --yes, which would have to wait as a process of the namespace,
+    does nothing and says so (exit 75)."""
+    fork = mp.get_context("fork")
+    with manager(ns, ("alpha", 0, None)) as m:
+        dead = run_child(fork, _take_and_die, ns, "alpha")  # something for --gc to do
+        struct.pack_into("<d", m._buf, _LT_OFF, 1e9)
+        ready, (ours, theirs) = fork.Event(), fork.Pipe()
+        holder = fork.Process(target=_hold_table_lock, args=(ns, ready, theirs))
+        holder.start()
+        try:
+            assert ready.wait(DEADLINE)
+            d = doc(ns)  # the default --timeout, never the table's 1e9 s
+            assert d["config"]["lock_timeout"] == 1e9
+            assert d["snapshot"] == {"locked": False, "taken_at": d["snapshot"]["taken_at"],
+                                     "unlocked_reason": "the table lock was not free within 1s"}
+            assert d["lock"]["owner_pid"] == holder.pid and d["lock"]["owner_alive"] is True
+            r = cli(ns, "--timeout", "0.3")
+            assert r.returncode == 0
+            assert "UNLOCKED SNAPSHOT: the table lock was not free within 0.3s" in r.stdout
+            assert f"held by pid {holder.pid} (alive)" in r.stdout
+            check = cli(ns, "--check", "--timeout", "0.3")
+            assert check.returncode == 0, check.stdout
+            assert check.stdout.splitlines()[0] == \
+                f"{ns}: note: unlocked snapshot, the table lock was not free within 0.3s"
+            listed = {n["namespace"]: n for n in doc("--timeout", "0.3")["namespaces"]}
+            assert listed[ns]["locked"] is False and listed[ns]["contexts"] == 1
+            gc = cli(ns, "--gc", "--yes", "--timeout", "0.3")
+            assert gc.returncode == 75 and gc.stdout == ""
+            assert gc.stderr == (
+                f"ctx-inspect: the table lock of namespace {ns!r} was not free within 0.3s "
+                f"(held by live pid {holder.pid}); --gc --yes changed nothing; try again, "
+                "or raise --timeout\n")
+            assert dead in {h["pid"] for h in by_name(doc(ns, *QUICK))["alpha"]["holders"]}
+        finally:
+            ours.send(None)
+            holder.join(DEADLINE)
+        done = cli(ns, "--gc", "--yes", *QUICK)  # the holder let go: the repair runs
+        assert done.returncode == 0, done.stderr
+        assert f"reclaimed the references of dead pid {dead}" in done.stdout
+
+
+def _genuine_table(new_ns) -> bytes:
+    """The bytes of a real table (of a namespace unlinked again at once)."""
+    other = new_ns()
+    m = ContextManager(CFG, namespace=other, sweeper=False)
+    try:
+        with open(_shm.host_path(_shm.table_name(other)), "rb") as f:
+            return f.read()
+    finally:
+        m.unlink(force=True)
+
+
+def _hostile(index_size: int | None = None, stripes: int | None = None,
+             fit: bool = True, lock_timeout: float | None = None):
+    """A header patch, and whether the file (and the header's total size) are made to
+    agree with the geometry the patched header describes."""
+    def patch(data: bytes) -> tuple[bytes, int]:
+        out = bytearray(data)
+        cap, n_stripes, procs = struct.unpack_from("<III", out, L.H_FIXED_OFF + 12)
+        if index_size is not None:
+            L.H_INDEX_SIZE.pack_into(out, L.H_INDEX_SIZE_OFF, index_size)
+        if stripes is not None:
+            struct.pack_into("<I", out, _STRIPES_OFF, stripes)
+        if lock_timeout is not None:
+            struct.pack_into("<d", out, _LT_OFF, lock_timeout)
+        if not fit:
+            return bytes(out), len(out)
+        index = L.H_INDEX_SIZE.unpack_from(out, L.H_INDEX_SIZE_OFF)[0]
+        total = L.Geometry(cap, procs, stripes or n_stripes, index).total
+        struct.pack_into("<Q", out, _TOTAL_OFF, total)
+        return bytes(out), total
+    return patch
+
+
+HOSTILE = {
+    # 8 GiB as claimed, a sparse file of that size: sized from the header, a read would
+    # allocate and scan it all. Checked in O(1) instead.
+    "index size 2**31, file to match": (_hostile(index_size=1 << 31), "impossible geometry"),
+    "index size 2**24, file to match": (_hostile(index_size=1 << 24), "impossible geometry"),
+    "index size 2**31, file as it was": (_hostile(index_size=1 << 31, fit=False),
+                                         "impossible geometry"),
+    "1 stripe for capacity 1024, file to match": (_hostile(stripes=1), "impossible geometry"),
+    "file shorter than the header says": (lambda d: (d, len(d) - L.PAGE), "size is "),
+    "lock_timeout nan": (_hostile(lock_timeout=math.nan), "impossible setting: lock_timeout"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_geometry_is_refused_before_anything_is_sized_from_it(ns, new_ns, case):
+    patch, problem = HOSTILE[case]
+    data, size = patch(_genuine_table(new_ns))
+    path = _shm.host_path(_shm.table_name(ns))
+    with open(path, "xb") as f:
+        f.write(data[:size])
+        f.truncate(size)  # sparse beyond the genuine bytes: no memory behind it
+    try:
+        for args in ([ns], [ns, "--json"], [ns, "--check"], [ns, "--gc", "--yes"]):
+            r = cli(*args)
+            assert r.returncode == 3, (args, r.stdout[-300:], r.stderr)
+            assert r.stderr.startswith(f"ctx-inspect: table of namespace '{ns}' ({path}): "
+                                       f"{problem}"), r.stderr
+        listed = {n["namespace"]: n for n in doc()["namespaces"]}
+        assert listed[ns]["error"].startswith(problem) and listed[ns]["bytes"] == size
+        with pytest.raises(TableFormatError, match=problem):  # the library's one check
+            ContextManager(namespace=ns, sweeper=False)
+        assert os.stat(path).st_size == size and os.stat(path).st_blocks * 512 <= len(data)
+    finally:
+        os.unlink(path)
+
+
+def _plant(path: str, kind: str) -> socket.socket | None:
+    if kind == "fifo":
+        os.mkfifo(path)
+        os.chmod(path, 0o444)  # readable by all: an open for reading would block
+    elif kind == "socket":
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(path)
+        os.chmod(path, 0o666)
+        return s
+    else:
+        os.symlink("/etc/passwd", path)
+    return None
+
+
+@pytest.mark.parametrize("kind, problem", [("fifo", "not a regular file"),
+                                           ("socket", "not a regular file"),
+                                           ("symlink", "not a regular file (a symbolic link)")])
+def test_fifo_socket_or_symlink_planted_as_a_table_exits_3(ns, kind, problem):
+    """/dev/shm is writable by every user: a FIFO named like a table would block an open
+    for reading forever (the read-only fallback of a user who may not write it)."""
+    prefix = _unprivileged()
+    if prefix is None:
+        pytest.skip("running as root with no setpriv/nobody to drop privileges to")
+    path = _shm.host_path(_shm.table_name(ns))
+    sock = _plant(path, kind)
+    try:
+        for user in (prefix, []):  # the unprivileged first: it is the one that could hang
+            r = cli(ns, user=user)
+            assert r.returncode == 3, (user, r.stderr)
+            assert r.stderr == f"ctx-inspect: table of namespace '{ns}' ({path}): {problem}\n"
+        listed = {n["namespace"]: n for n in json.loads(cli("--json", user=prefix).stdout)[
+            "namespaces"]}
+        assert listed[ns]["error"] == problem
+    finally:
+        os.unlink(path)
+        if sock is not None:
+            sock.close()
+
+
+def _sem_waiters(path: str) -> int:
+    """Processes blocked on a POSIX semaphore: glibc keeps their count in the high half
+    of the first 64-bit word of the semaphore (x86_64 and aarch64)."""
+    with open(path, "rb") as f:
+        return struct.unpack("<Q", f.read(8))[0] >> 32
+
+
+def _truncate_under_the_lock(ns: str, ready, go) -> None:
+    m = ContextManager(ContextConfig(lock_timeout=DEADLINE, cleanup_interval=0),
+                       namespace=ns, sweeper=False)
+    m._table.table_lock.acquire()
+    ready.set()
+    go.recv()
+    os.truncate(_shm.host_path(_shm.table_name(ns)), L.PAGE)  # the owner record stays
+    m._table.table_lock.release()
+    os._exit(0)  # touching the rest of the table now would be a SIGBUS
+
+
+def test_table_shrunk_while_waiting_for_its_lock_is_an_error_not_sigbus(ns):
+    """ctx-inspect waits for the table lock; its holder shrinks the file and lets go. The
+    copy taken then is short, and said to be: no read through a mapping past the end."""
+    fork = mp.get_context("fork")
+    ready, (ours, theirs) = fork.Event(), fork.Pipe()
+    holder = fork.Process(target=_truncate_under_the_lock, args=(ns, ready, theirs))
+    holder.start()
+    try:
+        assert ready.wait(DEADLINE)
+        tag = _shm.public_tag(ns)
+        sem = _shm.host_path(_shm.table_lock_name(ns, tag), semaphore=True)
+        p = subprocess.Popen([CLI, ns, "--timeout", str(DEADLINE)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: _sem_waiters(sem) or p.poll() is not None, DEADLINE,
+                 "ctx-inspect to wait for the table lock")
+        ours.send(None)
+        _out, err = p.communicate(timeout=DEADLINE)
+    finally:
+        holder.join(DEADLINE)
+        _shm.remove_namespace_objects(ns)
+    assert p.returncode == 3, (p.returncode, err)  # -7 would be SIGBUS
+    assert err.startswith(f"ctx-inspect: table of namespace '{ns}'") and "size is 4096" in err
+
+
+_FULL_SHM = """
+import ctypes, errno, json, os, subprocess, sys
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", "/dev/shm"], check=True)
+from shmctx import ContextConfig, ContextManager, _shm
+ns, cli = sys.argv[1], sys.argv[2]
+m = ContextManager(ContextConfig(capacity=16, cleanup_interval=0), namespace=ns,
+                   sweeper=False)
+# The process entries after ours are zeros: make them holes, as in a sparse table.
+start = -(-m._geo.proc_off(1) // 4096) * 4096
+fd = os.open(_shm.host_path(_shm.table_name(ns)), os.O_RDWR)
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.fallocate(fd, 3, ctypes.c_long(start),  # PUNCH_HOLE | KEEP_SIZE
+                      ctypes.c_long(m._geo.slots_off // 4096 * 4096 - start)) == 0
+os.close(fd)
+try:
+    with open("/dev/shm/filler", "wb", buffering=0) as f:
+        while True:
+            f.write(bytes(65536))
+except OSError as e:
+    assert e.errno == errno.ENOSPC, e
+runs = {" ".join(a): subprocess.run([cli, *a], capture_output=True, text=True)
+        for a in ([ns], [ns, "--check"], [ns, "--json"], [])}
+print(json.dumps({k: [r.returncode, r.stdout, r.stderr] for k, r in runs.items()}))
+"""
+
+
+def test_full_dev_shm_is_no_sigbus(ns):
+    """On a full /dev/shm, reading a hole of a sparse table through a mapping faults in
+    a page that cannot be had: SIGBUS. ctx-inspect copies with pread. A private tmpfs of
+    1 MiB in a mount namespace of its own stands for the full /dev/shm."""
+    unshare = shutil.which("unshare")
+    r = subprocess.run([unshare, "--mount", sys.executable, "-c", _FULL_SHM, ns, CLI],
+                       capture_output=True, text=True, timeout=DEADLINE)
+    if r.returncode and "unshare failed" in r.stderr and "Operation not permitted" in r.stderr:
+        pytest.skip("no permission to make a mount namespace here")
+    assert r.returncode == 0, r.stderr
+    runs = json.loads(r.stdout)
+    for args, (code, out, err) in runs.items():
+        assert code == 0, (args, code, err)  # -7 would be SIGBUS
+        assert "Traceback" not in err and out
+    assert runs[f"{ns} --check"][1] == f"{ns}: sound\n"
+    assert json.loads(runs[f"{ns} --json"][1])["snapshot"]["locked"] is True
+
+
+def test_many_contexts_cost_time_in_proportion_to_them(ns):
+    """2**15 live contexts, each in the name index and each naming a parent that is gone:
+    showing and checking them looks each one up once. (A scan of every slot per parent
+    lookup and per index entry made that about 2**30 steps: minutes.)"""
+    n = 1 << 15
+    m = ContextManager(ContextConfig(capacity=n, cleanup_interval=0), namespace=ns,
+                       sweeper=False)
+    try:
+        geo, mask = m._geo, m._geo.index_size - 1
+        for i in range(n):
+            name = f"c{i}".encode()
+            h = name_hash(name)
+            L.SLOT_ALL.pack_into(m._buf, geo.slot_off(i), L.READY, 0, len(name), 0, i + 1, h,
+                                 0, (i + 1) % n + 1, 0, n + 7, 0.0, 0.0, 0, 0, 0, 0, 0, name)
+            pos = h & mask  # the index's own placement (linear probing), so it is sound
+            while L.INDEX_ENTRY.unpack_from(m._buf, geo.index_entry_off(pos))[0]:
+                pos = (pos + 1) & mask
+            L.INDEX_ENTRY.pack_into(m._buf, geo.index_entry_off(pos), i + 1)
+        L.H_NEXT_INC.pack_into(m._buf, L.H_NEXT_INC_OFF, n + 1)
+        L.H_LIVE.pack_into(m._buf, L.H_LIVE_OFF, n)
+        L.H_FREE_HEAD.pack_into(m._buf, L.H_FREE_HEAD_OFF, 0)
+        check = cli(ns, "--check", "--json")
+        assert check.returncode == 1
+        found = json.loads(check.stdout)["namespaces"][0]["violations"]
+        assert len(found) == n and all(v.endswith("is gone but the child lives") for v in found)
+        d = doc(ns, "--limit", "1")
+        assert d["matched"] == n and d["contexts"][0]["parent"] is None
+    finally:
+        m.unlink(force=True)
+
+
+def _hold_table_lock_unattached(ns: str, ready, release) -> None:
+    """Hold ``ns``'s table lock, alive, without being a process of the namespace (so the
+    table stays unused), as ctx-inspect itself holds it while copying."""
+    fd = os.open(_shm.host_path(_shm.table_name(ns)), os.O_RDWR)
+    tag = _shm.public_tag(ns)
+    with mmap.mmap(fd, L.PAGE) as mm:
+        lock = RobustLock(posix_ipc.Semaphore(_shm.table_lock_name(ns, tag)), memoryview(mm),
+                          L.LOCKS_OFF, 0, LT, None, None, "table lock")
+        lock.acquire()
+        ready.set()
+        try:
+            release.recv()
+        except EOFError:
+            pass
+        lock.release()
+        lock.sem.close()
+    os.close(fd)
+
+
+def test_gc_of_an_unused_table_waits_only_its_own_timeout(ns):
+    """Removing an unused table takes its lock first; a live holder and a lock_timeout of
+    1e9 s in the header cost --timeout, then a clear refusal (exit 75)."""
+    fork = mp.get_context("fork")
+    run_child(fork, _attach_and_die, ns)  # its only process died; no contexts
+    path = _shm.host_path(_shm.table_name(ns))
+    fd = os.open(path, os.O_RDWR)
+    os.pwrite(fd, struct.pack("<d", 1e9), _LT_OFF)
+    os.close(fd)
+    ready, (ours, theirs) = fork.Event(), fork.Pipe()
+    holder = fork.Process(target=_hold_table_lock_unattached, args=(ns, ready, theirs))
+    holder.start()
+    try:
+        assert ready.wait(DEADLINE)
+        r = cli(ns, "--gc", "--grace", "0", "--yes", *QUICK)
+        assert r.returncode == 75 and r.stdout == ""
+        assert r.stderr == (f"ctx-inspect: the table lock of namespace {ns!r} was not free "
+                            f"within {LT:g}s; --gc --yes changed nothing; try again, or raise "
+                            "--timeout\n")
+        assert os.path.exists(path)
+    finally:
+        ours.send(None)
+        holder.join(DEADLINE)
+    done = cli(ns, "--gc", "--grace", "0", "--yes", *QUICK)
+    assert done.returncode == 0 and "removed the table" in done.stdout, done.stderr
+    assert _shm.namespace_objects(ns) == []

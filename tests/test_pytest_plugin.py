@@ -202,10 +202,13 @@ def test_plain_run_without_xdist(pytester, prefix):
         def test_2_value_again(shmctx_once, record):
             record(pid=os.getpid(), value=shmctx_once("v", make))
 
+        KEPT = []  # handles kept to the end of the run (a dropped one gives its back)
+
         def test_3_manager_direct(shmctx_manager):
             # A reference the test never returns: the end of the run removes it anyway.
             ctx, existed = shmctx_manager.get_or_create_context(
                 "direct", MemoryContextConfig(size=64))
+            KEPT.append(ctx)
             ctx.put({"n": 1})
             assert ctx.get() == {"n": 1} and not existed
             assert _shm.namespace_objects(shmctx_manager.namespace)

@@ -19,6 +19,7 @@ from ._errors import (
     ContextInUseError,
     ContextManagerClosedError,
     ContextNotFoundError,
+    ForeignObjectError,
     InvalidConfigError,
     InvalidContextTypeError,
     MaxReferencesReachedError,
@@ -50,4 +51,5 @@ __all__ = [
     "InvalidConfigError",
     "TableFullError",
     "TableFormatError",
+    "ForeignObjectError",
 ]

@@ -27,6 +27,14 @@ DEFAULT_CAPACITY = 1024
 DEFAULT_LOCK_TIMEOUT = 1.0
 DEFAULT_MAX_PROCESSES = 256
 
+# The least lock_timeout. A waiter condemns a lock whose semaphore is taken but whose
+# owner record stays empty for one lock_timeout (the holder died between sem_wait and
+# writing the record). A live holder sits in that window for a few instructions, but a
+# process can be descheduled there, or wait there for the GIL behind its own busy
+# threads, for a scheduler slice or several: a lock_timeout of a millisecond takes such
+# a holder for dead and lets a second one in. 0.1 s is well beyond that on a loaded host.
+MIN_LOCK_TIMEOUT = 0.1
+
 # Hard limits of the table layout (see _layout.py).
 MAX_CAPACITY = 1 << 20
 MAX_PROCESSES_LIMIT = 1 << 16
@@ -35,7 +43,8 @@ MAX_REFERENCES_LIMIT = (1 << 32) - 1
 Duration = Union[float, int, timedelta]  # noqa: UP007 - a runtime alias on 3.10
 
 
-def _duration(field: str, value: object, *, positive: bool = False) -> float:
+def _duration(field: str, value: object, *, positive: bool = False,
+              least: float = 0.0) -> float:
     if isinstance(value, timedelta):
         seconds = value.total_seconds()
     elif isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -49,6 +58,11 @@ def _duration(field: str, value: object, *, positive: bool = False) -> float:
     if seconds < 0 or (positive and seconds == 0):
         raise InvalidConfigError(
             f"{field} must be {'> 0' if positive else '>= 0'} seconds, got {value!r}"
+        )
+    if seconds < least:
+        raise InvalidConfigError(
+            f"{field} must be at least {least} seconds, got {value!r}: shorter, a live "
+            "holder that is merely slow could be taken for a dead one"
         )
     return seconds
 
@@ -88,7 +102,8 @@ class ContextConfig:
             "max_idle_time": _duration("max_idle_time", self.max_idle_time),
             "cleanup_interval": _duration("cleanup_interval", self.cleanup_interval),
             "capacity": _count("capacity", self.capacity, low=1, high=MAX_CAPACITY),
-            "lock_timeout": _duration("lock_timeout", self.lock_timeout, positive=True),
+            "lock_timeout": _duration("lock_timeout", self.lock_timeout, positive=True,
+                                      least=MIN_LOCK_TIMEOUT),
             "max_processes": _count(
                 "max_processes", self.max_processes, low=1, high=MAX_PROCESSES_LIMIT
             ),

@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from ._errors import ContextClosedError
+from ._lock import ContextLock
 
 if TYPE_CHECKING:
-    from ._lock import ContextLock, RobustLock
+    from ._lock import RobustLock
     from ._manager import ContextManager
 
 __all__ = ["MemoryContext", "ContextInfo", "SweepReport"]
@@ -24,8 +25,20 @@ _NO_VALUE = object()
 
 
 class _Mapped:
-    """This process's mapping of one context incarnation, shared by its handles and kept
-    after they are returned, so the next get of the same context maps nothing."""
+    """This process's mapping of one context incarnation, shared by its handles.
+
+    The manager's cache (``ContextManager._mapped``) keeps it after its handles are
+    returned, so the next get of the same context maps nothing, but only while the
+    context is open and, among those this process holds no reference to, only the
+    most recently used (``ContextManager._prune_mappings``). Out of the cache it lives
+    exactly as long as something of this process still uses it: a handle (returned or
+    not), a buffer exported from it (``ctx.buf``, a numpy array over it), a thread in
+    ``put``. With the last of them it goes, by reference counting: the memory is
+    unmapped (and its descriptor closed) when the ``mmap`` object is freed, and its
+    ``ctx.lock`` semaphore closed when that lock object is (``_MappedLock``). Nothing
+    here refers back to the mapping from those objects, so no cycle waits for the
+    garbage collector.
+    """
 
     __slots__ = ("name", "slot", "inc", "size", "mm", "view", "lock", "parent", "off", "stripe",
                  "hot")
@@ -48,12 +61,47 @@ class _Mapped:
         self.hot = (off, stripe_index, inc, slot)
 
     def unmap(self) -> None:
+        """Unmap now (the manager is closing, or a creation failed): handles still
+        around see the context as closed. Its lock object goes with its last user
+        (``_MappedLock``)."""
+        self.lock = None
         try:
             self.view.release()
             if self.mm is not None:
                 self.mm.close()
         except BufferError:
             pass  # the user still exports it (numpy, a slice): it unmaps when they let go
+
+
+class _MappedLock(ContextLock):
+    """``ctx.lock`` of one context incarnation in this process; it owns its semaphore
+    and closes it when the last reference to it goes.
+
+    Not sooner: ``sem_close`` unmaps the semaphore, so closing it under a thread that
+    sleeps in ``sem_wait`` on it (or will post it) would pull the memory from under that
+    thread. Such a thread always references this object (its ``with`` block, its frame
+    in ``acquire``), so the last reference cannot go while one holds or waits on it. A
+    lock acquired with ``acquire()`` and held without any reference is kept referenced
+    by its mapping: the cache keeps a mapping whose lock a thread of this process holds.
+
+    The manager finds a live one by incarnation (``ContextManager._locks``, a weak
+    registry), so a context mapped again while an older lock object of it is still in
+    use here gets that same object: one lock object per context incarnation and
+    manager, which the lock's re-entrancy needs (two objects would each let the same
+    thread in, or make it wait for itself).
+    """
+
+    __slots__ = ("__weakref__",)
+
+    def held_here(self) -> bool:
+        """Whether a thread holds it now (re-entered or not)."""
+        return self._depth > 0
+
+    def __del__(self) -> None:
+        try:
+            self.sem.close()
+        except Exception:  # closed already, or the interpreter is exiting
+            pass
 
 
 class MemoryContext:
@@ -148,6 +196,17 @@ class MemoryContext:
             data = bytes(view[_VALUE_HEAD.size : _VALUE_HEAD.size + length])
         return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
+    def __del__(self) -> None:
+        # A handle dropped without return_context: an exception (Ctrl-C above all) between
+        # a get and the code that would have returned it. Its reference must not stay
+        # booked to this process for the rest of its life. Returning it here could wait
+        # for a stripe lock this very thread holds (a finalizer runs at any allocation),
+        # so it is queued, and the manager returns it at its next call or sweep. When the
+        # C hot path is built, a C function with the same logic replaces this one
+        # (_speedups.c, handle_finalize): this one costs as much as a get/return pair.
+        if getattr(self, "_returned", True) is False:  # True too if never fully made
+            self._manager._dropped.append((self._mapped, self._pid))
+
     def _ensure_valid(self) -> None:
         if self._returned:
             raise ContextClosedError(f"context {self.name!r}: this handle was returned")
@@ -211,7 +270,8 @@ class SweepReport:
     orphans_removed: list[str] = field(default_factory=list)
     locks_recovered: int = 0  # locks taken over from dead owners and released
     duration: float = 0.0
+    damaged: list[str] = field(default_factory=list)  # contexts closed as damaged
 
     def __bool__(self) -> bool:
         return bool(self.closed or self.reclaimed or self.orphans_removed
-                    or self.locks_recovered)
+                    or self.locks_recovered or self.damaged)

@@ -2,7 +2,8 @@
 
 The seven kinds of the Go ``ContextManager`` keep their names (with the Python
 ``Error`` suffix); ``TableFullError`` and ``TableFormatError`` are the two that a
-fixed-size, shared table adds.
+fixed-size, shared table adds; ``ForeignObjectError`` is the refusal of an object
+another user owns.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ __all__ = [
     "InvalidConfigError",
     "TableFullError",
     "TableFormatError",
+    "ForeignObjectError",
 ]
 
 
@@ -62,3 +64,15 @@ class TableFullError(ContextError):
 
 class TableFormatError(ContextError):
     """A namespace's table is not ours, is another layout version, or is damaged."""
+
+
+class ForeignObjectError(ContextError, PermissionError):
+    """An object of the namespace in ``/dev/shm`` is owned by a user who is neither this
+    process's effective uid nor one of the manager's ``trusted_uids``; it is refused
+    rather than read, written, waited on or replaced. ``filename`` is its path,
+    ``owner_uid`` its owner."""
+
+    owner_uid: int | None = None
+
+    def __str__(self) -> str:  # the message names the path already; no "[Errno 1]"
+        return str(self.strerror)

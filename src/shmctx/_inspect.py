@@ -5,12 +5,23 @@ holds them, check the table's invariants, and collect what dead processes left b
 
 Read-only unless ``--gc --yes``. A table is read by holding its table lock only while
 copying its bytes (as a recorded owner: the one write, so that waiters see a live holder)
-and decoding the copy afterwards. If the lock cannot be had within the table's
-``lock_timeout`` (busy, or wedged by a dead holder) the bytes are copied without it and the
+and decoding the copy afterwards. If the lock cannot be had within ctx-inspect's own
+``--timeout`` (busy, or wedged by a dead holder) the bytes are copied without it and the
 result is marked as an unlocked snapshot: an inspection tool must still work on the tables
-that most need inspecting. Reading never takes a lock over from a dead owner and never
-attaches as a process of the namespace (a ``ContextManager`` would register a process
-entry); only ``--gc --yes``, the repair path, does either.
+that most need inspecting. The table's own ``lock_timeout`` is never waited for: it is a
+value in the file being inspected, and a damaged or hostile file may say anything.
+Reading never takes a lock over from a dead owner and never attaches as a process of the
+namespace (a ``ContextManager`` would register a process entry); only ``--gc --yes``, the
+repair path, does either.
+
+What a read costs is bounded by the file, never by what its header claims: the header is
+checked (``header_problem``: the geometry must be the one the layout computes for its
+capacity, and must add up to the file's real size) before anything is sized from it, and
+the table is copied with ``pread``, not through a mapping. A mapping would fault in a page
+for every hole of the sparse table (SIGBUS on a full ``/dev/shm``) and for every byte of a
+file shrunk meanwhile (SIGBUS); ``pread`` reads holes as zeros and a shrunk file as a short
+copy, which the decoder then rejects. The only page mapped is the first, for the lock's
+owner record: it holds the magic, so it has memory behind it.
 
 Output formats, the JSON schema and the exit codes are documented in ``docs/inspect.md``.
 """
@@ -24,6 +35,8 @@ import logging
 import mmap
 import os
 import shutil
+import signal
+import stat
 import sys
 import time
 import unicodedata
@@ -49,12 +62,14 @@ EXIT_OK = 0
 EXIT_VIOLATIONS = 1
 EXIT_USAGE = 2  # also: unknown namespace, permission denied
 EXIT_FORMAT = 3  # a table of another layout, or garbage
+EXIT_BUSY = 75  # --gc --yes: a lock stayed busy past --timeout, nothing done (EX_TEMPFAIL)
 EXIT_INTERNAL = 70  # a bug in ctx-inspect (EX_SOFTWARE)
 
 SCHEMA = 1  # version of the JSON/msgpack documents; bumped only on incompatible changes
 WIDTH = 100
 DEFAULT_WATCH = 2.0
 DEFAULT_GRACE = 10.0  # --gc leaves unused tables younger than this alone
+DEFAULT_TIMEOUT = 1.0  # --timeout: the longest ctx-inspect waits for a table lock
 SORT_KEYS = ("name", "refs", "idle", "size", "age")
 
 _ANSI = {"bold": "1", "dim": "2", "dead": "31", "warn": "33", "new": "32", "changed": "36"}
@@ -86,6 +101,7 @@ class _Read:
     tag: str
     size: int
     unlocked_reason: str  # '' when the copy was taken under the table lock
+    lock_busy: bool  # unlocked because another held the lock (past --timeout, or died)
 
 
 def _table_namespaces() -> list[str]:
@@ -139,80 +155,150 @@ def _denied(ns: str, path: str, what: str = "read the table") -> _Fail:
                              f"{path}{owner}", f"permission denied{owner.replace('owner ', '')}")
 
 
-def _read(ns: str) -> _Read:
-    """Copy namespace ``ns``'s table (under its lock if it can be had in time) and
-    decode the copy."""
-    name = _shm.table_name(ns)
-    path = _shm.host_path(name)
-    what = f"table of namespace {ns!r} ({path})"
-    writable = True
+def _open_table(ns: str, path: str) -> tuple[int, bool]:
+    """A descriptor of ``ns``'s table file and whether it is writable.
+
+    Opened with ``os.open`` rather than ``shm_open`` for ``O_NONBLOCK``: /dev/shm is
+    writable by every user, and a FIFO planted under a table's name would block an open
+    for reading forever (``O_NOFOLLOW``, as ``shm_open`` uses, refuses a symbolic link).
+    """
+    flags = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
         try:
-            shm = posix_ipc.SharedMemory(name)
-        except posix_ipc.PermissionsError:
-            shm = posix_ipc.SharedMemory(name, read_only=True)
-            writable = False
-    except posix_ipc.ExistentialError:
+            return os.open(path, os.O_RDWR | flags), True
+        except PermissionError:
+            return os.open(path, os.O_RDONLY | flags), False
+    except FileNotFoundError:
         raise _unknown(ns) from None
-    except posix_ipc.PermissionsError:
+    except PermissionError:
         raise _denied(ns, path) from None
+    except OSError as e:  # a symbolic link (ELOOP), a socket (ENXIO), ...
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            mode = stat.S_IFREG
+        problem = "not a regular file (a symbolic link)" if stat.S_ISLNK(mode) else \
+            "not a regular file" if not stat.S_ISREG(mode) else f"cannot open it: {e.strerror}"
+        raise _Fail(EXIT_FORMAT, f"table of namespace {ns!r} ({path}): {problem}",
+                    problem) from None
+
+
+def _pread(fd: int, size: int) -> bytes:
+    """The first ``size`` bytes of the file (fewer if it is shorter now), by ``pread``:
+    holes read as zeros without allocating, and a shrunk file cannot raise SIGBUS."""
+    chunks, got = [], 0
+    while got < size:
+        chunk = os.pread(fd, size - got, got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _read(ns: str, timeout: float) -> _Read:
+    """Copy namespace ``ns``'s table (under its lock if it can be had within ``timeout``
+    seconds) and decode the copy."""
+    path = _shm.host_path(_shm.table_name(ns))
+    what = f"table of namespace {ns!r} ({path})"
+    fd, writable = _open_table(ns, path)
     try:
-        size = os.fstat(shm.fd).st_size
-        if size < L.HEADER_SIZE:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            problem = "not a regular file"
+            raise _Fail(EXIT_FORMAT, f"{what}: {problem}", problem)
+        size = st.st_size
+        head = _pread(fd, L.HEADER_SIZE)
+        if size < L.HEADER_SIZE or len(head) < L.HEADER_SIZE:
             problem = f"truncated: {size} bytes, a table has at least {L.HEADER_SIZE}"
             raise _Fail(EXIT_FORMAT, f"{what}: {problem}", problem)
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        mm = mmap.mmap(shm.fd, size, prot=prot)
-        try:
-            head = mm[: L.HEADER_SIZE]
-            problem = header_problem(head, size)
-            if problem:
-                raise _Fail(EXIT_FORMAT, f"{what}: {problem}", problem)
-            lock_timeout = L.H_FIXED.unpack_from(head, L.H_FIXED_OFF)[11]
-            table_id = L.H_TABLE_ID.unpack_from(head, L.H_TABLE_ID_OFF)[0]
-            tag = _shm.tag_of(table_id)
-            if writable:
-                data, why = _copy_locked(ns, tag, mm, lock_timeout)
-            else:
-                data, why = bytes(mm), "read-only access: the table lock cannot be taken"
-        finally:
-            mm.close()
+        # Checked before anything is sized from the header: its geometry must be the
+        # layout's for its capacity and add up to ``size``, so the copy below is bounded
+        # by the file's real size and the layout's limits, whatever the header says.
+        problem = header_problem(head, size)
+        if problem:
+            raise _Fail(EXIT_FORMAT, f"{what}: {problem}", problem)
+        tag = _shm.tag_of(L.H_TABLE_ID.unpack_from(head, L.H_TABLE_ID_OFF)[0])
+        if writable:
+            data, why, busy = _copy_locked(ns, tag, fd, size, timeout)
+        else:
+            data, why, busy = _pread(fd, size), \
+                "read-only access: the table lock cannot be taken", False
     finally:
-        shm.close_fd()
+        os.close(fd)
     try:
         snap = decode(data, locked=not why)
-    except ValueError as e:  # the header changed under an unlocked copy
+    except ValueError as e:  # the file changed under an unlocked copy
         raise _Fail(EXIT_FORMAT, f"{what}: {e}", str(e)) from None
-    return _Read(ns, path, snap, tag, size, why)
+    return _Read(ns, path, snap, tag, size, why, busy)
 
 
-def _copy_locked(ns: str, tag: str, mm: mmap.mmap, timeout: float) -> tuple[bytes, str]:
-    """The table's bytes, and why they were copied without the table lock ('' if not).
+# Signals whose handlers (KeyboardInterrupt) or default action (termination) would end
+# ctx-inspect between taking the table lock and recording itself as its owner: a lock
+# left taken with no owner recorded holds every process of the namespace for two of the
+# table's lock_timeouts. They are held back for the length of the hold, at most --timeout
+# plus one copy, and delivered right after the release.
+_DEFERRED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
+
+
+def _copy_locked(ns: str, tag: str, fd: int, size: int,
+                 timeout: float) -> tuple[bytes, str, bool]:
+    """The table's bytes, why they were copied without the table lock ('' if not), and
+    whether that was because the lock was busy.
 
     The lock is held as any holder holds it, with this process recorded as its owner (the
     only bytes ctx-inspect writes outside --gc --yes), so that waiters see a live owner
-    and never mistake the copy for a dead holder's wedge; ``try_acquire`` gives up after
-    ``timeout`` instead of taking the lock over from a dead owner.
+    and never mistake the copy for a dead holder's wedge; it gives up after ``timeout``
+    instead of taking the lock over from a dead owner, and at once when the recorded owner
+    is dead: nobody will release that lock, only a process of the namespace taking it over.
     """
     try:
         sem = posix_ipc.Semaphore(_shm.table_lock_name(ns, tag))
     except posix_ipc.ExistentialError:
-        return bytes(mm), "its table lock semaphore is missing"
+        return _pread(fd, size), "its table lock semaphore is missing", False
     except posix_ipc.PermissionsError:
-        return bytes(mm), "no permission to take its table lock"
-    buf = memoryview(mm)
+        return _pread(fd, size), "no permission to take its table lock", False
     try:
-        lock = RobustLock(sem, buf, LOCKS_OFF, 0, timeout, None, None,
-                          f"table lock of namespace {ns!r}")
-        if not lock.try_acquire(timeout):
-            return bytes(mm), f"the table lock was not free within {timeout:g}s"
+        # The first page only: it holds the lock's owner record and the magic, so it has
+        # memory behind it (the header check above read the magic from it).
+        mm = mmap.mmap(fd, L.PAGE)
+        buf = memoryview(mm)
         try:
-            return bytes(mm), ""
+            lock = RobustLock(sem, buf, LOCKS_OFF, 0, timeout, None, None,
+                              f"table lock of namespace {ns!r}")
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
+            try:
+                why = _take(lock, timeout)
+                if not why:
+                    try:
+                        return _pread(fd, size), "", False
+                    finally:
+                        lock.release()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            return _pread(fd, size), why, True
         finally:
-            lock.release()
+            buf.release()
+            mm.close()
     finally:
-        buf.release()
         sem.close()
+
+
+_LOOK = 0.05  # how often a wait for the table lock looks whether its owner died
+
+
+def _take(lock: RobustLock, timeout: float) -> str:
+    """'' once ``lock`` is ours, else why not."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if lock.try_acquire(max(0.0, min(left, _LOOK))):
+            return ""
+        pid, _epoch, start = lock.owner()
+        if pid and not is_alive(pid, start):
+            return f"the table lock is held by dead pid {pid}"
+        if left <= _LOOK:
+            return f"the table lock was not free within {timeout:g}s"
 
 
 # --- documents: the one source of the text, JSON and msgpack outputs -------------------
@@ -357,7 +443,7 @@ def _listing_doc(args: argparse.Namespace) -> dict:
                      "processes_dead": None, "sweeper": {"pid": None, "alive": None},
                      "bytes": None, "age": None}
         try:
-            d = _namespace_doc(_read(ns), _ALL)
+            d = _namespace_doc(_read(ns, args.timeout), _ALL)
         except _Unknown:
             continue  # unlinked since the directory was listed
         except _Fail as f:
@@ -701,7 +787,7 @@ def _check(args: argparse.Namespace, out: _Out) -> tuple[dict, list[str], int]:
     results, lines, code = [], [], EXIT_OK
     for ns in targets:
         try:
-            r = _read(ns)
+            r = _read(ns, args.timeout)
         except _Unknown:
             if args.namespace:
                 raise
@@ -781,15 +867,17 @@ def _unused_reason(snap: Snapshot, grace: float) -> tuple[bool, str]:
     return False, ""
 
 
-def _gc_plan(ns: str, grace: float) -> tuple[list[_Action], str | None]:
-    """What --gc would do in ``ns``, and the tag of the table in use (None when there is
-    no table, or it is to be removed)."""
+def _gc_plan(ns: str, grace: float,
+             timeout: float) -> tuple[list[_Action], str | None, str]:
+    """What --gc would do in ``ns``, the tag of the table in use (None when there is no
+    table, or it is to be removed), and why repairing that table would wait on a lock
+    longer than ``timeout`` ('' if it would not)."""
     entries = _shm.namespace_objects(ns)  # listed before the snapshot, as the sweeper does
     if _shm.PREFIX + ns not in entries:
         if not entries:
             raise _unknown(ns)
-        return _stale(ns, entries, None, None), None
-    r = _read(ns)
+        return _stale(ns, entries, None, None), None, ""
+    r = _read(ns, timeout)
     snap = r.snap
     used, why = _unused_reason(snap, grace)
     if not used and not why:
@@ -798,7 +886,8 @@ def _gc_plan(ns: str, grace: float) -> tuple[list[_Action], str | None]:
         head = _Action(ns, "remove-table", _shm.PREFIX + ns,
                        f"no live process is attached and it holds no contexts "
                        f"({len(own)} object(s))")
-        return [head] + [a for a in _stale(ns, entries, r.tag, None) if a.target not in own], None
+        return ([head] + [a for a in _stale(ns, entries, r.tag, None) if a.target not in own],
+                None, "")
     actions = [] if used else [_Action(ns, "keep-table", _shm.PREFIX + ns, why)]
     dead: dict[int, int] = {}
     for p in snap.procs:
@@ -807,7 +896,26 @@ def _gc_plan(ns: str, grace: float) -> tuple[list[_Action], str | None]:
     actions += [_Action(ns, "reclaim", str(pid), f"{n} reference(s), and its process entry")
                 for pid, n in sorted(dead.items())]
     live_incs = {s.incarnation for s in snap.slots if s.state != L.FREE}
-    return actions + _stale(ns, entries, r.tag, live_incs), r.tag
+    return actions + _stale(ns, entries, r.tag, live_incs), r.tag, _busy(r, timeout)
+
+
+def _busy(r: _Read, timeout: float) -> str:
+    """Why the repair path would wait on the table lock past ``timeout``, or ''.
+
+    The repair attaches as a process of the namespace, whose lock waits trust a live
+    holder for as long as it lives: it must not start when the read just found the lock
+    held past ``timeout``, unless by a recorded owner that is dead, which the repair takes
+    over at once (the ordinary protocol). A holder that takes the lock between this read
+    and the repair is waited for as any process of the namespace waits for it.
+    """
+    if not r.lock_busy:
+        return ""
+    pid, _epoch, start = r.snap.locks[0]
+    if pid and not is_alive(pid, start):
+        return ""
+    holder = f"held by live pid {pid}" if pid else "taken with no owner recorded"
+    return (f"the table lock of namespace {r.ns!r} was not free within {timeout:g}s "
+            f"({holder}); --gc --yes changed nothing; try again, or raise --timeout")
 
 
 def _mark_removed(ns: str, actions: list[_Action], removed: list[str]) -> list[_Action]:
@@ -844,7 +952,8 @@ def _gc_live(ns: str, tag: str, actions: list[_Action]) -> list[_Action]:
     return _mark_removed(ns, actions, removed)
 
 
-def _gc_unused_table(ns: str, grace: float, actions: list[_Action]) -> list[_Action]:
+def _gc_unused_table(ns: str, grace: float, timeout: float,
+                     actions: list[_Action]) -> list[_Action]:
     """Remove a table no live process uses, re-checked under its table lock and marked
     unlinked first, so a process attaching meanwhile gets a clear error, not a table
     pulled from under it."""
@@ -862,17 +971,20 @@ def _gc_unused_table(ns: str, grace: float, actions: list[_Action]) -> list[_Act
         return actions
     try:
         try:
-            # Waits out a live holder; takes over from a dead one (this is the repair path).
-            t.table_lock.acquire(timeout=3 * t.config.lock_timeout + 1.0)
+            # Waits out a live holder, at most --timeout (never the table's own
+            # lock_timeout, which the file being repaired may set to anything); takes
+            # over from a dead one (this is the repair path).
+            t.table_lock.acquire(timeout=timeout)
         except TimeoutError:
-            head.detail = "its table lock stayed busy; try again"
-            return actions
+            raise _Fail(EXIT_BUSY, f"the table lock of namespace {ns!r} was not free within "
+                                   f"{timeout:g}s; --gc --yes changed nothing; try again, "
+                                   "or raise --timeout") from None
         try:
-            used, why = _unused_reason(decode(bytes(t.buf)), grace)
+            used, why = _unused_reason(decode(_pread(t.fd, t.geo.total)), grace)
             if used or why:
                 head.detail = f"no longer removable: {why}"
                 return actions
-            L.H_FLAGS.pack_into(t.buf, L.H_FLAGS_OFF, t.flags() | L.FLAG_UNLINKED)
+            t.mark_unlinked()
             t.unlink_names()
         finally:
             t.table_lock.release()
@@ -897,9 +1009,9 @@ def _gc(args: argparse.Namespace) -> tuple[dict, list[str], int]:
     code = EXIT_OK
     for ns in targets:
         try:
-            plan, tag = _gc_plan(ns, args.grace)
+            plan, tag, busy = _gc_plan(ns, args.grace, args.timeout)
             if not dry:
-                plan = _gc_do(ns, plan, tag, args.grace)
+                plan = _gc_do(ns, plan, tag, busy, args)
         except _Unknown:
             if args.namespace:
                 raise
@@ -925,13 +1037,16 @@ def _gc(args: argparse.Namespace) -> tuple[dict, list[str], int]:
     return doc, lines, code
 
 
-def _gc_do(ns: str, plan: list[_Action], tag: str | None, grace: float) -> list[_Action]:
+def _gc_do(ns: str, plan: list[_Action], tag: str | None, busy: str,
+           args: argparse.Namespace) -> list[_Action]:
     if not any(a.action != "keep-table" for a in plan):
         return plan
     if tag is not None:
+        if busy:
+            raise _Fail(EXIT_BUSY, busy)
         return _gc_live(ns, tag, plan)
     if plan[0].action == "remove-table":
-        return _gc_unused_table(ns, grace, plan)
+        return _gc_unused_table(ns, args.grace, args.timeout, plan)
     return _mark_removed(ns, plan, remove_stale(ns, [a.target for a in plan], None, None))
 
 
@@ -973,7 +1088,7 @@ def _frame(args: argparse.Namespace, out: _Out,
         return (_listing_lines(out, d, prev, True, args.filter is not None),
                 _listing_state(d))
     try:
-        d = _namespace_doc(_read(args.namespace), args)
+        d = _namespace_doc(_read(args.namespace, args.timeout), args)
     except _Fail as f:  # keep watching: the namespace may come (back)
         return [out.line([(str(f), "dead")])], prev
     return _namespace_lines(out, d, prev, True), _namespace_state(d)
@@ -989,8 +1104,8 @@ def _parser() -> argparse.ArgumentParser:
                     "contexts and who holds them, check a table, or collect what dead "
                     "processes left behind. Read-only unless --gc --yes.",
         epilog="exit codes: 0 ok; 1 --check found violations; 2 usage error, unknown "
-               "namespace or permission denied; 3 a table of another layout or garbage. "
-               "See docs/inspect.md.",
+               "namespace or permission denied; 3 a table of another layout or garbage; "
+               "75 --gc --yes found a lock busy past --timeout. See docs/inspect.md.",
     )
     p.add_argument("namespace", nargs="?", help="the namespace to show (default: list all)")
     fmt = p.add_mutually_exclusive_group()
@@ -1013,6 +1128,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="reclaim references of dead processes and remove orphans "
                           "(prints what it would do; acts only with --yes)")
     p.add_argument("--yes", action="store_true", help="with --gc: do it")
+    p.add_argument("--timeout", metavar="SECONDS", type=_seconds, default=DEFAULT_TIMEOUT,
+                   help="wait at most SECONDS for a table lock (default "
+                        f"{DEFAULT_TIMEOUT:g}); past it a table is shown as an unlocked "
+                        "snapshot, and --gc --yes does nothing and exits 75")
     p.add_argument("--grace", metavar="SECONDS", type=_seconds,
                    help="with --gc: leave an unused table younger than this alone, its "
                         f"creator may be about to attach (default {DEFAULT_GRACE:g})")
@@ -1086,7 +1205,7 @@ def _run(args: argparse.Namespace, out: _Out) -> int:
     elif args.gc:
         doc, lines, code = _gc(args)
     elif args.namespace:
-        doc = _namespace_doc(_read(args.namespace), args)
+        doc = _namespace_doc(_read(args.namespace, args.timeout), args)
         lines, code = _namespace_lines(out, doc, None, False), EXIT_OK
     else:
         doc = _listing_doc(args)

@@ -65,7 +65,8 @@ tombstones. The index is derived data: ``repair`` rebuilds it from the slots.
 Process entry (512 bytes, one per attached process; LMDB's reader table is the model)::
 
     0   4     u32    pid              0 = free
-    4   4     u32    flags            reserved
+    4   4     u32    flags            P_LIVE_LOCK: the process holds this entry's liveness
+                                      lock (an OFD lock on the table file, _liveness.py)
     8   8     u64    start            start time of the process (clock ticks since boot)
     16  8     f64    attached         wall-clock time it attached
     24  8            reserved
@@ -108,11 +109,68 @@ under the table lock, since publish changes neither the index nor the free list)
 
 Memory: 256 (slot) + at most 16 (index) bytes per context, plus the header, lock records
 and process entries (512 bytes each).
+
+Writing shared fields
+---------------------
+Some fields are read by processes that do not hold the lock guarding them (listed
+below), so a write must never show them a value nobody wrote. ``struct.pack_into`` does:
+CPython clears its whole target to zero before it writes the fields, so a reader in
+between sees a live slot's state as 0 (FREE), a lock's owner pid as 0 or beside another
+owner's start time. Hence no ``pack_into`` on the table; every write goes through
+``Words``:
+
+* ``Words.put8/put32/put64/putf`` (and the views ``u32``, ``u64``, ``f64`` that the hot
+  path indexes directly): one aligned field, one machine store. A reader sees the old
+  value or the new one.
+* ``Words.store``: several fields at once, packed into a ``bytes`` first and copied with
+  one slice assignment (a ``memcpy``, which never clears its target first). Every byte
+  goes from its old value straight to its new one; only fields that no reader takes
+  without the lock, or whose reader re-checks under it, are written this way.
+* A record that a lock-free reader must see whole has one *publishing* field, written
+  last with a single store, and read first: the owner pid of a lock record (epoch and
+  start time before it), the pid of a process entry, the state of a slot being claimed.
+  x86-64 keeps stores in program order and loads in program order, so a reader that sees
+  the publishing field sees everything written before it.
+
+Reads without the lock (as LMDB documents its reader table): each field, who reads it
+without holding the lock that guards it, and the worst a stale or in-between value does.
+
+* Lock record (owner pid, epoch, start). Read by waiters after a timed-out wait
+  (``_lock``), by the sweeper's recovery of dead owners and by snapshots. The pid is
+  written last, alone (epoch and pid share one 8-byte store), so a reader sees either "no
+  owner" or a whole owner. Worst case: a stale record costs one more wait; a takeover
+  re-reads pid and epoch under the arbiter before it acts.
+* Slot state and incarnation. Read by the orphan sweep (``_sweeper``), the planning of
+  the idle sweep, the dead-creation scan and the damage scan, ``_wait_for_init``,
+  ``validate_context``, ``ctx.lock``'s check that its context lives, and the dead-lock
+  recovery. A live slot read as free would let the orphan sweep unlink that context's
+  memory and ``ctx.lock`` semaphore: so the state byte is written only by single-byte
+  stores, never rewritten when only the flags change, and at claim written after the
+  incarnation. Worst case otherwise: a plan that the locks' re-check discards.
+* Slot refcount and last_used. Read by the idle-sweep planning, ``_evict_lru`` (table
+  lock only) and snapshots. Worst case: a candidate too many or too few, as ``_close``
+  re-checks under the stripe locks.
+* Reference records (slot + 1, count). Read by ``unlink`` (table lock only) and by the
+  snapshots of ``check``, ``contexts`` and ctx-inspect; a count changes by a single store
+  of the count alone. Worst case: a snapshot that disagrees for an instant with the
+  slot's refcount, which is written a moment later.
+* Process entry (pid, start). Read by the sweeper's scan for dead processes outside the
+  table lock, and snapshots. The pid is written last. Worst case: an entry being
+  registered or freed is missed or listed once; the reclaim re-checks it under the lock.
+* Header flags (``FLAG_UNLINKED``). Read by ``check_usable`` everywhere. Worst case: one
+  more operation on a table being unlinked, which then fails on its removed objects.
+* Header live count, free-list head, index, sweeper record: read without the lock only by
+  ctx-inspect when the table lock is busy (its report says the copy is unlocked). Worst
+  case: a report of a table mid-change.
+
+The C hot path (``_speedups.c``) writes the same fields with single stores in the same
+order (lock record: epoch, start, then pid).
 """
 
 from __future__ import annotations
 
 import struct
+import sys
 
 MAGIC = b"SHMCTX\x00\x02"
 LAYOUT_VERSION = 2  # bump (with the last byte of MAGIC) on any change of offsets or sizes
@@ -136,6 +194,9 @@ STATE_NAMES = {FREE: "free", CREATING: "creating", READY: "ready"}
 # Slot flags.
 SLOT_WAITERS = 1
 SLOT_LOCK = 2
+
+# Process-entry flags.
+P_LIVE_LOCK = 1
 
 # Header flags.
 FLAG_UNLINKED = 1
@@ -196,6 +257,87 @@ SLOT_ALL = struct.Struct("<BBHIQQQIIQddIxxxxQIIQ128s")  # the whole 224 used byt
 
 assert SLOT_ALL.size == 224 and S_HEAD.size == 24 and S_BODY.size == 40
 assert H_FIXED.size == 72 and P_REFS.size == PROC_SIZE - REFS_OFF
+# Words stores u32 fields at offsets divisible by 4 and u64/f64 ones at offsets divisible
+# by 8 (records start on 8-byte boundaries, regions on 64-byte ones).
+assert not (H_LIVE_OFF | H_FREE_HEAD_OFF | H_FLAGS_OFF | S_REFCOUNT_OFF | S_NEXT_FREE_OFF
+            | S_CHILDREN_OFF | REF_SIZE | REFS_OFF) & 3
+assert not (H_NEXT_INC_OFF | S_INC_OFF | S_LAST_USED_OFF | S_LOCK_OFF | LOCK_STRIDE
+            | SLOT_SIZE | PROC_SIZE | REFS_OFF | HEADER_SIZE) & 7
+
+if sys.byteorder != "little" or struct.calcsize("=I") != 4 or struct.calcsize("=Q") != 8:
+    # Words stores in native byte order into a little-endian layout.
+    raise ImportError("shmctx's table layout needs a little-endian host with 4-byte unsigned "
+                      f"int and 8-byte unsigned long long (this one: {sys.byteorder}-endian)")
+
+
+class Words:
+    """One mapping of a table, for writes that a reader without the lock may watch (see
+    "Writing shared fields" above): ``put32(off, v)`` stores one aligned u32 with one
+    machine store, ``store(off, st, *values)`` copies several fields at once without
+    clearing them first. The hot path indexes the typed views itself:
+    ``u32[off >> 2]``, ``u64[off >> 3]``, ``f64[off >> 3]``.
+
+    The typed views pin the mapping: ``release()`` them before closing it.
+    """
+
+    __slots__ = ("buf", "u32", "u64", "f64")
+
+    def __init__(self, buf: memoryview) -> None:
+        self.buf = buf
+        self.u32 = buf.cast("I")
+        self.u64 = buf.cast("Q")
+        self.f64 = buf.cast("d")
+
+    def put8(self, off: int, value: int) -> None:
+        self.buf[off] = value
+
+    def put32(self, off: int, value: int) -> None:
+        self.u32[off >> 2] = value
+
+    def put64(self, off: int, value: int) -> None:
+        self.u64[off >> 3] = value
+
+    def putf(self, off: int, value: float) -> None:
+        self.f64[off >> 3] = value
+
+    def store(self, off: int, st: struct.Struct, *values: object) -> None:
+        """Write ``values`` as ``st`` packs them at ``off``: packed into bytes, then one
+        copy (``st.pack_into`` would clear the target first)."""
+        self.buf[off:off + st.size] = st.pack(*values)
+
+    @classmethod
+    def unpinned(cls, buf: memoryview) -> Words:
+        """The same interface without typed views: each access copies a slice of
+        ``buf`` (one ``memcpy`` of the field's width), so it never pins the mapping.
+        For a lock on a mapping that its user closes at once (ctx-inspect)."""
+        w = cls.__new__(cls)
+        w.buf = buf
+        w.u32, w.u64, w.f64 = (_SliceView(buf, struct.Struct(f)) for f in ("<I", "<Q", "<d"))
+        return w
+
+    def release(self) -> None:
+        for view in (self.u32, self.u64, self.f64):
+            view.release()
+
+
+class _SliceView:
+    """Indexed like ``memoryview.cast(fmt)``, by slice copies of a byte view."""
+
+    __slots__ = ("buf", "st")
+
+    def __init__(self, buf: memoryview, st: struct.Struct) -> None:
+        self.buf = buf
+        self.st = st
+
+    def __getitem__(self, i: int) -> int | float:
+        return self.st.unpack_from(self.buf, i * self.st.size)[0]
+
+    def __setitem__(self, i: int, value: int | float) -> None:
+        n = self.st.size
+        self.buf[i * n:(i + 1) * n] = self.st.pack(value)
+
+    def release(self) -> None:
+        pass
 
 
 def _round_up(value: int, unit: int) -> int:

@@ -12,8 +12,9 @@ acquire
     throughput without this, about 0.8x with it). Then ``sem_timedwait``, looking at the
     record after 10 ms, then every ``lock_timeout``:
 
-    * owner alive (pid runs and has the recorded start time): wait again. A slow but
-      live owner is never robbed.
+    * owner alive (``_liveness``: a process entry of that pid and start time still
+      holds its kernel lock, or, where it has no entry, the pid runs with the recorded
+      start time): wait again. A slow but live owner is never robbed.
     * owner dead: *take over* (below).
     * no owner recorded while the semaphore is taken: a holder is between ``sem_wait``
       and writing the record (a few instructions) or died exactly there. If the record
@@ -45,18 +46,20 @@ wait) is retried with the remaining time: gunicorn workers and test runners get 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
 import struct
 import threading
 from collections.abc import Callable
+from threading import get_ident
 from time import monotonic
 
 import posix_ipc
 
 from . import _failpoints
-from ._layout import LOCK
+from ._layout import LOCK, Words
 from ._proc import identity, is_alive
 
 log = logging.getLogger("shmctx.lock")
@@ -65,7 +68,6 @@ __all__ = ["RobustLock", "ContextLock", "Arbiter", "recoveries"]
 
 _FLOCK = struct.Struct("hhxxxxqqixxxx")  # struct flock on Linux x86_64/aarch64
 _ARBITER_BASE = 1 << 40  # byte offsets far past the table's end
-_OWNER_PID = struct.Struct("<I")
 _FIRST_LOOK = 0.01
 _SPINS = 16
 
@@ -82,12 +84,24 @@ class Arbiter:
     """
 
     def __init__(self, fd: int) -> None:
+        self._source = fd  # the table's own descriptor, which it outlives
         self.fd = _reopen(fd)
         self._local = threading.Lock()
         self._claimed: set[int] = set()
+        # How a waiter judges a recorded owner (pid, start): the table installs the rule
+        # of ``_liveness`` (process-entry locks held on this description, then /proc).
+        self.owner_alive: Callable[[int, int], bool] = is_alive
+
+    def descriptor(self) -> int:
+        """This process's own description of the file (also what holds its process
+        entries' liveness locks, ``_liveness``)."""
+        if self.fd < 0:  # a child forked at the descriptor limit could not reopen it
+            self.fd = _reopen(self._source)
+        return self.fd
 
     def _fcntl(self, cmd: int, kind: int, key: int) -> None:
-        fcntl.fcntl(self.fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, _ARBITER_BASE + key, 1, 0))
+        fcntl.fcntl(self.descriptor(), cmd,
+                    _FLOCK.pack(kind, os.SEEK_SET, _ARBITER_BASE + key, 1, 0))
 
     def try_claim(self, key: int) -> bool:
         # Per key: a thread recovering one lock must not stop another thread of this
@@ -98,10 +112,12 @@ class Arbiter:
             self._claimed.add(key)
         try:
             self._fcntl(fcntl.F_OFD_SETLK, fcntl.F_WRLCK, key)
-        except OSError:
+        except OSError as e:
             with self._local:
                 self._claimed.discard(key)
-            return False
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                return False  # another process holds the claim
+            raise  # no descriptor to claim with: an error, not "someone else recovers"
         return True
 
     def release(self, key: int) -> None:
@@ -112,13 +128,24 @@ class Arbiter:
                 self._claimed.discard(key)
 
     def reset_after_fork(self) -> None:
-        inherited, self.fd = self.fd, _reopen(self.fd)
-        os.close(inherited)  # the parent's description (and its claims) stays the parent's
+        """In a forked child: let go of the parent's description (its claims stay the
+        parent's) and open our own. Runs in an at-fork handler, so it must not fail: the
+        inherited descriptor is closed first, which frees one for the reopen even at the
+        descriptor limit, and a reopen that fails all the same is retried at first use."""
         self._local = threading.Lock()
         self._claimed = set()
+        inherited, self.fd = self.fd, -1
+        if inherited >= 0:
+            os.close(inherited)
+        try:
+            self.fd = _reopen(self._source)
+        except OSError:
+            pass
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def _reopen(fd: int) -> int:
@@ -164,12 +191,13 @@ def wait_and_look(sem: posix_ipc.Semaphore, deadline: float | None, first: float
 class RobustLock:
     """One cross-process mutex of the protocol above. Not re-entrant."""
 
-    __slots__ = ("sem", "buf", "off", "key", "timeout", "arbiter", "repair", "what")
+    __slots__ = ("sem", "buf", "off", "key", "timeout", "arbiter", "repair", "what",
+                 "w32", "w64", "i32", "i64", "holder")
 
     def __init__(
         self,
         sem: posix_ipc.Semaphore,
-        buf: memoryview,
+        buf: Words | memoryview,
         off: int,
         key: int,
         timeout: float,
@@ -177,14 +205,26 @@ class RobustLock:
         repair: Callable[[], None] | None,
         what: str,
     ) -> None:
+        # The owner record is written with single stores, pid last (see _layout,
+        # "Writing shared fields"): waiters and the sweeper read it without the lock.
+        # A bare view (a short-lived mapping, ctx-inspect's) gets slice copies instead,
+        # which do not pin the mapping.
+        words = buf if isinstance(buf, Words) else Words.unpinned(buf)
         self.sem = sem
-        self.buf = buf
+        self.buf = words.buf
+        self.w32, self.w64 = words.u32, words.u64
+        self.i32, self.i64 = off >> 2, off >> 3
         self.off = off
         self.key = key
         self.timeout = timeout
         self.arbiter = arbiter
         self.repair = repair
         self.what = what
+        # The thread of this process that holds the lock (0: none). Set before the owner
+        # record names this process and cleared after the record is cleared, so that
+        # "recorded as ours, and the holder is the very thread now waiting for it (or a
+        # thread that has ended)" means an exception (Ctrl-C) left it held: see leaked().
+        self.holder = 0
 
     def acquire(self, timeout: float | None = None) -> None:
         """Take the lock, waiting at most ``timeout`` seconds (None: as long as the
@@ -197,11 +237,13 @@ class RobustLock:
             if not self._spin():
                 self._acquire_slow(timeout)
                 return
-        buf, off = self.buf, self.off
-        epoch = LOCK.unpack_from(buf, off)[1]
+        self.holder = get_ident()
+        w64, i = self.w64, self.i64
+        epoch = w64[i] >> 32  # the u64 at the record's start: pid, then epoch above it
         if _failpoints.armed:
             _failpoints.hit("lock.acquired_before_owner")
-        LOCK.pack_into(buf, off, identity.pid, (epoch + 1) & 0xFFFFFFFF, identity.start)
+        w64[i + 1] = identity.start
+        w64[i] = ((epoch + 1) & 0xFFFFFFFF) << 32 | identity.pid  # epoch and pid: one store
 
     def try_acquire(self, timeout: float = 0.0) -> bool:
         """Take the lock if it is free within ``timeout`` seconds, else return False.
@@ -244,10 +286,40 @@ class RobustLock:
         return False
 
     def release(self) -> None:
-        _OWNER_PID.pack_into(self.buf, self.off, 0)
+        self.w32[self.i32] = 0
+        self.holder = 0
         if _failpoints.armed:
             _failpoints.hit("lock.release_before_post")
         self.sem.release()
+
+    def leaked(self, waiter: int) -> bool:
+        """Whether this process holds the lock with no thread of it inside the critical
+        section: an asynchronous exception (KeyboardInterrupt, or SystemExit from a
+        signal handler) came between taking it and the ``try`` that releases it, or
+        between that ``finally`` and the release. Every other process takes such a
+        holder for alive and would wait for it forever, so this process must recover
+        it. ``waiter`` is the thread asking: if the record names it as the holder, it is
+        not inside the section, or it would not be asking."""
+        pid, _epoch, start = LOCK.unpack_from(self.buf, self.off)
+        if pid != identity.pid or start != identity.start:
+            return False
+        # Only this object's own holder counts: another object for the same lock (a
+        # second manager of this process on the namespace) keeps its holder apart, and
+        # a 0 here may mean that one holds it.
+        holder = self.holder
+        return holder != 0 and (
+            holder == waiter or holder not in {t.ident for t in threading.enumerate()})
+
+    def recover_leaked(self, waiter: int) -> bool:
+        """Recover (repair and release) the lock if ``leaked(waiter)``."""
+        if not self.leaked(waiter):
+            return False
+        pid, epoch, _start = LOCK.unpack_from(self.buf, self.off)
+        if not self._take_over(pid, epoch):
+            return False
+        self._mark_held()
+        self.release()
+        return True
 
     def __enter__(self) -> RobustLock:
         self.acquire()
@@ -258,16 +330,19 @@ class RobustLock:
 
     def _own(self, epoch: int | None) -> None:
         """Record this process as owner (the semaphore is already ours)."""
+        w64, i = self.w64, self.i64
         if epoch is None:
-            epoch = LOCK.unpack_from(self.buf, self.off)[1]
-        LOCK.pack_into(self.buf, self.off, identity.pid, (epoch + 1) & 0xFFFFFFFF, identity.start)
+            epoch = w64[i] >> 32
+        self.holder = get_ident()
+        w64[i + 1] = identity.start  # start before pid: see acquire
+        w64[i] = ((epoch + 1) & 0xFFFFFFFF) << 32 | identity.pid
 
     def recover_if_owner_dead(self) -> bool:
         """Take the lock over (running its repair) and release it, if its recorded owner
         is dead. The sweeper's proactive repair: otherwise the next waiter does it, after
         waiting ``lock_timeout``."""
         pid, epoch, start = LOCK.unpack_from(self.buf, self.off)
-        if not pid or is_alive(pid, start) or not self._take_over(pid, epoch):
+        if not pid or self._owner_alive(pid, start) or not self._take_over(pid, epoch):
             return False
         self._mark_held()
         self.release()
@@ -275,6 +350,10 @@ class RobustLock:
 
     def _mark_held(self) -> None:
         """Hook: bookkeeping after acquiring by takeover outside ``acquire``."""
+
+    def _owner_alive(self, pid: int, start: int) -> bool:
+        arbiter = self.arbiter
+        return is_alive(pid, start) if arbiter is None else arbiter.owner_alive(pid, start)
 
     def owner(self) -> tuple[int, int, int]:
         """(pid, epoch, start) as recorded now; pid 0 when no owner is recorded."""
@@ -303,7 +382,7 @@ class RobustLock:
         this process took the lock over."""
         pid, epoch, start = LOCK.unpack_from(self.buf, self.off)
         if pid:
-            if is_alive(pid, start):
+            if self._owner_alive(pid, start) and not self.leaked(get_ident()):
                 return None
         else:
             if self.sem.value > 0:
@@ -332,10 +411,12 @@ class RobustLock:
         finally:
             self.arbiter.release(self.key)
         if recovered:
-            log.warning(
-                "%s: took over from dead owner pid %s (epoch %s); repairing", self.what,
-                pid or "unknown", epoch,
-            )
+            if pid == identity.pid:
+                log.warning("%s: recovering it from this process, which an exception left "
+                            "holding it; repairing", self.what)
+            else:
+                log.warning("%s: took over from dead owner pid %s (epoch %s); repairing",
+                            self.what, pid or "unknown", epoch)
             _recoveries[0] += 1
             if self.repair is not None:
                 try:
@@ -364,7 +445,7 @@ class ContextLock(RobustLock):
 
     __slots__ = ("guard", "is_current", "closed_error", "_thread", "_pid", "_depth")
 
-    def __init__(self, sem: posix_ipc.Semaphore, buf: memoryview, off: int, key: int,
+    def __init__(self, sem: posix_ipc.Semaphore, buf: Words | memoryview, off: int, key: int,
                  timeout: float, arbiter: Arbiter, what: str, guard: RobustLock,
                  is_current: Callable[[], bool], closed_error: Callable[[], Exception]) -> None:
         super().__init__(sem, buf, off, key, timeout, arbiter, None, what)
@@ -412,7 +493,8 @@ class ContextLock(RobustLock):
         self._thread = 0
         with self.guard:
             if self.is_current() and LOCK.unpack_from(self.buf, self.off)[0] == identity.pid:
-                _OWNER_PID.pack_into(self.buf, self.off, 0)
+                self.w32[self.i32] = 0
+            self.holder = 0
         self.sem.release()
 
     def _after_timeout(self, suspect: tuple[int, int] | None,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from . import _layout as L
 from . import _shm
 from ._proc import is_alive
-from ._table import header_problem, name_hash
+from ._table import derived_problems, header_problem, name_hash
 
 
 @dataclass
@@ -69,6 +69,7 @@ class Snapshot:
     taken_at_mono: float
     taken_at_wall: float
     locked: bool = True
+    derived: list[str] = field(default_factory=list)  # derived_problems of the copy
 
     def by_name(self) -> dict[str, SlotView]:
         return {s.name: s for s in self.slots if s.state != L.FREE}
@@ -76,10 +77,13 @@ class Snapshot:
     def parent_name(self, s: SlotView) -> str | None:
         if s.parent_slot < 0:
             return None
-        for p in self.slots:
-            if p.slot == s.parent_slot and p.incarnation == s.parent_inc:
-                return p.name
-        return None
+        # A map built on first use: scanning every slot on each call made listing or
+        # checking n contexts cost n * n (hours for a table of 2**20 slots, damaged or not).
+        names = self.__dict__.get("_names_by_slot")
+        if names is None:
+            names = {(p.slot, p.incarnation): p.name for p in self.slots}
+            self.__dict__["_names_by_slot"] = names
+        return names.get((s.parent_slot, s.parent_inc))
 
     def wall(self, mono: float) -> float:
         """A CLOCK_MONOTONIC stamp as wall-clock time."""
@@ -153,6 +157,7 @@ def decode(data: bytes, locked: bool = True) -> Snapshot:
         taken_at_mono=time.monotonic(),
         taken_at_wall=time.time(),
         locked=locked,
+        derived=derived_problems(data, geo),
     )
 
 
@@ -165,7 +170,6 @@ def violations(snap: Snapshot, tag: str | None = None) -> list[str]:
     out: list[str] = []
     geo = snap.geo
     live_names: dict[str, int] = {}
-    live = 0
     for s in snap.slots:
         label = f"slot {s.slot}"
         if s.state == L.FREE:
@@ -175,7 +179,6 @@ def violations(snap: Snapshot, tag: str | None = None) -> list[str]:
         if s.state not in (L.CREATING, L.READY):
             out.append(f"{label}: impossible state {s.state}")
             continue
-        live += 1
         label = f"slot {s.slot} ({s.name!r})"
         if not s.name_ok:
             out.append(f"{label}: name and name hash disagree, or the name is not UTF-8")
@@ -208,8 +211,7 @@ def violations(snap: Snapshot, tag: str | None = None) -> list[str]:
         if s.state != L.FREE and s.children != kids.get(s.slot, 0):
             out.append(f"slot {s.slot} ({s.name!r}): children count {s.children} != "
                        f"{kids.get(s.slot, 0)} live children")
-    if live != snap.live:
-        out.append(f"header: live count {snap.live} != {live} live slots")
+    out.extend(snap.derived)  # live count and free list against the slots' states
     indexed: set[int] = set()
     for pos, e in enumerate(snap.index):
         if not e:
@@ -223,8 +225,9 @@ def violations(snap: Snapshot, tag: str | None = None) -> list[str]:
     for s in snap.slots:
         if s.state in (L.CREATING, L.READY) and s.slot not in indexed:
             out.append(f"slot {s.slot} ({s.name!r}): live but missing from the name index")
+    used = {s.slot for s in snap.slots if s.state != L.FREE}  # once, not once per entry
     for e in indexed:
-        if e < geo.capacity and e not in {s.slot for s in snap.slots if s.state != L.FREE}:
+        if e < geo.capacity and e not in used:
             out.append(f"index: points at free slot {e}")
     for i, (pid, _epoch, start) in enumerate(snap.locks):
         if pid and not is_alive(pid, start):

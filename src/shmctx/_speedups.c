@@ -56,10 +56,11 @@ typedef struct {
     PyObject *handle_type;
     PyObject *d_manager, *d_mapped, *d_pid, *d_returned, *d_view; /* slot descriptors */
     PyObject *failpoints; /* _failpoints module dict: the "armed" flag */
+    PyObject *dropped;    /* the manager's list of handles dropped unreturned */
     PyObject *slow_get, *slow_get_context, *slow_return;
 } HotPath;
 
-static PyObject *str_hot, *str_armed, *str_release_view;
+static PyObject *str_hot, *str_armed, *str_release_view, *str_dropped;
 
 static int
 descr_set(PyObject *descr, PyObject *obj, PyObject *value)
@@ -216,7 +217,10 @@ locate(HotPath *self, PyObject *m, Where *w)
     return ok;
 }
 
-/* A new MemoryContext for mapping ``m``, made as MemoryContext.__init__ makes it. */
+/* A new MemoryContext for mapping ``m``, made as MemoryContext.__init__ makes it, but
+ * marked returned: it stands for no reference until try_get has counted one, so that
+ * dropping it on the way to deferring does not queue a reference to give back
+ * (handle_finalize). */
 static PyObject *
 new_handle(HotPath *self, PyObject *m)
 {
@@ -227,7 +231,7 @@ new_handle(HotPath *self, PyObject *m)
     if (descr_set(self->d_manager, h, self->manager) < 0 ||
         descr_set(self->d_mapped, h, m) < 0 ||
         descr_set(self->d_pid, h, self->pid_obj) < 0 ||
-        descr_set(self->d_returned, h, Py_False) < 0 ||
+        descr_set(self->d_returned, h, Py_True) < 0 ||
         descr_set(self->d_view, h, Py_None) < 0) {
         Py_DECREF(h);
         return NULL;
@@ -239,7 +243,8 @@ new_handle(HotPath *self, PyObject *m)
 static PyObject *
 try_get(HotPath *self, PyObject *name)
 {
-    if (!self->enabled || !PyUnicode_CheckExact(name) || failpoints_armed(self)) {
+    if (!self->enabled || !PyUnicode_CheckExact(name) || failpoints_armed(self) ||
+        PyList_GET_SIZE(self->dropped)) {  /* Python gives dropped references back first */
         PyErr_Clear();
         return NULL;
     }
@@ -268,6 +273,9 @@ try_get(HotPath *self, PyObject *name)
     wr32(ref + 4, rd32(ref + 4) + 1);
     wr32(so + self->o_refcount, rc + 1);
     lock_release(self, w.stripe);
+    /* Now it stands for the reference. Setting a slot runs no Python code, so nothing
+     * (no signal handler, no other thread) can come between the count and this. */
+    descr_set(self->d_returned, h, Py_False);
     Py_DECREF(m);
     return h;
 defer:
@@ -343,7 +351,7 @@ static int
 try_return(HotPath *self, PyObject *ctx)
 {
     if (!self->enabled || (PyObject *)Py_TYPE(ctx) != self->handle_type ||
-        failpoints_armed(self)) {
+        failpoints_armed(self) || PyList_GET_SIZE(self->dropped)) {
         PyErr_Clear();
         return 0;
     }
@@ -458,9 +466,9 @@ HotPath_init(HotPath *self, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {
         "manager", "table", "sem_names", "lock_offsets", "slot_fields", "states",
         "max_refs", "mapped", "handle_type", "handle_fields", "failpoints",
-        "slow_get", "slow_get_context", "slow_return", NULL};
+        "slow_get", "slow_get_context", "slow_return", "dropped", NULL};
     PyObject *manager, *table, *names, *offs, *mapped, *htype,
-        *fp, *sg, *sgc, *sr;
+        *fp, *sg, *sgc, *sr, *dropped;
     PyObject *fields[5];
     unsigned int max_refs;
     if (self->have_buffer || self->manager != NULL) {
@@ -468,12 +476,12 @@ HotPath_init(HotPath *self, PyObject *args, PyObject *kwds)
         return -1;
     }
     if (!PyArg_ParseTupleAndKeywords(
-            args, kwds, "OOO!O!(nnnnn)(ll)IO!O!(OOOOO)O!OOO", kwlist, &manager, &table,
+            args, kwds, "OOO!O!(nnnnn)(ll)IO!O!(OOOOO)O!OOOO!", kwlist, &manager, &table,
             &PyList_Type, &names, &PyList_Type, &offs, &self->o_state, &self->o_refcount,
             &self->o_inc, &self->o_last_used, &self->slot_size, &self->ready,
             &self->free_state, &max_refs, &PyDict_Type, &mapped, &PyType_Type, &htype,
             &fields[0], &fields[1], &fields[2], &fields[3], &fields[4],
-            &PyDict_Type, &fp, &sg, &sgc, &sr))
+            &PyDict_Type, &fp, &sg, &sgc, &sr, &PyList_Type, &dropped))
         return -1;
     for (size_t i = 0; i < sizeof(fields) / sizeof(fields[0]); i++) {
         if (Py_TYPE(fields[i])->tp_descr_get == NULL ||
@@ -495,6 +503,7 @@ HotPath_init(HotPath *self, PyObject *args, PyObject *kwds)
     self->slow_get = Py_NewRef(sg);
     self->slow_get_context = Py_NewRef(sgc);
     self->slow_return = Py_NewRef(sr);
+    self->dropped = Py_NewRef(dropped);
     self->refidx = PyDict_New();
     self->pid_obj = Py_NewRef(Py_None);
     if (self->refidx == NULL)
@@ -580,6 +589,7 @@ HotPath_traverse(HotPath *self, visitproc visit, void *arg)
     Py_VISIT(self->slow_get);
     Py_VISIT(self->slow_get_context);
     Py_VISIT(self->slow_return);
+    Py_VISIT(self->dropped);
     return 0;
 }
 
@@ -601,6 +611,7 @@ HotPath_clear(HotPath *self)
     Py_CLEAR(self->slow_get);
     Py_CLEAR(self->slow_get_context);
     Py_CLEAR(self->slow_return);
+    Py_CLEAR(self->dropped);
     return 0;
 }
 
@@ -679,9 +690,75 @@ static PyTypeObject HotPathType = {
     .tp_methods = HotPath_methods,
 };
 
+
+/* MemoryContext.__del__ in C (the same logic; that one runs without this module). A
+ * Python __del__ costs about as much as a whole get/return pair here, and every handle
+ * is finalized, so install_finalizer puts this function in the type's tp_finalize slot
+ * instead. An unreturned handle queues (mapping, pid) on its manager's ``_dropped``
+ * list, which the manager works off where no lock is held (_return_dropped). */
+static PyObject *fin_returned, *fin_manager, *fin_mapped, *fin_pid;
+
+static void
+handle_finalize(PyObject *h)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *returned = descr_get(fin_returned, h);
+    if (returned == Py_False) {
+        PyObject *manager = descr_get(fin_manager, h);
+        PyObject *mapped = descr_get(fin_mapped, h);
+        PyObject *pid = descr_get(fin_pid, h);
+        PyObject *dropped = manager ? PyObject_GetAttr(manager, str_dropped) : NULL;
+        PyObject *item = mapped && pid ? PyTuple_Pack(2, mapped, pid) : NULL;
+        if (dropped == NULL || item == NULL || !PyList_Check(dropped) ||
+            PyList_Append(dropped, item) < 0)
+            PyErr_WriteUnraisable(h);
+        Py_XDECREF(item);
+        Py_XDECREF(dropped);
+        Py_XDECREF(pid);
+        Py_XDECREF(mapped);
+        Py_XDECREF(manager);
+    }
+    Py_XDECREF(returned);
+    PyErr_Clear();  /* a handle never fully made has no _returned: nothing to give back */
+    PyErr_Restore(type, value, tb);
+}
+
+static PyObject *
+install_finalizer(PyObject *module, PyObject *args)
+{
+    PyTypeObject *tp;
+    PyObject *f[4];
+    if (!PyArg_ParseTuple(args, "O!(OOOO)", &PyType_Type, &tp, &f[0], &f[1], &f[2], &f[3]))
+        return NULL;
+    for (int i = 0; i < 4; i++) {
+        if (Py_TYPE(f[i])->tp_descr_get == NULL) {
+            PyErr_SetString(PyExc_TypeError, "handle fields must be slot descriptors");
+            return NULL;
+        }
+    }
+    if (!(tp->tp_flags & Py_TPFLAGS_HEAPTYPE) || tp->tp_finalize == NULL) {
+        PyErr_SetString(PyExc_TypeError, "the handle type must be a class with __del__");
+        return NULL;
+    }
+    Py_XSETREF(fin_returned, Py_NewRef(f[0]));
+    Py_XSETREF(fin_manager, Py_NewRef(f[1]));
+    Py_XSETREF(fin_mapped, Py_NewRef(f[2]));
+    Py_XSETREF(fin_pid, Py_NewRef(f[3]));
+    tp->tp_finalize = handle_finalize;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"install_finalizer", install_finalizer, METH_VARARGS,
+     "install_finalizer(handle_type, (returned, manager, mapped, pid)): put the C\n"
+     "finalizer of unreturned handles in place of handle_type.__del__."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef speedups_module = {
     PyModuleDef_HEAD_INIT, "shmctx._speedups",
-    "The hot path of shmctx in C (optional: shmctx works without it).", -1, NULL,
+    "The hot path of shmctx in C (optional: shmctx works without it).", -1, module_methods,
 };
 
 PyMODINIT_FUNC
@@ -692,7 +769,9 @@ PyInit__speedups(void)
     str_hot = PyUnicode_InternFromString("hot");
     str_armed = PyUnicode_InternFromString("armed");
     str_release_view = PyUnicode_InternFromString("_release_view");
-    if (str_hot == NULL || str_armed == NULL || str_release_view == NULL)
+    str_dropped = PyUnicode_InternFromString("_dropped");
+    if (str_hot == NULL || str_armed == NULL || str_release_view == NULL ||
+        str_dropped == NULL)
         return NULL;
     PyObject *mod = PyModule_Create(&speedups_module);
     if (mod == NULL)

@@ -9,6 +9,7 @@ table never stalls workers for more than one close at a time.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from . import _layout as L
 from ._context import SweepReport
 from ._errors import ContextError, ContextManagerClosedError
 from ._proc import identity, is_alive
+from ._table import derived_problems
 
 if TYPE_CHECKING:
     from ._manager import ContextManager
@@ -35,7 +37,7 @@ def take_lead(m: ContextManager) -> bool:
         pid, _f, start, _beat = t.sweeper()
         me = (identity.pid, identity.start)
         if (pid, start) != me:
-            if pid and is_alive(pid, start):
+            if pid and t.liveness.owner_alive(pid, start):
                 return False
             if pid:
                 log.warning("namespace %r: sweeper pid %d is dead; pid %d takes the lead",
@@ -52,12 +54,14 @@ def sweep_once(m: ContextManager) -> SweepReport:
     t = m._table
     buf, geo = m._buf, m._geo
     t.check_usable()
+    m._return_dropped()  # references of handles dropped unreturned in this process
     # Liveness checks read /proc and are slow: they are made without the table lock, and
     # each finding is acted on under a short hold after checking it still stands.
     report.reclaimed = m._reclaim_dead(locked=False)
     for slot, inc in t.dead_creations():
         with t.table_lock:
             m._remove_dead_creation(slot, inc)
+    report.damaged = close_damaged(m)
     idle_limit = m.config.max_idle_time
     if idle_limit > 0:
         now = monotonic()
@@ -87,6 +91,52 @@ def sweep_once(m: ContextManager) -> SweepReport:
     return report
 
 
+def close_damaged(m: ContextManager) -> list[str]:
+    """Repair damage that lookups would otherwise trip over, and name the contexts it
+    cost: slots in no state, ready contexts whose memory segment is gone (see
+    ``ContextManager._damaged``), derived header data (live count, free list) that
+    disagrees with the slots (rebuilt by ``Table.repair_derived``).
+
+    Planned without a lock, from one listing of /dev/shm made before the slots are read:
+    a context created since has no entry in it but is confirmed, like every finding,
+    under the table lock (where a ready slot's segment exists unless damage removed it).
+    """
+    t = m._table
+    buf, geo = m._buf, m._geo
+    present = set(_shm.namespace_objects(m.namespace))
+    suspects = []
+    for slot in range(geo.capacity):
+        so = geo.slot_off(slot)
+        state, _rc, inc = L.S_CHECK.unpack_from(buf, so)
+        if state not in L.STATE_NAMES or (
+                state == L.READY and L.S_BODY.unpack_from(buf, so + L.S_BODY_OFF)[0] and
+                t.segment(slot, inc).lstrip("/") not in present):
+            suspects.append((slot, inc))
+    names = []
+    for slot, inc in suspects:
+        with t.table_lock:
+            so = geo.slot_off(slot)
+            state, _rc, now_inc = L.S_CHECK.unpack_from(buf, so)
+            path = _shm.host_path(t.segment(slot, inc))
+            if now_inc != inc:
+                continue
+            if state not in L.STATE_NAMES:
+                what = f"its slot {slot} holds state {state}, not a state"
+            elif state == L.READY and not os.path.exists(path):
+                what = f"its memory segment {path} is gone"
+            else:
+                continue
+            name = t.slot_name(slot).decode("utf-8", "replace")
+            m._damaged(name, slot, inc, what)
+            names.append(name)
+    if derived_problems(buf, geo):  # a guess without the lock; confirmed under it
+        with t.table_lock:
+            problems = derived_problems(buf, geo)
+            if problems:
+                t.repair_derived("; ".join(problems))
+    return names
+
+
 def remove_namespace_orphans(m: ContextManager) -> list[str]:
     """Remove objects of the namespace that no live slot of our table uses, and leftovers
     of other tables of the same namespace (crashed creations, unlinked tables)."""
@@ -94,20 +144,28 @@ def remove_namespace_orphans(m: ContextManager) -> list[str]:
     entries = _shm.namespace_objects(m.namespace)  # list first, then read the live set
     if not entries:
         return []
-    # No lock needed: a context's slot is claimed (its state and incarnation written in one
-    # copy) before any of its objects exist, so every object listed above belongs to an
-    # incarnation that reads as live here unless that context was closed since.
+    # No lock needed: a context's slot is claimed before any of its objects exist, its
+    # incarnation written before its state, and its state never rewritten while in use
+    # but by single stores of another state in use (see _layout, "Writing shared
+    # fields"). So every object listed above belongs to an incarnation that reads as in
+    # use here unless that context was closed since.
     t.check_usable()
-    live = set()
-    for slot in range(m._geo.capacity):
-        state, _rc, inc = L.S_CHECK.unpack_from(m._buf, m._geo.slot_off(slot))
-        if state != L.FREE:
-            live.add(inc)
-    removed = remove_stale(m.namespace, entries, t.tag, live)
+    removed = remove_stale(m.namespace, entries, t.tag, in_use_incarnations(m._buf, m._geo))
     if removed:
         log.info("namespace %r: removed %d orphaned object(s): %s", m.namespace,
                  len(removed), ", ".join(removed))
     return removed
+
+
+def in_use_incarnations(buf: memoryview, geo: L.Geometry) -> set[int]:
+    """Incarnations of the slots in use, read without a lock (see
+    ``remove_namespace_orphans`` for why that is safe)."""
+    live = set()
+    for slot in range(geo.capacity):
+        state, _rc, inc = L.S_CHECK.unpack_from(buf, geo.slot_off(slot))
+        if state != L.FREE:
+            live.add(inc)
+    return live
 
 
 def stale_objects(ns: str, entries: list[str], own_tag: str | None,
@@ -149,7 +207,9 @@ def remove_stale(ns: str, entries: list[str], own_tag: str | None,
 
 
 def _sweep_round(m: ContextManager) -> bool:
-    """Sweep if this process leads (or can take the lead). Returns whether it leads."""
+    """Sweep if this process leads (or can take the lead). Returns whether it leads.
+    Either way, let go of this process's mappings of contexts closed meanwhile."""
+    m._prune_mappings()
     if not take_lead(m):
         return False
     report = sweep_once(m)

@@ -19,7 +19,7 @@ import mmap
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from functools import partial
 
 import posix_ipc
@@ -27,9 +27,9 @@ import posix_ipc
 from . import _failpoints, _shm
 from . import _layout as L
 from ._config import ContextConfig
-from ._errors import ContextManagerClosedError, TableFormatError
+from ._errors import ContextManagerClosedError, InvalidConfigError, TableFormatError
+from ._liveness import Liveness
 from ._lock import Arbiter, RobustLock
-from ._proc import is_alive
 
 log = logging.getLogger("shmctx.table")
 
@@ -42,46 +42,84 @@ def name_hash(name_b: bytes) -> int:
 class Table:
     """A mapped table and its semaphores, as seen by one process."""
 
-    def __init__(self, ns: str, shm: posix_ipc.SharedMemory, mm: mmap.mmap) -> None:
+    def __init__(self, ns: str, shm: posix_ipc.SharedMemory, mm: mmap.mmap,
+                 trusted: Collection[int] = ()) -> None:
         self.ns = ns
+        self.trusted = frozenset(trusted)  # uids besides ours whose objects we may use
         self._shm = shm
         self.mm = mm
         self.buf = memoryview(mm)
-        self.fd = shm.fd
-        self.ino = os.fstat(shm.fd).st_ino
-        h = L.H_FIXED.unpack_from(self.buf, L.H_FIXED_OFF)
-        (_ver, _hs, _ss, capacity, stripes, max_procs, _total, max_refs, mode,
-         max_idle, interval, lock_timeout, _created) = h
-        index_size = L.H_INDEX_SIZE.unpack_from(self.buf, L.H_INDEX_SIZE_OFF)[0]
-        self.geo = L.Geometry(capacity, max_procs, stripes, index_size)
-        self.mode = mode
-        self.config = ContextConfig(
-            max_references=max_refs,
-            max_idle_time=max_idle,
-            cleanup_interval=interval,
-            capacity=capacity,
-            lock_timeout=lock_timeout,
-            max_processes=max_procs,
-        )
-        self.table_id = L.H_TABLE_ID.unpack_from(self.buf, L.H_TABLE_ID_OFF)[0]
-        self.tag = _shm.tag_of(self.table_id)
-        self.arbiter = Arbiter(self.fd)
         self._sems: list[posix_ipc.Semaphore] = []
+        arbiter: Arbiter | None = None
+        words: L.Words | None = None
+        # Whatever fails below (a header field, a descriptor limit, a semaphore missing or
+        # another user's), what was taken is given back and the view released, so that
+        # the caller can unmap and close: the mapping cannot close while a view exists.
         try:
-            self._sems.append(_shm.open_semaphore(_shm.table_lock_name(ns, self.tag), mode, False))
-            for k in range(self.geo.stripes):
+            # Every write to the table goes through these (see _layout, "Writing shared
+            # fields"); they pin the mapping, so close() releases them before it.
+            self.words = words = L.Words(self.buf)
+            self.fd = shm.fd
+            self.ino = os.fstat(shm.fd).st_ino
+            h = L.H_FIXED.unpack_from(self.buf, L.H_FIXED_OFF)
+            (_ver, _hs, _ss, capacity, stripes, max_procs, _total, max_refs, mode,
+             max_idle, interval, lock_timeout, _created) = h
+            index_size = L.H_INDEX_SIZE.unpack_from(self.buf, L.H_INDEX_SIZE_OFF)[0]
+            self.geo = L.Geometry(capacity, max_procs, stripes, index_size)
+            self.mode = mode
+            self.config = ContextConfig(
+                max_references=max_refs,
+                max_idle_time=max_idle,
+                cleanup_interval=interval,
+                capacity=capacity,
+                lock_timeout=lock_timeout,
+                max_processes=max_procs,
+            )
+            self.table_id = L.H_TABLE_ID.unpack_from(self.buf, L.H_TABLE_ID_OFF)[0]
+            self.tag = _shm.tag_of(self.table_id)
+            with _shm.os_errors(f"the table of namespace {ns!r}"):
+                arbiter = Arbiter(self.fd)
+            self._open_sems(ns, mode)
+            self.arbiter = arbiter
+            timeout = float(lock_timeout)
+            self.table_lock = RobustLock(
+                self._sems[0], self.words, self.geo.lock_off(0), 0, timeout, self.arbiter,
+                self.repair_table, f"table lock of namespace {ns!r}",
+            )
+            self.stripe_locks = [
+                RobustLock(
+                    self._sems[1 + k], self.words, self.geo.lock_off(1 + k), 1 + k, timeout,
+                    self.arbiter, partial(self.repair_stripe, k, locked=True),
+                    f"stripe lock {k} of namespace {ns!r}",
+                )
+                for k in range(self.geo.stripes)
+            ]
+            # Who is alive: the process entries' kernel locks, /proc where there are none.
+            self.liveness = Liveness(self.arbiter, self.buf, self.geo)
+            self.arbiter.owner_alive = self.liveness.owner_alive
+        except BaseException:
+            self._close_sems()
+            if arbiter is not None:
+                arbiter.close()
+            if words is not None:
+                words.release()
+            self.buf.release()
+            raise
+
+    def _open_sems(self, ns: str, mode: int) -> None:
+        names = [(_shm.table_lock_name(ns, self.tag), f"the table lock of namespace {ns!r}")]
+        names += [(_shm.stripe_name(ns, self.tag, k), f"stripe lock {k} of namespace {ns!r}")
+                  for k in range(self.geo.stripes)]
+        try:
+            for name, what in names:
                 self._sems.append(
-                    _shm.open_semaphore(_shm.stripe_name(ns, self.tag, k), mode, False)
+                    _shm.open_semaphore(name, mode, False, trusted=self.trusted, what=what)
                 )
         except posix_ipc.PermissionsError:
-            self._close_sems()
-            self.buf.release()
             raise PermissionError(
                 errno.EACCES, f"no permission to open the semaphores of namespace {ns!r}"
             ) from None
         except posix_ipc.ExistentialError:
-            self._close_sems()
-            self.buf.release()  # so the caller can unmap
             if _same_file(_shm.table_name(ns), self.ino):
                 raise TableFormatError(
                     f"table of namespace {ns!r} ({_shm.host_path(_shm.table_name(ns))}): its "
@@ -89,31 +127,20 @@ class Table:
                     "table is damaged or is a copy; remove that file if no process uses it"
                 ) from None
             raise  # unlinked while we attached: Table.open looks again
-        timeout = float(lock_timeout)
-        self.table_lock = RobustLock(
-            self._sems[0], self.buf, self.geo.lock_off(0), 0, timeout, self.arbiter,
-            self.repair_table, f"table lock of namespace {ns!r}",
-        )
-        self.stripe_locks = [
-            RobustLock(
-                self._sems[1 + k], self.buf, self.geo.lock_off(1 + k), 1 + k, timeout,
-                self.arbiter, partial(self.repair_stripe, k, locked=True),
-                f"stripe lock {k} of namespace {ns!r}",
-            )
-            for k in range(self.geo.stripes)
-        ]
 
     # --- opening --------------------------------------------------------------------
 
     @classmethod
-    def open(cls, ns: str, config: ContextConfig | None, mode: int) -> tuple[Table, bool]:
+    def open(cls, ns: str, config: ContextConfig | None, mode: int,
+             trusted: Collection[int] = ()) -> tuple[Table, bool]:
         """Attach to namespace ``ns``'s table, creating it if absent. Returns
-        ``(table, created)``."""
+        ``(table, created)``. Every object of the namespace must be owned by this
+        process's effective uid or one in ``trusted`` (``ForeignObjectError``)."""
         for _ in range(100):
             try:
-                shm = posix_ipc.SharedMemory(_shm.table_name(ns))
+                shm = _shm.open_shm(_shm.table_name(ns), f"the table of namespace {ns!r}")
             except posix_ipc.ExistentialError:
-                table = cls._create(ns, config or ContextConfig(), mode)
+                table = cls._create(ns, config or ContextConfig(), mode, trusted)
                 if table is not None:
                     return table, True
                 continue  # lost the race: attach to the winner's table
@@ -123,7 +150,7 @@ class Table:
                     f"({_shm.host_path(_shm.table_name(ns))})"
                 ) from None
             try:
-                table = cls._attach(ns, shm)
+                table = cls._attach(ns, shm, trusted)
             except posix_ipc.ExistentialError:
                 shm.close_fd()
                 continue  # unlinked under our feet; look again
@@ -137,36 +164,51 @@ class Table:
         raise TableFormatError(f"namespace {ns!r}: table keeps vanishing while being opened")
 
     @classmethod
-    def _attach(cls, ns: str, shm: posix_ipc.SharedMemory) -> Table:
-        size = os.fstat(shm.fd).st_size
-        what = f"table of namespace {ns!r} ({_shm.host_path(_shm.table_name(ns))})"
-        if size < L.HEADER_SIZE:
-            shm.close_fd()
-            raise TableFormatError(f"{what} is truncated: {size} bytes")
-        mm = mmap.mmap(shm.fd, size)
+    def _attach(cls, ns: str, shm: posix_ipc.SharedMemory,
+                trusted: Collection[int] = ()) -> Table:
+        """The table behind ``shm`` (which it closes on failure), once its owner is
+        trusted and its header sound."""
+        path = _shm.host_path(_shm.table_name(ns))
+        what = f"table of namespace {ns!r} ({path})"
+        mm = None
         try:
-            problem = header_problem(memoryview(mm)[: L.HEADER_SIZE], size)
+            # The owner of the very file we map, not of whatever the name shows later.
+            st = os.fstat(shm.fd)
+            _shm.check_owner(st, path, f"the table of namespace {ns!r}", trusted)
+            if st.st_size < L.HEADER_SIZE:
+                raise TableFormatError(f"{what} is truncated: {st.st_size} bytes")
+            with _shm.os_errors(f"the table of namespace {ns!r}"):
+                mm = mmap.mmap(shm.fd, st.st_size)
+            problem = header_problem(memoryview(mm)[: L.HEADER_SIZE], st.st_size)
             if problem:
                 raise TableFormatError(f"{what}: {problem}")
-            return cls(ns, shm, mm)
+            return cls(ns, shm, mm, trusted)
         except BaseException:
-            mm.close()
+            if mm is not None:
+                mm.close()
             shm.close_fd()
             raise
 
     @classmethod
-    def _create(cls, ns: str, config: ContextConfig, mode: int) -> Table | None:
+    def _create(cls, ns: str, config: ContextConfig, mode: int,
+                trusted: Collection[int] = ()) -> Table | None:
         table_id = secrets.randbits(64) or 1
         tag = _shm.tag_of(table_id)
         geo = L.Geometry(config.capacity, config.max_processes)
         staging = _shm.staging_name(ns, tag, os.getpid())
-        shm = posix_ipc.SharedMemory(staging, posix_ipc.O_CREX, mode=mode, size=0)
+        what = f"the table of namespace {ns!r}"
+        shm = _shm.open_shm(staging, what, posix_ipc.O_CREX, mode)
         sems: list[str] = []
+        mm: mmap.mmap | None = None
+        buf: memoryview | None = None
         try:
             if mode != 0o600:
                 os.fchmod(shm.fd, mode)
-            os.ftruncate(shm.fd, geo.total)
-            mm = mmap.mmap(shm.fd, geo.total)
+            # Every page allocated now: a sparse table would be a SIGBUS on a full
+            # /dev/shm the first time a process (or ctx-inspect) touches a new page.
+            _shm.reserve(shm.fd, geo.total, what)
+            with _shm.os_errors(what):
+                mm = mmap.mmap(shm.fd, geo.total)
             buf = memoryview(mm)
             L.H_FIXED.pack_into(
                 buf, L.H_FIXED_OFF, L.LAYOUT_VERSION, L.HEADER_SIZE, L.SLOT_SIZE,
@@ -183,7 +225,7 @@ class Table:
             for name in [_shm.table_lock_name(ns, tag)] + [
                 _shm.stripe_name(ns, tag, k) for k in range(geo.stripes)
             ]:
-                _shm.create_semaphore(name, mode).close()
+                _shm.create_semaphore(name, mode, trusted=trusted).close()
                 sems.append(name)
             if _failpoints.armed:
                 _failpoints.hit("table.create_before_magic")
@@ -196,6 +238,10 @@ class Table:
             except FileExistsError:
                 won = False
         except BaseException:
+            if buf is not None:
+                buf.release()
+            if mm is not None:
+                mm.close()
             for name in sems:
                 _shm.unlink_semaphore(name)
             shm.close_fd()
@@ -207,8 +253,8 @@ class Table:
             for name in sems:
                 _shm.unlink_semaphore(name)
             return None
-        attached = posix_ipc.SharedMemory(_shm.table_name(ns))
-        return cls._attach(ns, attached)
+        attached = _shm.open_shm(_shm.table_name(ns), what)
+        return cls._attach(ns, attached, trusted)
 
     # --- header ---------------------------------------------------------------------
 
@@ -219,15 +265,21 @@ class Table:
         if self.flags() & L.FLAG_UNLINKED:
             raise ContextManagerClosedError(f"namespace {self.ns!r} was unlinked")
 
+    def mark_unlinked(self) -> None:
+        """Set FLAG_UNLINKED. Needs the table lock."""
+        self.words.put32(L.H_FLAGS_OFF, self.flags() | L.FLAG_UNLINKED)
+
     def next_incarnation(self) -> int:
         """Needs the table lock."""
         inc = L.H_NEXT_INC.unpack_from(self.buf, L.H_NEXT_INC_OFF)[0]
-        L.H_NEXT_INC.pack_into(self.buf, L.H_NEXT_INC_OFF, inc + 1)
+        self.words.put64(L.H_NEXT_INC_OFF, inc + 1)
         return inc
 
     def add_live(self, delta: int) -> None:
+        """Needs the table lock. The live count is derived data, for reports only: no
+        decision trusts it (see ``derived_problems``)."""
         live = L.H_LIVE.unpack_from(self.buf, L.H_LIVE_OFF)[0]
-        L.H_LIVE.pack_into(self.buf, L.H_LIVE_OFF, max(0, live + delta))
+        self.words.put32(L.H_LIVE_OFF, max(0, live + delta))
 
     def live_count(self) -> int:
         return L.H_LIVE.unpack_from(self.buf, L.H_LIVE_OFF)[0]
@@ -236,7 +288,7 @@ class Table:
         return L.H_SWEEPER.unpack_from(self.buf, L.H_SWEEPER_OFF)
 
     def set_sweeper(self, pid: int, start: int, beat: float) -> None:
-        L.H_SWEEPER.pack_into(self.buf, L.H_SWEEPER_OFF, pid, 0, start, beat)
+        self.words.store(L.H_SWEEPER_OFF, L.H_SWEEPER, pid, 0, start, beat)
 
     # --- slots ----------------------------------------------------------------------
 
@@ -283,7 +335,7 @@ class Table:
         for _ in range(geo.index_size):
             off = geo.index_entry_off(pos)
             if L.INDEX_ENTRY.unpack_from(buf, off)[0] == 0:
-                L.INDEX_ENTRY.pack_into(buf, off, slot + 1)
+                self.words.put32(off, slot + 1)
                 return
             pos = (pos + 1) & mask
         raise TableFormatError(f"namespace {self.ns!r}: name index is full (damaged table)")
@@ -314,9 +366,9 @@ class Table:
             # in (i, j], where a lookup starting at home would not pass i.
             if (i < home <= j) if i <= j else (home > i or home <= j):
                 continue
-            L.INDEX_ENTRY.pack_into(buf, geo.index_entry_off(i), e)
+            self.words.put32(geo.index_entry_off(i), e)
             i = j
-        L.INDEX_ENTRY.pack_into(buf, geo.index_entry_off(i), 0)
+        self.words.put32(geo.index_entry_off(i), 0)
 
     def _hash_of(self, slot: int) -> int:
         if slot >= self.geo.capacity:
@@ -326,25 +378,32 @@ class Table:
     # --- free list (table lock) -----------------------------------------------------
 
     def pop_free(self) -> int:
-        buf, geo = self.buf, self.geo
+        """A free slot taken off the free list, or -1 if the list has none. The list is
+        derived data: an entry that is not free is skipped (and dropped), and a walk
+        longer than the table (a loop, which only damage makes) ends it, so a damaged
+        list costs at most one pass. ``_manager._claim`` checks a -1 against the slots."""
+        buf, geo, w = self.buf, self.geo, self.words
         head = L.H_FREE_HEAD.unpack_from(buf, L.H_FREE_HEAD_OFF)[0]
-        while head:
-            slot = head - 1
-            if slot >= geo.capacity:
+        for _ in range(geo.capacity):
+            if not head or head > geo.capacity:
                 break
-            nxt = L.S_NEXT_FREE.unpack_from(buf, geo.slot_off(slot) + L.S_NEXT_FREE_OFF)[0]
-            L.H_FREE_HEAD.pack_into(buf, L.H_FREE_HEAD_OFF, nxt)
-            if L.S_STATE.unpack_from(buf, geo.slot_off(slot))[0] == L.FREE:
+            slot = head - 1
+            head = L.S_NEXT_FREE.unpack_from(buf, geo.slot_off(slot) + L.S_NEXT_FREE_OFF)[0]
+            w.put32(L.H_FREE_HEAD_OFF, head)
+            if buf[geo.slot_off(slot)] == L.FREE:
                 return slot
-            head = nxt  # a stale entry (repairable damage): skip it
-        L.H_FREE_HEAD.pack_into(buf, L.H_FREE_HEAD_OFF, 0)
+        w.put32(L.H_FREE_HEAD_OFF, 0)
         return -1
 
     def push_free(self, slot: int) -> None:
-        buf = self.buf
-        head = L.H_FREE_HEAD.unpack_from(buf, L.H_FREE_HEAD_OFF)[0]
-        L.S_NEXT_FREE.pack_into(buf, self.geo.slot_off(slot) + L.S_NEXT_FREE_OFF, head)
-        L.H_FREE_HEAD.pack_into(buf, L.H_FREE_HEAD_OFF, slot + 1)
+        head = L.H_FREE_HEAD.unpack_from(self.buf, L.H_FREE_HEAD_OFF)[0]
+        self.words.put32(self.geo.slot_off(slot) + L.S_NEXT_FREE_OFF, head)
+        self.words.put32(L.H_FREE_HEAD_OFF, slot + 1)
+
+    def has_free_slot(self) -> bool:
+        """Whether any slot is free, by the slots' own states (the primary record)."""
+        buf, geo = self.buf, self.geo
+        return any(buf[geo.slot_off(s)] == L.FREE for s in range(geo.capacity))
 
     # --- process entries ------------------------------------------------------------
 
@@ -365,14 +424,10 @@ class Table:
     # --- repair ---------------------------------------------------------------------
 
     def repair_table(self) -> None:
-        """Rebuild everything the table lock guards from the slots themselves (runs
-        after taking the table lock over from a dead owner, under that lock)."""
-        buf, geo = self.buf, self.geo
-        for k in range(geo.stripes):
-            self.repair_stripe(k)  # under the stripe lock, taken in order
-        for pos in range(geo.index_size):
-            L.INDEX_ENTRY.pack_into(buf, geo.index_entry_off(pos), 0)
-        live = 0
+        """Rebuild everything the table lock guards from the slots themselves. Runs under
+        the table lock: after taking it over from a dead owner, and when derived data
+        (the live count, the free list) is found to disagree with the slots."""
+        buf, geo, w = self.buf, self.geo, self.words
         seen: set[bytes] = set()
         for slot in range(geo.capacity):
             off = geo.slot_off(slot)
@@ -382,16 +437,34 @@ class Table:
             name_b = self.slot_name(slot)
             if state not in (L.CREATING, L.READY) or n > L.NAME_MAX or name_b in seen \
                     or name_hash(name_b) != h:
-                log.warning("namespace %r: clearing damaged slot %d", self.ns, slot)
+                # Its objects (memory, semaphores) no longer match a live incarnation:
+                # the orphan sweep removes them.
+                log.warning("namespace %r: clearing damaged slot %d (state %d)", self.ns,
+                            slot, state)
                 with self.stripe_of(slot):
-                    L.S_STATE.pack_into(buf, off, L.FREE, 0)
+                    w.put8(off + 1, 0)
+                    w.put8(off, L.FREE)
                 continue
             seen.add(name_b)
-            self.index_insert(slot, h)
-            live += 1
-        L.H_LIVE.pack_into(buf, L.H_LIVE_OFF, live)
-        _rebuild_free_list(buf, geo)
+        # After clearing: references to a cleared slot are dropped with the others.
+        for k in range(geo.stripes):
+            self.repair_stripe(k)  # under the stripe lock, taken in order
+        for pos in range(geo.index_size):
+            w.put32(geo.index_entry_off(pos), 0)
+        live = 0
+        for slot in range(geo.capacity):
+            if buf[geo.slot_off(slot)] != L.FREE:
+                self.index_insert(slot, L.S_HEAD.unpack_from(buf, geo.slot_off(slot))[5])
+                live += 1
+        w.put32(L.H_LIVE_OFF, live)
+        _rebuild_free_list(w, geo)
         self._recount_children()
+
+    def repair_derived(self, why: str) -> None:
+        """Derived data was found wrong (``why``): rebuild it. Needs the table lock."""
+        log.warning("namespace %r: %s; rebuilding the table's derived data from its slots",
+                    self.ns, why)
+        self.repair_table()
 
     def children(self) -> dict[int, list[int]]:
         """Live parent slot -> its live child slots, by a scan of every slot (the child
@@ -410,15 +483,15 @@ class Table:
     def _recount_children(self) -> None:
         children = self.children()
         for slot in range(self.geo.capacity):
-            L.S_CHILDREN.pack_into(self.buf, self.geo.slot_off(slot) + L.S_CHILDREN_OFF,
-                                   len(children.get(slot, ())))
+            self.words.put32(self.geo.slot_off(slot) + L.S_CHILDREN_OFF,
+                             len(children.get(slot, ())))
 
     def dead_creations(self) -> list[tuple[int, int]]:
         """(slot, incarnation) of every slot in CREATING state whose creator is dead."""
         out = []
         for slot in range(self.geo.capacity):
             f = self.read_slot(slot)
-            if f[0] == L.CREATING and not is_alive(f[12], f[13]):
+            if f[0] == L.CREATING and not self.liveness.owner_alive(f[12], f[13]):
                 out.append((slot, f[4]))
         return out
 
@@ -440,13 +513,13 @@ class Table:
                         continue
                     if s >= geo.capacity or \
                             L.S_STATE.unpack_from(buf, geo.slot_off(s))[0] == L.FREE:
-                        L.REF.pack_into(buf, self.ref_off(proc, i), 0, 0)
+                        self.words.put64(self.ref_off(proc, i), 0)
                     else:
                         sums[s] = sums.get(s, 0) + c
             for slot in range(k, geo.capacity, geo.stripes):
                 off = geo.slot_off(slot)
                 if L.S_REFCOUNT.unpack_from(buf, off + L.S_REFCOUNT_OFF)[0] != sums.get(slot, 0):
-                    L.S_REFCOUNT.pack_into(buf, off + L.S_REFCOUNT_OFF, sums.get(slot, 0))
+                    self.words.put32(off + L.S_REFCOUNT_OFF, sums.get(slot, 0))
         finally:
             if not locked:
                 lock.release()
@@ -465,15 +538,16 @@ class Table:
         """Remove the table and its lock semaphores from the host, if the public name
         still refers to this table."""
         if _same_file(_shm.table_name(self.ns), self.ino):
-            _shm.unlink_segment(_shm.table_name(self.ns))
-        _shm.unlink_semaphore(_shm.table_lock_name(self.ns, self.tag))
+            _shm.unlink_segment(_shm.table_name(self.ns), strict=True)
+        _shm.unlink_semaphore(_shm.table_lock_name(self.ns, self.tag), strict=True)
         for k in range(self.geo.stripes):
-            _shm.unlink_semaphore(_shm.stripe_name(self.ns, self.tag, k))
+            _shm.unlink_semaphore(_shm.stripe_name(self.ns, self.tag, k), strict=True)
 
     def close(self) -> None:
         self._close_sems()
         self.arbiter.close()
         try:
+            self.words.release()
             self.buf.release()
             self.mm.close()
         except BufferError:
@@ -489,14 +563,48 @@ def _same_file(name: str, ino: int) -> bool:
         return False
 
 
-def _rebuild_free_list(buf: memoryview, geo: L.Geometry) -> None:
+def _rebuild_free_list(w: L.Words | memoryview, geo: L.Geometry) -> None:
+    if not isinstance(w, L.Words):
+        w = L.Words.unpinned(w)  # a table being built, not yet shared
     head = 0
     for slot in range(geo.capacity - 1, -1, -1):
         off = geo.slot_off(slot)
-        if L.S_STATE.unpack_from(buf, off)[0] == L.FREE:
-            L.S_NEXT_FREE.pack_into(buf, off + L.S_NEXT_FREE_OFF, head)
+        if w.buf[off] == L.FREE:
+            w.put32(off + L.S_NEXT_FREE_OFF, head)
             head = slot + 1
-    L.H_FREE_HEAD.pack_into(buf, L.H_FREE_HEAD_OFF, head)
+    w.put32(L.H_FREE_HEAD_OFF, head)
+
+
+def derived_problems(buf: memoryview | bytes, geo: L.Geometry) -> list[str]:
+    """What is wrong with the derived data of the header (live count, free list) as
+    checked against the slots' states, the primary record; empty when it agrees. For a
+    table read under its lock (or a copy taken under it), where both are stable."""
+    out = []
+    cap = geo.capacity
+    free = [buf[geo.slot_off(s)] == L.FREE for s in range(cap)]
+    used = cap - sum(free)
+    live = L.H_LIVE.unpack_from(buf, L.H_LIVE_OFF)[0]
+    if live != used:
+        out.append(f"header: live count {live} != {used} slots in use")
+    on_list: set[int] = set()
+    cur = L.H_FREE_HEAD.unpack_from(buf, L.H_FREE_HEAD_OFF)[0]
+    while cur:
+        slot = cur - 1
+        if slot >= cap:
+            out.append(f"free list: links to slot {slot}, out of range (capacity {cap})")
+            break
+        if slot in on_list:
+            out.append(f"free list: loops back to slot {slot}")
+            break
+        if not free[slot]:
+            out.append(f"free list: slot {slot} is on it but in use")
+        on_list.add(slot)
+        cur = L.S_NEXT_FREE.unpack_from(buf, geo.slot_off(slot) + L.S_NEXT_FREE_OFF)[0]
+    lost = [s for s in range(cap) if free[s] and s not in on_list]
+    if lost:
+        out.append(f"free list: {len(lost)} free slot(s) missing from it (slot {lost[0]}"
+                   f"{', ...' if len(lost) > 1 else ''}): creating would evict needlessly")
+    return out
 
 
 def header_problem(head: memoryview | bytes, size: int) -> str:
@@ -508,7 +616,7 @@ def header_problem(head: memoryview | bytes, size: int) -> str:
         if magic[:6] == L.MAGIC[:6]:
             return f"layout version {magic[6:]!r} is not this library's {L.MAGIC[6:]!r}"
         return f"not a shmctx table (magic {magic!r})"
-    (ver, hs, ss, cap, stripes, procs, total, _mr, _mode, idle, interval, lt, _c) = \
+    (ver, hs, ss, cap, stripes, procs, total, mr, _mode, idle, interval, lt, _c) = \
         L.H_FIXED.unpack_from(head, L.H_FIXED_OFF)
     if ver != L.LAYOUT_VERSION:
         return f"layout version {ver} is not this library's {L.LAYOUT_VERSION}"
@@ -516,14 +624,25 @@ def header_problem(head: memoryview | bytes, size: int) -> str:
         return f"header/slot size {hs}/{ss} do not match this layout"
     if not (1 <= cap <= 1 << 20 and 1 <= stripes <= L.MAX_STRIPES and 1 <= procs <= 1 << 16):
         return f"impossible geometry: capacity {cap}, stripes {stripes}, processes {procs}"
+    # A table is only ever created with the geometry the layout computes from its capacity
+    # and process count, so any other index size or stripe count is damage. Accepting a
+    # merely plausible one (any power of two, up to 2**31 entries) would let one damaged
+    # header make every reader allocate and scan gigabytes; this way what a reader sizes
+    # from the header is bounded by the layout's limits and checked against the file.
+    geo = L.Geometry(cap, procs)
     index_size = L.H_INDEX_SIZE.unpack_from(head, L.H_INDEX_SIZE_OFF)[0]
-    if index_size < 2 * cap or index_size & (index_size - 1):
-        return f"impossible index size {index_size} for capacity {cap}"
-    expect = L.Geometry(cap, procs, stripes, index_size).total
-    if total != expect or size != expect:
-        return f"size is {size} bytes, header says {total}, layout needs {expect} (truncated?)"
-    for name, v in (("max_idle_time", idle), ("cleanup_interval", interval), ("lock_timeout", lt)):
-        if not (v == v and 0 <= v < float("inf")) or (name == "lock_timeout" and v <= 0):
-            return f"impossible {name} {v!r}"
+    if index_size != geo.index_size or stripes != geo.stripes:
+        return (f"impossible geometry: index size {index_size}, stripes {stripes} for capacity "
+                f"{cap} (this layout uses {geo.index_size}, {geo.stripes})")
+    if total != geo.total or size != geo.total:
+        return f"size is {size} bytes, header says {total}, layout needs {geo.total} (truncated?)"
+    # The stored settings must be ones ContextConfig accepts, by ContextConfig's own rules:
+    # one definition of a legal value for the API and the file alike, and attaching
+    # (which builds a ContextConfig from them) cannot fail later with a config error.
+    try:
+        ContextConfig(max_references=mr, max_idle_time=idle, cleanup_interval=interval,
+                      capacity=cap, lock_timeout=lt, max_processes=procs)
+    except InvalidConfigError as e:
+        return f"impossible setting: {e}"
     return ""
 

@@ -6,6 +6,8 @@ Every endpoint answers JSON carrying the worker's pid:
 * ``/dataset``: CRC of a 1 MiB dataset the first worker to ask builds, once, for all.
 * ``/hold?path=P``: takes a reference to context ``held``, writes its pid to ``P``, then
   blocks until the worker is killed.
+* ``/lease``: takes one reference to context ``leased`` the first time a worker is asked,
+  and keeps it until the worker exits.
 * ``/preload``: with ``SHMCTX_TEST_PRELOAD=1`` the master built the dataset at import
   (``preload_app``); reports what a worker can do with the master's handle.
 """
@@ -76,6 +78,17 @@ def _hold(query: dict) -> dict:
     return {}
 
 
+_LEASED: list = []
+_LEASE_LOCK = threading.Lock()
+
+
+def _lease() -> dict:
+    with _LEASE_LOCK:  # one reference per worker, whatever the number of requests
+        if not _LEASED:
+            _LEASED.append(shmctx.gunicorn.manager().get_or_create_context("leased")[0])
+    return {}
+
+
 def _error_name(action) -> str:
     try:
         action()
@@ -102,6 +115,7 @@ def app(environ, start_response):
         "/count": _count,
         "/dataset": _dataset,
         "/hold": lambda: _hold(query),
+        "/lease": _lease,
         "/preload": _preload,
     }
     if path not in routes:
