@@ -22,6 +22,7 @@ from shmctx import (
     ContextClosedError,
     ContextConfig,
     ContextManager,
+    InvalidConfigError,
     MemoryContextConfig,
     _failpoints,
     _shm,
@@ -239,6 +240,14 @@ def test_unreferenced_mappings_are_bounded_and_the_recent_ones_kept(managers, ns
     old.put("still here")
     assert old.get() == "still here"
     m.return_context(old)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "8", None, True])
+def test_max_cached_mappings_rejects_bad_values(managers, bad):
+    m = managers()
+    with pytest.raises(InvalidConfigError, match="max_cached_mappings"):
+        m.max_cached_mappings = bad
+    assert m.max_cached_mappings == 64
 
 
 def test_thousands_of_locks_do_not_accumulate_semaphore_mappings(managers, ns):

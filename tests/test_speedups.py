@@ -216,7 +216,7 @@ def test_the_core_tests_pass_on_the_pure_python_hot_path():
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2",
          str(here / "test_api.py"), str(here / "test_multiprocess.py"),
-         str(here / "test_crash.py")],
+         str(here / "test_crash.py"), str(here / "test_hardening.py")],
         env=env, cwd=here.parent, capture_output=True, text=True, timeout=300,
     )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]

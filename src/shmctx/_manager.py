@@ -146,11 +146,6 @@ class ContextManager:
     own does it, since the collection may run where a lock it needs is held).
     """
 
-    #: How many contexts this process holds no reference to stay mapped (each costs a
-    #: mapping and a descriptor, and a ``ctx.lock`` semaphore if it was used); set it
-    #: on the class or on one manager.
-    max_cached_mappings: int = 64
-
     def __init__(
         self,
         config: ContextConfig | None = None,
@@ -201,6 +196,7 @@ class ContextManager:
         self._ref_lock = threading.Lock()
         self._mapped: dict[str, _Mapped] = {}  # the cache: see _prune_mappings
         self._added = 0  # mappings added to it since the last prune
+        self._max_cached = _MAX_CACHED_MAPPINGS
         # This process's lock objects by incarnation, while anything uses them (see
         # _MappedLock): a context mapped again shares its live lock object.
         self._locks: weakref.WeakValueDictionary[int, _MappedLock] = \
@@ -235,6 +231,20 @@ class ContextManager:
         self._finalizer.atexit = False
         if (sweeper or (sweeper is None and created)) and self.config.cleanup_interval > 0:
             self._start_sweeper()
+
+    @property
+    def max_cached_mappings(self) -> int:
+        """How many contexts this process holds no reference to stay mapped, the most
+        recently used (64 unless set). Each costs a mapping and a descriptor, and a
+        ``ctx.lock`` semaphore if its lock was used; getting one of them again maps
+        nothing. 0 keeps only the contexts this process holds references to."""
+        return self._max_cached
+
+    @max_cached_mappings.setter
+    def max_cached_mappings(self, n: int) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise InvalidConfigError(f"max_cached_mappings must be an int >= 0, got {n!r}")
+        self._max_cached = n
 
     # --- context-manager protocol ---------------------------------------------------
 
@@ -1060,7 +1070,7 @@ class ContextManager:
         """Prune the cache every few mappings added, not at each: a prune reads every
         cached slot (some 20 µs for 64 of them), as much as mapping a context costs."""
         self._added += 1
-        if self._added >= _prune_step(self.max_cached_mappings):
+        if self._added >= _prune_step(self._max_cached):
             self._prune_mappings()
 
     def _prune_mappings(self) -> None:
@@ -1084,7 +1094,7 @@ class ContextManager:
         handle uses it); the next get of that name then maps the context anew.
         """
         buf = self._buf
-        limit = max(0, self.max_cached_mappings)
+        limit = self._max_cached
         keep = limit - _prune_step(limit) if limit > 1 else limit
         self._added = 0
         with self._map_lock:
@@ -1572,6 +1582,8 @@ def _holding(lock: RobustLock, deadline: float | None) -> Iterator[None]:
     finally:
         lock.release()
 
+
+_MAX_CACHED_MAPPINGS = 64  # the default of ContextManager.max_cached_mappings
 
 # A slot's state, incarnation and last-used time, in one read (for _prune_mappings).
 _SLOT_PRUNE = struct.Struct(
