@@ -9,6 +9,19 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
+def real_table_bytes(namespace: str, config: object) -> bytes:
+    """The bytes of a genuine table, made under ``namespace`` with ``config`` and unlinked
+    again at once: the starting point of every damaged or hostile table the tests make."""
+    from shmctx import ContextManager, _shm
+
+    m = ContextManager(config, namespace=namespace, sweeper=False)  # type: ignore[arg-type]
+    try:
+        with open(_shm.host_path(_shm.table_name(namespace)), "rb") as f:
+            return f.read()
+    finally:
+        m.unlink(force=True)
+
+
 def wait_for(condition: Callable[[], T | None], timeout: float = 10.0,
              what: str = "condition") -> T:
     """Poll a real condition until it is truthy and return its value; fail after

@@ -13,6 +13,7 @@ import unicodedata
 from datetime import timedelta
 
 import pytest
+from helpers import real_table_bytes
 
 from shmctx import (
     ContextConfig,
@@ -197,14 +198,7 @@ def test_hostile_names_work_and_never_reach_dev_shm(managers, ns):
 # --- damaged and foreign tables ------------------------------------------------------
 
 def _real_table(new_ns) -> bytes:
-    """The bytes of a genuine table (of a namespace unlinked again at once)."""
-    other = new_ns()
-    m = ContextManager(CFG, namespace=other, sweeper=False)
-    try:
-        with open(_shm.host_path(_shm.table_name(other)), "rb") as f:
-            return f.read()
-    finally:
-        m.unlink(force=True)
+    return real_table_bytes(new_ns(), CFG)
 
 
 def _patched(data: bytes, off: int, fmt: str, value) -> bytes:

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 import msgpack
 import posix_ipc
 import pytest
-from helpers import wait_for
+from helpers import real_table_bytes, wait_for
 
 from shmctx import ContextConfig, ContextManager, MemoryContextConfig, TableFormatError, _shm
 from shmctx import _layout as L
@@ -599,14 +599,7 @@ def test_absurd_lock_timeout_and_a_live_holder_cost_only_own_timeout(ns):
 
 
 def _genuine_table(new_ns) -> bytes:
-    """The bytes of a real table (of a namespace unlinked again at once)."""
-    other = new_ns()
-    m = ContextManager(CFG, namespace=other, sweeper=False)
-    try:
-        with open(_shm.host_path(_shm.table_name(other)), "rb") as f:
-            return f.read()
-    finally:
-        m.unlink(force=True)
+    return real_table_bytes(new_ns(), CFG)
 
 
 def _hostile(index_size: int | None = None, stripes: int | None = None,

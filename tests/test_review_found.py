@@ -1,0 +1,253 @@
+"""Defects a review of the lock-healing, dropped-handle and fork changes found. Each test
+names the mechanism it breaks in its docstring; every child is a real process and every
+signal is really sent."""
+
+from __future__ import annotations
+
+import _thread
+import multiprocessing as mp
+import os
+import signal
+import threading
+
+import pytest
+from helpers import wait_for
+
+import shmctx._manager as manager_module
+from shmctx import (
+    ContextConfig,
+    ContextManager,
+    ContextNotFoundError,
+    MemoryContextConfig,
+    _failpoints,
+)
+from shmctx._context import MemoryContext
+from shmctx._lock import RobustLock
+
+LT = 0.2
+CFG = ContextConfig(lock_timeout=LT, cleanup_interval=0, max_references=0)
+MEM = MemoryContextConfig(size=4096)
+fork = mp.get_context("fork")
+
+
+class _InterruptedAfterAcquire(RobustLock):
+    """A stripe or table lock whose next ``acquire`` is followed at once by Ctrl-C: what
+    a SIGINT arriving as ``acquire`` returns, before the caller's ``try``, does. (Its
+    instances are the real lock objects of the table, re-classed; nothing else changes.)"""
+
+    __slots__ = ()
+
+    def acquire(self, timeout=None):
+        super().acquire(timeout)
+        self.__class__ = RobustLock  # once
+        raise KeyboardInterrupt
+
+
+def _interrupt_after_next_acquire(lock: RobustLock) -> None:
+    lock.__class__ = _InterruptedAfterAcquire
+
+
+def _left_held(lock: RobustLock) -> bool:
+    return lock.owner()[0] != 0 or lock.sem.value == 0
+
+
+# --- 1. recovery as the exception leaves the call: not on every public entry ----------
+
+def test_get_or_create_context_recovers_a_lock_an_interrupt_left_held(managers):
+    """Ctrl-C right after the cold path of ``get_or_create_context`` takes the table
+    lock leaves it held by this (live) process, which every other process then waits
+    for without end. ``get_context`` recovers such a lock as the exception leaves it
+    (``_recover_leaked_locks`` in its ``except BaseException``);
+    ``get_or_create_context`` (and with it ``context()``) has no such handler."""
+    m = managers(CFG)
+    table_lock = m._table.table_lock
+    _interrupt_after_next_acquire(table_lock)
+    with pytest.raises(KeyboardInterrupt):
+        m.get_or_create_context("new", MEM)
+    assert not _left_held(table_lock), "the table lock stays held by a live process"
+
+
+def test_ctx_put_recovers_a_stripe_lock_an_interrupt_left_held(managers):
+    """``ctx.put`` takes ``ctx.lock``, which records its owner under the slot's stripe
+    lock (``ContextLock._own``: ``with self.guard``). Ctrl-C as that stripe lock is
+    taken leaves it held by this live process: every other process's get or return of
+    any context of that stripe then waits for ever. Neither ``ContextLock.acquire`` nor
+    ``MemoryContext.put`` recovers it as the exception leaves."""
+    m = managers(CFG)
+    ctx, _ = m.get_or_create_context("c", MEM)
+    stripe = ctx._mapped.stripe
+    _interrupt_after_next_acquire(stripe)
+    with pytest.raises(KeyboardInterrupt):
+        ctx.put(1)
+    try:
+        assert not _left_held(stripe), "the stripe lock stays held by a live process"
+    finally:
+        if _left_held(stripe) and stripe.holder == threading.get_ident():
+            stripe.recover_leaked(threading.get_ident())  # let teardown through
+        m.return_context(ctx)
+
+
+# --- 2. a handle that stands for a reference before it is counted ----------------------
+
+class _HandleInterruptedAsMade(MemoryContext):
+    """A ``MemoryContext`` whose construction is followed by a real SIGINT, handled the
+    moment ``__init__`` is done: what Ctrl-C arriving as ``MemoryContext(...)`` returns
+    in ``_get_fast`` does, before ``handle._returned = True``."""
+
+    __slots__ = ()
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+
+
+def test_interrupt_as_the_python_hot_path_makes_its_handle_takes_no_reference_away(
+        managers, monkeypatch):
+    """``_get_fast`` makes its handle with ``MemoryContext(...)``, whose ``__init__``
+    marks it as holding a reference (``_returned = False``), and only then marks it
+    returned. Ctrl-C between the two drops a handle that claims a reference never
+    counted: its finalizer queues it, and ``_return_dropped`` takes away the reference
+    of another handle of this process. That handle's return then fails, and the
+    context shows no reference while it is held (an idle sweep may close it)."""
+    m = managers(CFG)
+    held, _ = m.get_or_create_context("c", MEM)  # one real reference
+    monkeypatch.setattr(manager_module, "MemoryContext", _HandleInterruptedAsMade)
+    with pytest.raises(KeyboardInterrupt):
+        m.get_context("c", timeout=5)  # a timeout: the Python path (_get_fast)
+    monkeypatch.undo()
+    m.sweep()  # gives queued dropped handles back
+    assert {i.name: i.holders for i in m.contexts()}["c"] == {os.getpid(): 1}
+    m.return_context(held)
+    assert m.check() == []
+
+
+# --- 3. the heal path robs a lock its own thread holds further up the stack ------------
+
+def test_shmctx_call_from_a_signal_handler_does_not_rob_the_interrupted_hold(
+        managers, monkeypatch):
+    """A signal handler (or a ``__del__`` run by a collection) runs between two
+    bytecodes of the Python hot path, inside its stripe lock. If a shmctx call in it
+    raises (here ``ContextNotFoundError``, caught by the handler), ``_recover_leaked_
+    locks`` finds the stripe lock recorded as this process's and held by this very
+    thread, takes it for one an interrupt left held, and releases it; the interrupted
+    frame then releases it again. The semaphore ends at 2: two holders at once, for
+    every process, for good."""
+    m = managers(CFG)
+    ctx, _ = m.get_or_create_context("c", MEM)
+    m.return_context(ctx)
+    stripe = ctx._mapped.stripe
+
+    def handler(*_):
+        try:
+            m.get_context("missing")
+        except ContextNotFoundError:
+            pass
+
+    def hit(name):
+        if name == "acquire.proc_counted":  # inside the hot path's stripe lock
+            signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+
+    old = signal.signal(signal.SIGUSR1, handler)
+    try:
+        # Armed failpoints make the C path defer to Python's, which calls hit().
+        monkeypatch.setattr(_failpoints, "armed", True)
+        monkeypatch.setattr(_failpoints, "hit", hit)
+        h = m.get_context("c")
+        monkeypatch.undo()
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+    value = stripe.sem.value
+    while stripe.sem.value > 1:  # undo the extra post so that teardown is sound
+        stripe.sem.acquire(0)
+    m.return_context(h)
+    assert value == 1, f"stripe semaphore at {value} after one hold: mutual exclusion lost"
+
+
+# --- 4. "the holder thread has ended": only threads threading knows about ---------------
+
+def test_ctx_lock_held_by_a_thread_threading_does_not_list_is_not_taken_over(managers):
+    """``RobustLock.leaked`` takes a holder thread missing from
+    ``threading.enumerate()`` for one that ended, and a waiter of this process then takes
+    the lock over. Threads started with ``_thread.start_new_thread`` (or by C code, an
+    embedding application, a native library's callbacks) are alive yet not listed: a
+    second thread's ``ctx.lock.acquire`` robs such a thread inside its ``with ctx.lock``
+    after 10 ms."""
+    m = managers(CFG)
+    ctx, _ = m.get_or_create_context("c", MEM)
+    lock = ctx.lock
+    inside, leave, done = threading.Event(), threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def holder():
+        try:
+            with lock:
+                inside.set()
+                leave.wait(10)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+        finally:
+            done.set()
+
+    _thread.start_new_thread(holder, ())
+    wait_for(inside.is_set, what="the bare thread inside ctx.lock")
+    try:
+        with pytest.raises(TimeoutError):
+            lock.acquire(timeout=0.5)  # the holder is alive and inside: must time out
+    finally:
+        if lock._thread == threading.get_ident():
+            lock.release()  # robbed it: give it back so the holder can finish
+        leave.set()
+        wait_for(done.is_set, what="the bare thread to finish")
+        m.return_context(ctx)
+
+
+# --- 5. ctx.lock.acquire(timeout): the stripe lock it records itself under -----------
+
+def _hold_stripe_until_told(ns: str, name: str, held, go) -> None:
+    m = ContextManager(namespace=ns)
+    ctx = m.get_context(name)
+    ctx._mapped.stripe.acquire()  # a live process inside a stripe lock, slow
+    held.set()
+    go.wait(30)
+    ctx._mapped.stripe.release()
+    m.return_context(ctx)
+    m.close()
+    os._exit(0)
+
+
+def test_ctx_lock_acquire_timeout_holds_while_a_live_process_keeps_the_stripe(managers):
+    """``ContextLock.acquire(timeout)`` gets a free ``ctx.lock`` semaphore at once, then
+    records its owner under the slot's stripe lock (``_own``: ``with self.guard``), with
+    no timeout. While a live process keeps that stripe lock (a process stopped in a
+    debugger, or descheduled on a loaded host), ``acquire(timeout=0.3)`` waits for it
+    without end instead of raising ``TimeoutError`` after 0.3 s."""
+    m = managers(CFG)
+    ctx, _ = m.get_or_create_context("c", MEM)
+    lock = ctx.lock
+    held, go = fork.Event(), fork.Event()
+    p = fork.Process(target=_hold_stripe_until_told, args=(m.namespace, "c", held, go))
+    p.start()
+    try:
+        assert held.wait(10)
+        outcome: list[object] = []
+
+        def try_it():
+            try:
+                lock.acquire(timeout=0.3)
+                outcome.append("acquired")
+                lock.release()
+            except TimeoutError as e:
+                outcome.append(e)
+
+        t = threading.Thread(target=try_it, daemon=True)
+        t.start()
+        t.join(3)  # ten times the timeout
+        hung = t.is_alive()
+    finally:
+        go.set()
+        p.join(30)
+    t.join(10)
+    m.return_context(ctx)
+    assert not hung, "acquire(timeout=0.3) was still waiting after 3 s"
+    assert isinstance(outcome[0], TimeoutError)
+
