@@ -364,13 +364,19 @@ def test_keyboard_interrupt_right_after_a_get_leaves_exact_counts(managers):
     assert m.check() == []
 
 
+def _leave_held(lock) -> None:
+    """Take ``lock`` in a frame that then ends without releasing it: the state an
+    exception (Ctrl-C) between taking a lock and the ``try`` that releases it leaves."""
+    lock.acquire()
+
+
 def _leak_a_stripe_then_close(ns: str) -> None:
     """Hold a reference, then leave its stripe lock taken as an exception between taking
     it and the ``try`` that releases it would (Ctrl-C there), then close()."""
     m = ContextManager(namespace=ns)
     ctx = m.get_context("c")
     assert ctx is not None
-    ctx._mapped.stripe.acquire()
+    _leave_held(ctx._mapped.stripe)
     m.close()  # returns this reference under that very stripe lock
     os._exit(0)
 
@@ -390,7 +396,7 @@ def test_a_lock_left_held_is_recovered_as_the_exception_leaves_the_call(managers
     m = managers(CFG)
     ctx, _ = m.get_or_create_context("c", MEM)
     stripe = ctx._mapped.stripe
-    stripe.acquire()  # left held, as by an interrupt right after taking it
+    _leave_held(stripe)
     with pytest.raises(ContextError):
         m.close_context("no-such-context")  # the exception leaves the call here
     assert stripe.owner()[0] == 0 and stripe.sem.value == 1

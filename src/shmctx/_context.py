@@ -113,13 +113,16 @@ class MemoryContext:
 
     __slots__ = ("_manager", "_mapped", "_pid", "_returned", "_view", "__weakref__")
 
-    def __init__(self, manager: ContextManager, mapped: _Mapped, pid: int) -> None:
+    def __init__(self, manager: ContextManager, mapped: _Mapped, pid: int,
+                 counted: bool = True) -> None:
         # The C hot path (_speedups.c, new_handle) makes handles without calling this and
-        # sets the same five fields: keep the two in step.
+        # sets the same five fields: keep the two in step. ``counted=False``: the
+        # reference is yet to be counted, so until the caller marks it, the handle stands
+        # for none (its finalizer gives nothing back).
         self._manager = manager
         self._mapped = mapped
         self._pid = pid
-        self._returned = False
+        self._returned = not counted
         self._view: memoryview | None = None
 
     @property

@@ -63,14 +63,17 @@ import fcntl
 import logging
 import os
 import struct
+import sys
 import threading
 from collections.abc import Callable
+from sys import _getframe
 from threading import get_ident
 from time import monotonic
 
 import posix_ipc
 
 from . import _failpoints
+from ._errors import ContextError
 from ._layout import LOCK, Words
 from ._proc import identity, is_alive
 
@@ -204,7 +207,7 @@ class RobustLock:
     """One cross-process mutex of the protocol above. Not re-entrant."""
 
     __slots__ = ("sem", "buf", "off", "key", "timeout", "arbiter", "repair", "what",
-                 "w32", "w64", "i32", "i64", "holder")
+                 "w32", "w64", "i32", "i64", "holder", "frame")
 
     def __init__(
         self,
@@ -232,23 +235,26 @@ class RobustLock:
         self.arbiter = arbiter
         self.repair = repair
         self.what = what
-        # The thread of this process that holds the lock (0: none). Set before the owner
-        # record names this process and cleared after the record is cleared, so that
-        # "recorded as ours, and the holder is the very thread now waiting for it (or a
-        # thread that has ended)" means an exception (Ctrl-C) left it held: see leaked().
+        # Which thread of this process holds the lock through this object (0: none), and
+        # the frame that took it, whose critical section it is: set before the owner
+        # record names this process, cleared after the record is cleared. See leaked().
         self.holder = 0
+        self.frame: object = None
 
-    def acquire(self, timeout: float | None = None) -> None:
+    def acquire(self, timeout: float | None = None, _depth: int = 1) -> None:
         """Take the lock, waiting at most ``timeout`` seconds (None: as long as the
-        owner lives). Raises ``TimeoutError`` when ``timeout`` runs out."""
+        owner lives). Raises ``TimeoutError`` when ``timeout`` runs out. ``_depth``: how
+        many frames up the frame is whose critical section holds the lock (1, the
+        caller); never a generator's, which is on no stack while it is suspended."""
         # _take_sem and _own, inlined: this is the hot path of every get and return.
         sem = self.sem
         try:
             sem.acquire(0)
         except posix_ipc.BusyError:
             if not self._spin():
-                self._acquire_slow(timeout)
+                self._acquire_slow(timeout, _getframe(_depth))
                 return
+        self.frame = _getframe(_depth)  # the caller's: its section holds the lock
         self.holder = get_ident()
         w64, i = self.w64, self.i64
         epoch = w64[i] >> 32  # the u64 at the record's start: pid, then epoch above it
@@ -270,10 +276,10 @@ class RobustLock:
                 continue
             except posix_ipc.BusyError:
                 return False
-        self._own(None)
+        self._own(None, None, _getframe(1))
         return True
 
-    def _take_sem(self, timeout: float | None) -> bool:
+    def _take_sem(self, timeout: float | None, frame: object) -> bool:
         """Get the semaphore: True if the owner record is still to be written, False if
         the slow path got it and recorded this process (or took it over)."""
         try:
@@ -282,7 +288,7 @@ class RobustLock:
         except posix_ipc.BusyError:
             if self._spin():
                 return True
-        self._acquire_slow(timeout)
+        self._acquire_slow(timeout, frame)
         return False
 
     def _spin(self) -> bool:
@@ -300,51 +306,64 @@ class RobustLock:
     def release(self) -> None:
         self.w32[self.i32] = 0
         self.holder = 0
+        self.frame = None
         if _failpoints.armed:
             _failpoints.hit("lock.release_before_post")
         self.sem.release()
 
-    def leaked(self, waiter: int) -> bool:
-        """Whether this process holds the lock with no thread of it inside the critical
-        section: an asynchronous exception (KeyboardInterrupt, or SystemExit from a
-        signal handler) came between taking it and the ``try`` that releases it, or
-        between that ``finally`` and the release. Every other process takes such a
-        holder for alive and would wait for it forever, so this process must recover
-        it. ``waiter`` is the thread asking: if the record names it as the holder, it is
-        not inside the section, or it would not be asking."""
+    def leaked(self) -> bool:
+        """Whether this process holds the lock through this object with no thread of it
+        inside the critical section: an asynchronous exception (KeyboardInterrupt, an
+        exception from a signal handler) came between taking it and the ``try`` that
+        releases it, or between that ``finally`` and the release. Every other process
+        takes such a holder for alive and would wait for it forever, so this process
+        must recover it. The test is exact: the frame that took the lock is no longer on
+        its thread's stack (or the thread has ended). A signal handler or a finalizer
+        that calls into shmctx while an outer frame of its thread holds the lock does not
+        count: that frame is still on the stack."""
         pid, _epoch, start = LOCK.unpack_from(self.buf, self.off)
         if pid != identity.pid or start != identity.start:
             return False
         # Only this object's own holder counts: another object for the same lock (a
         # second manager of this process on the namespace) keeps its holder apart, and
         # a 0 here may mean that one holds it.
-        holder = self.holder
-        return holder != 0 and (
-            holder == waiter or holder not in {t.ident for t in threading.enumerate()})
+        holder, frame = self.holder, self.frame
+        if not holder:
+            return False
+        # Every thread with a Python state, also those threading does not list.
+        top = sys._current_frames().get(holder)
+        while top is not None:
+            if top is frame:
+                return False
+            top = top.f_back
+        return True
 
-    def recover_leaked(self, waiter: int) -> bool:
-        """Recover (repair and release) the lock if ``leaked(waiter)``."""
-        if not self.leaked(waiter):
+    def recover_leaked(self) -> bool:
+        """Recover (repair and release) the lock if ``leaked()``."""
+        if not self.leaked():
             return False
         pid, epoch, _start = LOCK.unpack_from(self.buf, self.off)
-        if not self._take_over(pid, epoch):
+        if not self._take_over(pid, epoch, None, _getframe(0)):
             return False
         self._mark_held()
         self.release()
         return True
 
     def __enter__(self) -> RobustLock:
-        self.acquire()
+        self.acquire(None, 2)  # the with block's frame holds it, not this one
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
 
-    def _own(self, epoch: int | None) -> None:
-        """Record this process as owner (the semaphore is already ours)."""
+    def _own(self, epoch: int | None, deadline: float | None = None,
+             frame: object = None) -> None:
+        """Record this process as owner (the semaphore is already ours), taken by
+        ``frame``."""
         w64, i = self.w64, self.i64
         if epoch is None:
             epoch = w64[i] >> 32
+        self.frame = frame
         self.holder = get_ident()
         w64[i + 1] = identity.start  # start before pid: see acquire
         w64[i] = ((epoch + 1) & 0xFFFFFFFF) << 32 | identity.pid
@@ -354,7 +373,8 @@ class RobustLock:
         is dead. The sweeper's proactive repair: otherwise the next waiter does it, after
         waiting ``lock_timeout``."""
         pid, epoch, start = LOCK.unpack_from(self.buf, self.off)
-        if not pid or self._owner_alive(pid, start) or not self._take_over(pid, epoch):
+        if not pid or self._owner_alive(pid, start) or \
+                not self._take_over(pid, epoch, None, _getframe(0)):
             return False
         self._mark_held()
         self.release()
@@ -371,13 +391,13 @@ class RobustLock:
         """(pid, epoch, start) as recorded now; pid 0 when no owner is recorded."""
         return LOCK.unpack_from(self.buf, self.off)
 
-    def _acquire_slow(self, timeout: float | None) -> None:
+    def _acquire_slow(self, timeout: float | None, frame: object) -> None:
         deadline = None if timeout is None else monotonic() + timeout
         suspect: tuple[int, int] | None = None  # (pid, epoch) seen without an owner
 
         def look() -> bool:
             nonlocal suspect
-            suspect = self._after_timeout(suspect, deadline)
+            suspect = self._after_timeout(suspect, deadline, frame)
             return suspect == (-1, -1)
 
         # The first look at the owner comes early: an owner recorded dead is taken over
@@ -386,26 +406,36 @@ class RobustLock:
         # condemn a lock with no recorded owner.
         if wait_and_look(self.sem, deadline, min(self.timeout, _FIRST_LOOK), self.timeout,
                          look, f"timed out after {timeout}s waiting for {self.what}"):
-            self._own(None)
+            self._own(None, deadline, frame)
 
-    def _after_timeout(self, suspect: tuple[int, int] | None,
-                       deadline: float | None) -> tuple[int, int] | None:
+    def _after_timeout(self, suspect: tuple[int, int] | None, deadline: float | None,
+                       frame: object) -> tuple[int, int] | None:
         """Decide what a timed-out wait means. Returns the new suspect, or (-1, -1) when
         this process took the lock over."""
         pid, epoch, start = LOCK.unpack_from(self.buf, self.off)
-        if pid:
-            if self._owner_alive(pid, start) and not self.leaked(get_ident()):
+        if pid == identity.pid and start == identity.start:
+            if not self.leaked():
+                if self.holder == get_ident():
+                    raise ContextError(
+                        f"{self.what}: this thread already holds it, further up its stack "
+                        "(shmctx called again from a signal handler or a finalizer while "
+                        "it held the lock); waiting would wait for itself"
+                    )
+                return None  # another thread of this process holds it
+        elif pid:
+            if self._owner_alive(pid, start):
                 return None
         else:
             if self.sem.value > 0:
                 return None  # released meanwhile; the next wait takes it
             if suspect != (0, epoch):
                 return (0, epoch)  # give a live holder one more full timeout
-        if self._take_over(pid, epoch):
+        if self._take_over(pid, epoch, deadline, frame):
             return (-1, -1)
         return None
 
-    def _take_over(self, pid: int, epoch: int) -> bool:
+    def _take_over(self, pid: int, epoch: int, deadline: float | None,
+                   frame: object) -> bool:
         if self.arbiter is None or not self.arbiter.try_claim(self.key):
             return False  # another waiter is recovering; it will release in time
         try:
@@ -419,7 +449,7 @@ class RobustLock:
                 recovered = True
             if _failpoints.armed:
                 _failpoints.hit("lock.takeover")
-            self._own(epoch)
+            self._own(epoch, deadline, frame)
         finally:
             self.arbiter.release(self.key)
         if recovered:
@@ -468,21 +498,44 @@ class ContextLock(RobustLock):
         self._pid = 0
         self._depth = 0
 
-    def acquire(self, timeout: float | None = None) -> None:
+    def acquire(self, timeout: float | None = None, _depth: int = 1) -> None:
         if self._thread == threading.get_ident() and self._pid == identity.pid:
             self._depth += 1
             return
         if not self.is_current():
             raise self.closed_error()
-        if self._take_sem(timeout):
-            self._own(None)
-        self._mark_held()
+        frame = _getframe(_depth)
+        deadline = None if timeout is None else monotonic() + timeout
+        try:
+            if self._take_sem(timeout, frame):
+                self._own(None, deadline, frame)
+            self._mark_held()
+        except BaseException:
+            # An exception (Ctrl-C) as the owner is recorded under the slot's stripe
+            # lock may leave that lock held by this process, and every get and return on
+            # that stripe, in every process, would wait for it: recover it now.
+            self.guard.recover_leaked()
+            raise
 
-    def _own(self, epoch: int | None) -> None:
-        with self.guard:
+    def _own(self, epoch: int | None, deadline: float | None = None,
+             frame: object = None) -> None:
+        # The stripe lock, within what is left of the caller's timeout: a live process
+        # keeping it (stopped in a debugger, descheduled) must not make
+        # acquire(timeout=...) wait without end.
+        left = None if deadline is None else max(0.0, deadline - monotonic())
+        try:
+            self.guard.acquire(left)
+        except TimeoutError:
+            self.sem.release()  # the semaphore was ours: give it back
+            raise TimeoutError(
+                f"timed out waiting for the stripe lock to record the owner of {self.what}"
+            ) from None
+        try:
             if self.is_current():
-                super()._own(epoch)
+                super()._own(epoch, deadline, frame)
                 return
+        finally:
+            self.guard.release()
         self.sem.release()
         raise self.closed_error()
 
@@ -503,14 +556,20 @@ class ContextLock(RobustLock):
         if self._depth:
             return
         self._thread = 0
-        with self.guard:
-            if self.is_current() and LOCK.unpack_from(self.buf, self.off)[0] == identity.pid:
-                self.w32[self.i32] = 0
-            self.holder = 0
+        try:
+            with self.guard:
+                if self.is_current() and \
+                        LOCK.unpack_from(self.buf, self.off)[0] == identity.pid:
+                    self.w32[self.i32] = 0
+                self.holder = 0
+                self.frame = None
+        except BaseException:
+            self.guard.recover_leaked()  # as in acquire
+            raise
         self.sem.release()
 
-    def _after_timeout(self, suspect: tuple[int, int] | None,
-                       deadline: float | None) -> tuple[int, int] | None:
+    def _after_timeout(self, suspect: tuple[int, int] | None, deadline: float | None,
+                       frame: object) -> tuple[int, int] | None:
         if not self.is_current():
             raise self.closed_error()
         if LOCK.unpack_from(self.buf, self.off)[0] == 0:
@@ -526,7 +585,7 @@ class ContextLock(RobustLock):
             except TimeoutError:
                 return None  # a live process keeps the stripe lock: no verdict yet
             self.guard.release()
-        return super()._after_timeout(suspect, deadline)
+        return super()._after_timeout(suspect, deadline, frame)
 
 
 # Process-wide count of lock takeovers (read by tools/chaos.py and tests).

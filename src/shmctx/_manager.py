@@ -275,26 +275,30 @@ class ContextManager:
         seconds (then ``TimeoutError``). If ``init`` raises, the context is removed and
         the exception propagates; a waiting process then creates it afresh.
         """
-        if self._closed:
-            self._raise_closed()
-        if config is None and timeout is None and type(name) is str:
-            # The hot path: a name mapped before was validated then.
-            handle = self._get_fast(name)
-            if handle is not None:
-                return handle, True
-        name_b = _check_name(name)
-        if config is not None and not isinstance(config, MemoryContextConfig):
-            raise InvalidConfigError(
-                f"config must be a MemoryContextConfig or None, not {type(config).__name__}"
-            )
-        if init is not None and not callable(init):
-            raise TypeError(f"init must be a callable taking the context, not {init!r}")
-        _check_timeout(timeout)
-        if config is not None and self._matches(name, config):
-            handle = self._get_fast(name)
-            if handle is not None:
-                return handle, True
-        return self._get_cold(name, name_b, config, init, True, timeout)
+        try:
+            if self._closed:
+                self._raise_closed()
+            if config is None and timeout is None and type(name) is str:
+                # The hot path: a name mapped before was validated then.
+                handle = self._get_fast(name)
+                if handle is not None:
+                    return handle, True
+            name_b = _check_name(name)
+            if config is not None and not isinstance(config, MemoryContextConfig):
+                raise InvalidConfigError(
+                    f"config must be a MemoryContextConfig or None, not {type(config).__name__}"
+                )
+            if init is not None and not callable(init):
+                raise TypeError(f"init must be a callable taking the context, not {init!r}")
+            _check_timeout(timeout)
+            if config is not None and self._matches(name, config):
+                handle = self._get_fast(name)
+                if handle is not None:
+                    return handle, True
+            return self._get_cold(name, name_b, config, init, True, timeout)
+        except BaseException:
+            self._recover_leaked_locks()
+            raise
 
     def get_context(self, name: str, *, timeout: float | None = None) -> MemoryContext:
         """Take a reference to the existing context ``name`` (``ContextNotFoundError`` if
@@ -588,8 +592,7 @@ class ContextManager:
         # The handle is made first, marked as standing for no reference, so that no
         # exception after the count (Ctrl-C) can lose the only object that can give the
         # reference back (its finalizer does, once it is marked as holding one).
-        handle = MemoryContext(self, m, identity.pid)
-        handle._returned = True
+        handle = MemoryContext(self, m, identity.pid, False)
         lock.acquire()
         try:
             state, rc, inc = L.S_CHECK.unpack_from(buf, so)
@@ -1147,6 +1150,13 @@ class ContextManager:
         m = ctx._mapped
         if m.lock is not None:
             return m.lock
+        try:
+            return self._make_lock_of(m)
+        except BaseException:
+            self._recover_leaked_locks()  # as every public method: see there
+            raise
+
+    def _make_lock_of(self, m: _Mapped) -> ContextLock:
         t = self._table
         so = m.off
         # One lock object per mapping: two threads asking for it at once must not each
@@ -1200,7 +1210,7 @@ class ContextManager:
         try:
             for lock in (t.table_lock, *t.stripe_locks):
                 if lock.holder == me:
-                    lock.recover_leaked(me)
+                    lock.recover_leaked()
         except ValueError:
             pass  # close() or unlink() got as far as unmapping the table: nothing to do
 
@@ -1208,10 +1218,9 @@ class ContextManager:
         """Recover every lock of the namespace whose recorded owner is dead. Needs no
         lock held. Returns how many were recovered."""
         t, buf, geo = self._table, self._buf, self._geo
-        # And those this process left held from a thread that has ended since. Only
-        # those: the caller may hold one of these locks itself (the waiter given, 0, is
-        # never a holder).
-        n = sum(lock.recover_if_owner_dead() or lock.recover_leaked(0)
+        # And those this process left held (an interrupt between taking one and its
+        # try): safe to ask with one held by the caller, whose frame is on its stack.
+        n = sum(lock.recover_if_owner_dead() or lock.recover_leaked()
                 for lock in [t.table_lock, *t.stripe_locks])
         for slot in range(geo.capacity):
             so = geo.slot_off(slot)
@@ -1572,15 +1581,23 @@ def _check_uids(uids: object) -> frozenset[int]:
     return out
 
 
-@contextmanager
-def _holding(lock: RobustLock, deadline: float | None) -> Iterator[None]:
+class _holding:  # lower case: used as ``with _holding(lock, deadline):``, like a function
     """``with lock:``, waiting for it at most until ``deadline`` (a ``monotonic()`` time;
-    None: as long as its holder lives). Past the deadline it still takes a free lock."""
-    lock.acquire(None if deadline is None else max(0.0, deadline - monotonic()))
-    try:
-        yield
-    finally:
-        lock.release()
+    None: as long as its holder lives). Past the deadline it still takes a free lock.
+    A class, not a generator: the lock records the frame whose critical section holds it
+    (RobustLock.leaked), and a suspended generator's frame is on no thread's stack."""
+
+    __slots__ = ("lock", "deadline")
+
+    def __init__(self, lock: RobustLock, deadline: float | None) -> None:
+        self.lock, self.deadline = lock, deadline
+
+    def __enter__(self) -> None:
+        d = self.deadline
+        self.lock.acquire(None if d is None else max(0.0, d - monotonic()), 2)
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
 
 
 _MAX_CACHED_MAPPINGS = 64  # the default of ContextManager.max_cached_mappings

@@ -1,6 +1,9 @@
-"""Defects a review of the lock-healing, dropped-handle and fork changes found. Each test
-names the mechanism it breaks in its docstring; every child is a real process and every
-signal is really sent."""
+"""Interrupts and re-entrance around the locks: Ctrl-C as a lock is taken or a handle made,
+a signal handler or a finalizer calling shmctx inside a critical section of the frame it
+interrupted, threads that ``threading`` does not list, ``ctx.lock.acquire(timeout)`` while
+a live process keeps the stripe lock. (Found by an adversarial review of the recovery of
+locks left held and of dropped handles.) Every child is a real process and every signal
+is really sent."""
 
 from __future__ import annotations
 
@@ -37,8 +40,8 @@ class _InterruptedAfterAcquire(RobustLock):
 
     __slots__ = ()
 
-    def acquire(self, timeout=None):
-        super().acquire(timeout)
+    def acquire(self, timeout=None, _depth=1):
+        super().acquire(timeout, _depth + 1)  # the lock's holder is our caller's frame
         self.__class__ = RobustLock  # once
         raise KeyboardInterrupt
 
@@ -67,15 +70,20 @@ def test_get_or_create_context_recovers_a_lock_an_interrupt_left_held(managers):
     assert not _left_held(table_lock), "the table lock stays held by a live process"
 
 
-def test_ctx_put_recovers_a_stripe_lock_an_interrupt_left_held(managers):
-    """``ctx.put`` takes ``ctx.lock``, which records its owner under the slot's stripe
-    lock (``ContextLock._own``: ``with self.guard``). Ctrl-C as that stripe lock is
-    taken leaves it held by this live process: every other process's get or return of
-    any context of that stripe then waits for ever. Neither ``ContextLock.acquire`` nor
-    ``MemoryContext.put`` recovers it as the exception leaves."""
+@pytest.mark.parametrize("lock_made", [False, True], ids=["first-ctx.lock", "ctx.lock-made"])
+def test_ctx_put_recovers_a_stripe_lock_an_interrupt_left_held(managers, lock_made):
+    """``ctx.put`` takes the slot's stripe lock twice: on first use of ``ctx.lock``, to
+    create its semaphore (``ContextManager._context_lock``: ``with m.stripe``), and in
+    every acquisition, to record the owner (``ContextLock._own``: ``with self.guard``).
+    Ctrl-C as the stripe lock is taken leaves it held by this live process: every other
+    process's get or return of any context of that stripe then waits for ever. Neither
+    ``MemoryContext.lock``, ``ContextLock.acquire`` nor ``put`` recovers it as the
+    exception leaves."""
     m = managers(CFG)
     ctx, _ = m.get_or_create_context("c", MEM)
     stripe = ctx._mapped.stripe
+    if lock_made:
+        assert ctx.lock is not None  # made now: put's interrupt comes in _own
     _interrupt_after_next_acquire(stripe)
     with pytest.raises(KeyboardInterrupt):
         ctx.put(1)
@@ -96,8 +104,8 @@ class _HandleInterruptedAsMade(MemoryContext):
 
     __slots__ = ()
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
         signal.pthread_kill(threading.get_ident(), signal.SIGINT)
 
 
@@ -163,6 +171,49 @@ def test_shmctx_call_from_a_signal_handler_does_not_rob_the_interrupted_hold(
     assert value == 1, f"stripe semaphore at {value} after one hold: mutual exclusion lost"
 
 
+def test_signal_handler_returning_a_handle_does_not_rob_the_interrupted_hold(
+        managers, monkeypatch):
+    """The same re-entrance without any exception: a signal handler returns a handle of
+    the context whose stripe lock the interrupted hot path holds. Its wait looks at the
+    owner after 10 ms (``_after_timeout``), finds it recorded as this process and the
+    holder thread the waiter itself (``leaked``), and takes the lock over from its own
+    interrupted frame, which then releases it a second time: the semaphore ends at 2.
+    (Before the change it waited for itself for ever; it must do neither, but say so.)"""
+    m = managers(CFG)
+    ctx, _ = m.get_or_create_context("c", MEM)
+    extra = m.get_context("c")
+    stripe = ctx._mapped.stripe
+    raised: list[BaseException] = []
+
+    def handler(*_):
+        try:
+            m.return_context(extra)
+        except Exception as e:
+            raised.append(e)
+
+    sent: list[str] = []
+
+    def hit(name):
+        if name == "return.proc_counted" and not sent:  # inside the stripe lock, once
+            sent.append(name)
+            signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+
+    old = signal.signal(signal.SIGUSR1, handler)
+    try:
+        monkeypatch.setattr(_failpoints, "armed", True)
+        monkeypatch.setattr(_failpoints, "hit", hit)
+        m.return_context(ctx)
+        monkeypatch.undo()
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+    value = stripe.sem.value
+    while stripe.sem.value > 1:  # undo the extra post so that teardown is sound
+        stripe.sem.acquire(0)
+    if not extra._returned:  # refused: give it back now
+        m.return_context(extra)
+    assert value == 1, f"stripe semaphore at {value} after one hold: mutual exclusion lost"
+
+
 # --- 4. "the holder thread has ended": only threads threading knows about ---------------
 
 def test_ctx_lock_held_by_a_thread_threading_does_not_list_is_not_taken_over(managers):
@@ -183,7 +234,7 @@ def test_ctx_lock_held_by_a_thread_threading_does_not_list_is_not_taken_over(man
             with lock:
                 inside.set()
                 leave.wait(10)
-        except BaseException as e:  # noqa: BLE001 - reported below
+        except BaseException as e:
             errors.append(e)
         finally:
             done.set()
