@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import collections
 import ctypes
+import faulthandler
 import gc
 import json
 import multiprocessing as mp
@@ -317,6 +318,8 @@ class _Worker:
 
     def run(self) -> None:
         self.stats[self.base + F_PID] = os.getpid()
+        # The harness asks a worker that does not stop for its threads' stacks.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
         if "sigint" in self.faults:
             signal.signal(signal.SIGINT, self.on_sigint)
         else:
@@ -547,7 +550,10 @@ def main(argv: list[str] | None = None) -> int:
         for p in procs.values():
             p.join(bound * 10 + 10)
             if p.is_alive():
-                violations.append(f"worker {p.pid} did not stop")
+                violations.append(f"worker {p.pid} did not stop (its stacks: stderr)")
+                print(f"worker {p.pid} did not stop; its threads:", file=sys.stderr, flush=True)
+                os.kill(p.pid, signal.SIGUSR1)
+                p.join(2)  # time to print them; it is killed next either way
                 p.kill()
                 p.join()
             elif p.exitcode != 0:

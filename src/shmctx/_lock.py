@@ -43,13 +43,15 @@ left held by a live process
     An asynchronous exception (Ctrl-C's ``KeyboardInterrupt``, an exception raised by a
     signal handler) can land between taking a lock and the ``try`` that releases it.
     Other processes see a live owner and never rob it, so the owning process recovers it
-    itself (takeover, repair, release): each lock object records which of this process's
-    threads holds it through it (``holder``, set before the owner record names this
-    process, cleared after the record is cleared), and the lock counts as left held
-    when the record names this process and that thread is the one now asking (it is not
-    inside the critical section, or it would not be asking) or has ended. The manager
-    asks as any exception leaves one of its public methods, a waiter of this process asks
-    at its looks, and the sweep asks for ended threads.
+    itself (takeover, repair, release). Each lock object records which thread holds it
+    through it and the frame whose critical section that is (``holder``, ``frame``: set
+    before the owner record names this process, cleared after the record is cleared).
+    The lock counts as left held when the record names this process and that frame is no
+    longer on its thread's stack, or the thread has ended. A signal handler or finalizer
+    calling shmctx inside the critical section it interrupted does not count (the frame is
+    still there); if it waits for that very lock it gets ``ContextError`` instead of
+    waiting for itself. The manager asks as any exception leaves one of its public
+    methods, a waiter of this process asks at its looks, and the sweep asks too.
 
 Lock order: table lock, then stripe locks (ascending), then a context's own lock is
 never taken by shmctx while it holds the others. ``SignalError`` (a signal during the
