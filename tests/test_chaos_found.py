@@ -18,9 +18,6 @@ from shmctx import _layout as L
 CFG = ContextConfig(lock_timeout=0.2, cleanup_interval=0)
 
 
-@pytest.mark.xfail(strict=True, reason="CHAOS-FOUND: _get_cold takes the reference "
-                   "(_take_ref_cold) before _map and before the handle exists; an "
-                   "interrupt in between leaks it for the life of the process")
 def test_interrupt_between_cold_reference_and_handle_leaks_nothing(managers):
     m = managers()
     other = managers()  # creates the context, so that m's get is a first, cold one
@@ -44,9 +41,6 @@ def test_interrupt_between_cold_reference_and_handle_leaks_nothing(managers):
     other.return_context(ctx)
 
 
-@pytest.mark.xfail(strict=True, reason="CHAOS-FOUND: _after_fork keeps _initialising, keyed "
-                   "by thread id only, so a child forked inside init is refused a get of "
-                   "that context as if it were the initialising thread")
 def test_child_forked_inside_init_can_wait_for_the_context(managers):
     m = managers()
     r, w = os.pipe()

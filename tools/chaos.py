@@ -200,8 +200,18 @@ class _Worker:
         leaves with os._exit; its exit status says how it went (see _child_failure)."""
         name = self.rng.choice(self.names)
         self.add(thread, F_FORKS)
+        # Python's own at-fork handlers (logging's lock, taken before the fork and
+        # released after it) do not survive a KeyboardInterrupt: one there leaves the
+        # logging lock held, and every later fork of another thread waits for it forever.
+        # That is the interpreter's hazard, not the library's: a SIGINT during the fork
+        # is kept for the loop's next turn.
+        main = thread == 0
+        if main:
+            was, self.interruptible = self.interruptible, False
         pid = os.fork()
         if pid:
+            if main:
+                self.interruptible = was
             return
         code = CHILD_OK
         try:
@@ -378,7 +388,9 @@ class _Worker:
             if table[key] != before[key] and before == after:
                 print(f"worker {me}: context {key[0]!r} (incarnation {key[1]}): the table "
                       f"books {table[key]} reference(s) to this process, which holds "
-                      f"{before[key]} valid handle(s)", file=sys.stderr)
+                      f"{before[key]} valid handle(s); it took "
+                      f"{int(self.stats[self.base + F_ERRORS + ERRORS.index('KeyboardInterrupt')])}"
+                      " KeyboardInterrupt(s)", file=sys.stderr)
                 self.add(0, F_LEAKS)
         for h in held:
             try:

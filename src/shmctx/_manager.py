@@ -709,67 +709,84 @@ class ContextManager:
                 raise TimeoutError(f"timed out after {timeout}s getting context {name!r} in "
                                    f"namespace {self.namespace!r}")
             retry = True
-            wait: tuple[int, int, posix_ipc.Semaphore] | None = None
-            created = False
-            with _holding(t.table_lock, deadline):
-                t.check_usable()
-                slot = t.find(name_b, h)
-                if slot >= 0:
-                    f = t.read_slot(slot)
-                    state, inc, size = f[0], f[4], f[6]
-                    if state not in (L.CREATING, L.READY):
-                        raise self._damaged(name, slot, inc,
-                                            f"its slot {slot} holds state {state}, not a state")
-                    if config is not None:
-                        self._check_config(name, slot, f, config)
-                    if state == L.READY:
-                        parent_name = self._parent_name(f)
-                        try:
-                            self._take_ref_cold(name, slot, inc)
-                        except MaxReferencesReachedError:
-                            if reclaimed_once or not self._reclaim_dead(locked=True):
-                                raise
-                            reclaimed_once = True
-                            continue
-                    else:
-                        if self._initialising.get((slot, inc)) == threading.get_ident():
-                            raise ContextError(
-                                f"context {name!r} is being initialised by this thread: "
-                                "its init cannot get it (use the handle init receives)"
-                            )
-                        sem = self._register_waiter(slot, inc)
-                        if sem is None:
-                            continue  # published (or removed) meanwhile: look again
-                        wait = (slot, inc, sem)
-                else:
-                    if not create:
-                        raise ContextNotFoundError(
-                            f"no context {name!r} in namespace {self.namespace!r}"
-                        )
-                    cfg = config or MemoryContextConfig()
-                    slot, inc = self._claim(name, name_b, h, cfg)
-                    size = cfg.size
-                    created = True
-            if wait is not None:
-                self._wait_for_init(name, *wait, deadline, timeout)
-                continue
-            if created:
-                return self._finish_create(name, slot, inc, cfg, init), False
+            # A reference counted below and not yet held by a handle: given back if
+            # anything (the context gone, another user's object, no descriptor left,
+            # Ctrl-C) stops this pass before the handle is made.
+            counted: tuple[int, int] | None = None
             try:
-                m = self._map(name, slot, inc, size, parent_name)
-            except posix_ipc.ExistentialError:
-                # Closed between our reference and the mapping (look again), or the
-                # memory is gone while the table still says ready: damage, raised.
+                wait: tuple[int, int, posix_ipc.Semaphore] | None = None
+                created = False
                 with _holding(t.table_lock, deadline):
-                    state, _rc, now_inc = L.S_CHECK.unpack_from(self._buf,
-                                                                self._geo.slot_off(slot))
-                    if state == L.READY and now_inc == inc:
-                        path = _shm.host_path(t.segment(slot, inc))
-                        raise self._damaged(name, slot, inc, f"its memory segment {path} is "
-                                            "gone (removed by something other than shmctx: "
-                                            "systemd-logind's RemoveIPC, an rm)") from None
-                continue
-            return MemoryContext(self, m, identity.pid), True
+                    t.check_usable()
+                    slot = t.find(name_b, h)
+                    if slot >= 0:
+                        f = t.read_slot(slot)
+                        state, inc, size = f[0], f[4], f[6]
+                        if state not in (L.CREATING, L.READY):
+                            raise self._damaged(name, slot, inc,
+                                                f"its slot {slot} holds state {state}, not a state")
+                        if config is not None:
+                            self._check_config(name, slot, f, config)
+                        if state == L.READY:
+                            parent_name = self._parent_name(f)
+                            try:
+                                self._take_ref_cold(name, slot, inc)
+                                counted = (slot, inc)
+                            except MaxReferencesReachedError:
+                                if reclaimed_once or not self._reclaim_dead(locked=True):
+                                    raise
+                                reclaimed_once = True
+                                continue
+                        else:
+                            if self._initialising.get((slot, inc)) == threading.get_ident():
+                                raise ContextError(
+                                    f"context {name!r} is being initialised by this thread: "
+                                    "its init cannot get it (use the handle init receives)"
+                                )
+                            sem = self._register_waiter(slot, inc)
+                            if sem is None:
+                                continue  # published (or removed) meanwhile: look again
+                            wait = (slot, inc, sem)
+                    else:
+                        if not create:
+                            raise ContextNotFoundError(
+                                f"no context {name!r} in namespace {self.namespace!r}"
+                            )
+                        cfg = config or MemoryContextConfig()
+                        slot, inc = self._claim(name, name_b, h, cfg)
+                        size = cfg.size
+                        created = True
+                if wait is not None:
+                    self._wait_for_init(name, *wait, deadline, timeout)
+                    continue
+                if created:
+                    return self._finish_create(name, slot, inc, cfg, init), False
+                try:
+                    m = self._map(name, slot, inc, size, parent_name)
+                    handle = MemoryContext(self, m, identity.pid, False)
+                except posix_ipc.ExistentialError:
+                    counted = None  # first: an interrupt now leaks it, never gives it twice
+                    self._undo_ref(slot, inc)
+                    # Closed between our reference and the mapping (look again), or the
+                    # memory is gone while the table still says ready: damage, raised.
+                    with _holding(t.table_lock, deadline):
+                        state, _rc, now_inc = L.S_CHECK.unpack_from(self._buf,
+                                                                    self._geo.slot_off(slot))
+                        if state == L.READY and now_inc == inc:
+                            path = _shm.host_path(t.segment(slot, inc))
+                            raise self._damaged(name, slot, inc, f"its memory segment {path} is "
+                                                "gone (removed by something other than shmctx: "
+                                                "systemd-logind's RemoveIPC, an rm)") from None
+                    continue
+                # From here the handle stands for the reference. No call comes between
+                # these two statements, so no signal handler can run between them.
+                counted = None
+                handle._returned = False
+                return handle, True
+            except BaseException:
+                if counted is not None:
+                    self._undo_ref(*counted)
+                raise
 
     def _damaged(self, name: str, slot: int, inc: int, what: str) -> ContextError:
         """Close the damaged context in ``slot`` (incarnation ``inc``) and return the
@@ -1054,14 +1071,10 @@ class ContextManager:
             m = self._mapped.get(name)
             if m is not None and m.inc == inc:
                 return m
-            try:
-                mm = _shm.attach_segment(
-                    self._table.segment(slot, inc), trusted=self._table.trusted,
-                    what=f"the memory of context {name!r} in namespace {self.namespace!r}",
-                ) if size else None
-            except BaseException:  # gone, another user's, no descriptor left: not ours
-                self._undo_ref(slot, inc)
-                raise
+            mm = _shm.attach_segment(
+                self._table.segment(slot, inc), trusted=self._table.trusted,
+                what=f"the memory of context {name!r} in namespace {self.namespace!r}",
+            ) if size else None
             new = self._mapping(name, slot, inc, size, mm, parent)
             # An older incarnation's mapping leaves the cache: that context was closed,
             # and its mapping goes with the last handle of this process using it.
@@ -1515,6 +1528,9 @@ class ContextManager:
             {m.inc: m.lock for m in self._mapped.values() if m.lock is not None})
         self._refidx = {}
         self._free_refs = []
+        # The child runs no init of its own yet: one its parent was running when it
+        # forked goes on in the parent, and the child waits for it like any process.
+        self._initialising = {}
 
     def _install_hot_path(self) -> None:
         """Put the C hot path in front of get_or_create_context, get_context and
