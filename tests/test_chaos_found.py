@@ -1,8 +1,11 @@
 """Library defects found by tools/chaos.py (--faults sigint, --faults fork), each reduced
-to a minimal reproducer. FOUND BY THE CHAOS RUN, NOT YET FIXED: each test is marked
-``xfail(strict=True)``, so it passes while the defect is there and fails (XPASS) as soon
-as the library is fixed; the fix then removes the mark (and the test moves next to its
-subject)."""
+to a minimal reproducer that failed on the code before its fix:
+
+* an interrupt between the cold path's counting of a reference and the existence of
+  the handle that stands for it leaked that reference for the life of the process;
+* a child forked inside ``init`` was refused a get of that context ("being initialised
+  by this thread"): the initialising-thread record, inherited over fork, was taken for
+  the child's own."""
 
 from __future__ import annotations
 
