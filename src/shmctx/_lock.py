@@ -342,9 +342,13 @@ class RobustLock:
 
     def recover_leaked(self) -> bool:
         """Recover (repair and release) the lock if ``leaked()``."""
+        # The record as it was before the verdict: the takeover re-reads it under the
+        # arbiter and gives up unless it is the same hold (pid and epoch), so a hold
+        # released and taken again since the verdict, by another thread or by a
+        # concurrent recovery of the same leak, is never robbed.
+        pid, epoch, _start = LOCK.unpack_from(self.buf, self.off)
         if not self.leaked():
             return False
-        pid, epoch, _start = LOCK.unpack_from(self.buf, self.off)
         if not self._take_over(pid, epoch, None, _getframe(0)):
             return False
         self._mark_held()
@@ -540,6 +544,39 @@ class ContextLock(RobustLock):
             self.guard.release()
         self.sem.release()
         raise self.closed_error()
+
+    def try_acquire(self, timeout: float = 0.0) -> bool:
+        """As ``acquire``, but gives up (False) unless the lock is free within
+        ``timeout`` seconds; re-entrant like it, and released with ``release``."""
+        if self._thread == threading.get_ident() and self._pid == identity.pid:
+            self._depth += 1
+            return True
+        if not self.is_current():
+            raise self.closed_error()
+        try:
+            if not super().try_acquire(timeout):
+                return False
+            self._mark_held()
+        except BaseException:
+            self.guard.recover_leaked()  # as in acquire
+            raise
+        return True
+
+    def leaked(self) -> bool:
+        """Not RobustLock's frame rule: this lock's critical section is the user's, and a
+        live thread may hold it from a frame that has returned (``acquire()`` in a helper,
+        a class's ``__enter__``) or is suspended (a ``contextmanager`` generator, a
+        coroutine across an ``await``). Left held means recorded as held through this
+        object by a thread that has ended, or by the very thread asking while it does not
+        hold it (re-entrantly; else it would not be waiting): an interrupt inside
+        ``acquire`` after the record, or inside ``release`` before it was cleared."""
+        pid, _epoch, start = LOCK.unpack_from(self.buf, self.off)
+        holder = self.holder
+        if pid != identity.pid or start != identity.start or not holder:
+            return False
+        if holder == threading.get_ident():
+            return self._thread != holder or self._pid != identity.pid
+        return holder not in sys._current_frames()
 
     def _mark_held(self) -> None:
         self._thread = threading.get_ident()

@@ -1734,7 +1734,10 @@ def _start_give_back(h: _Holdings) -> None:
 
 def _start_giver(h: _Holdings) -> None:
     try:
-        threading.Thread(target=_give_back_abandoned, args=(h,), daemon=True,
+        # Not a daemon: a manager dropped as a script ends would otherwise be frozen by
+        # the interpreter's exit in the middle of giving back, holding the table lock.
+        # The exit waits for it instead; its wait for the table lock is bounded.
+        threading.Thread(target=_give_back_abandoned, args=(h,), daemon=False,
                          name=f"shmctx-give-back[{h.table.ns}]").start()
     except RuntimeError:
         _close_abandoned(h)
@@ -1747,6 +1750,9 @@ def _close_abandoned(h: _Holdings) -> None:
     h.table.close()
 
 
+_GIVE_BACK_WAIT = 10.0  # how long a give-back (and so an exit) waits for the table lock
+
+
 def _give_back_abandoned(h: _Holdings) -> None:
     """The rest of ``_abandoned``, on a thread of its own: an ordinary wait for the
     table lock, which whoever holds it releases in time. A forked child that inherited
@@ -1756,8 +1762,12 @@ def _give_back_abandoned(h: _Holdings) -> None:
     proc, pid = h.entry
     try:
         if proc >= 0 and pid == identity.pid and not t.flags() & L.FLAG_UNLINKED:
-            with t.table_lock:
+            with _holding(t.table_lock, monotonic() + _GIVE_BACK_WAIT):
                 _give_back_entry(t, proc)
+    except TimeoutError:
+        log.warning("namespace %r: the table lock stayed held for %ss; the entry of a "
+                    "manager collected without close() is left for the sweep to reclaim "
+                    "once this process ends", t.ns, _GIVE_BACK_WAIT)
     except Exception:  # nobody to raise to: say it, and close anyway
         log.exception("namespace %r: giving back the process entry of a manager collected "
                       "without close() failed", t.ns)
