@@ -161,6 +161,8 @@ class _Worker:
     def __init__(self, ns: str, names: list[str], seed: int, stats, base: int, stop,
                  opts: dict) -> None:
         self.ns, self.names, self.stats, self.base, self.stop = ns, names, stats, base, stop
+        # Takeovers counted from here: a forked worker inherits the harness's count.
+        self.recoveries_before = _lock.recoveries()
         self.opts = opts
         self.faults = opts["faults"]
         self.bound = opts["bound"]
@@ -283,7 +285,7 @@ class _Worker:
             self.stats[i + F_MAX_STALL] = stall
             self.stats[i + F_STALL_OP] = kind
         self.stats[i + F_OPS] += 1
-        self.stats[i + F_RECOVERIES] = _lock.recoveries()
+        self.stats[i + F_RECOVERIES] = _lock.recoveries() - self.recoveries_before
 
     # --- loops ------------------------------------------------------------------------
 
