@@ -881,7 +881,11 @@ class ContextManager:
         slot = t.pop_free()
         if slot < 0 and t.has_free_slot():
             t.repair_derived("the free list is missing slots that are free")
+            # By the slots themselves if the rebuilt list fails too (a stray write from
+            # outside during the rebuild): never evict, or say full, while a slot is free.
             slot = t.pop_free()
+            if slot < 0:
+                slot = t.first_free_slot()
         if slot < 0:
             self._evict_lru(name)
             slot = t.pop_free()

@@ -402,8 +402,13 @@ class Table:
 
     def has_free_slot(self) -> bool:
         """Whether any slot is free, by the slots' own states (the primary record)."""
+        return self.first_free_slot() >= 0
+
+    def first_free_slot(self) -> int:
+        """The first free slot by the slots' own states, or -1. A slot taken this way
+        stays on the free list, whose walk (pop_free) skips slots that are not free."""
         buf, geo = self.buf, self.geo
-        return any(buf[geo.slot_off(s)] == L.FREE for s in range(geo.capacity))
+        return next((s for s in range(geo.capacity) if buf[geo.slot_off(s)] == L.FREE), -1)
 
     # --- process entries ------------------------------------------------------------
 
