@@ -32,8 +32,13 @@ def test_short_chaos_run_with_every_fault_class_has_no_violations(ns):
     # Timer signals, SIGINTs, threads, forks and scribbles on derived data on top of the
     # kills; the tool checks the same invariants plus each worker's exact reference
     # counts. The figures show each fault class was actually exercised.
+    # Its stall bound is 1 s (lock_timeout 0.2 + cleanup_interval 0.8), not 0.6: with
+    # threads, timers and forks it oversubscribes the 2 cores it shares with the rest of
+    # the suite, where a wait through two recoveries in a row can exceed 0.6 s without
+    # anything being wrong (docs/reliability.md, Limits).
     figures, last = _run(ns, "--faults", "all", "--sigint-every", "0.1",
-                         "--scribble-every", "0.3", "--fork-prob", "0.003")
+                         "--scribble-every", "0.3", "--fork-prob", "0.003",
+                         "--cleanup-interval", "0.8")
     assert figures["violations"] == "0"
     assert int(figures["kills"]) > 5 and int(figures["ops"]) > 100, last
     assert int(figures["sigints"]) > 5 and int(figures["scribbles"]) > 2, last

@@ -424,8 +424,9 @@ class RobustLock:
                 if self.holder == get_ident():
                     raise ContextError(
                         f"{self.what}: this thread already holds it, further up its stack "
-                        "(shmctx called again from a signal handler or a finalizer while "
-                        "it held the lock); waiting would wait for itself"
+                        f"(taken in {_where(self.frame)}; shmctx called again from a "
+                        "signal handler or a finalizer while it held the lock); waiting "
+                        "would wait for itself"
                     )
                 return None  # another thread of this process holds it
         elif pid:
@@ -625,6 +626,14 @@ class ContextLock(RobustLock):
                 return None  # a live process keeps the stripe lock: no verdict yet
             self.guard.release()
         return super()._after_timeout(suspect, deadline, frame)
+
+
+def _where(frame: object) -> str:
+    """``function (file:line)`` of a frame, for messages."""
+    code = getattr(frame, "f_code", None)
+    if code is None:
+        return "an unknown frame"
+    return f"{code.co_name} ({os.path.basename(code.co_filename)}:{frame.f_lineno})"  # type: ignore[attr-defined]
 
 
 # Process-wide count of lock takeovers (read by tools/chaos.py and tests).
