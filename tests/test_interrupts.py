@@ -302,3 +302,25 @@ def test_ctx_lock_acquire_timeout_holds_while_a_live_process_keeps_the_stripe(ma
     assert not hung, "acquire(timeout=0.3) was still waiting after 3 s"
     assert isinstance(outcome[0], TimeoutError)
 
+
+
+def test_return_context_recovers_the_stripe_lock_an_interrupt_left_held_in_its_frame(
+        managers, monkeypatch):
+    """``return_context`` takes its stripe lock in its own frame. Ctrl-C right after that
+    reaches its ``except`` clause while that frame, the one that took the lock, is still
+    on the stack: it must count as leaving (it is), or the lock stays held by this live
+    process and every other process waits for it without end."""
+    m = managers(CFG)
+    ctx, _ = m.get_or_create_context("c", MEM)
+    stripe = ctx._mapped.stripe
+    _interrupt_after_next_acquire(stripe)
+    monkeypatch.setattr(_failpoints, "armed", True)  # the C path defers to Python's
+    monkeypatch.setattr(_failpoints, "hit", lambda _name: None)
+    with pytest.raises(KeyboardInterrupt):
+        m.return_context(ctx)
+    monkeypatch.undo()
+    assert not _left_held(stripe), "the stripe lock stays held by a live process"
+    # The interrupt came before the handle was marked: its reference is still held.
+    assert {i.name: i.holders for i in m.contexts()}["c"] == {os.getpid(): 1}
+    m.return_context(ctx)
+    assert m.check() == []

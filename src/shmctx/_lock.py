@@ -313,7 +313,7 @@ class RobustLock:
             _failpoints.hit("lock.release_before_post")
         self.sem.release()
 
-    def leaked(self) -> bool:
+    def leaked(self, exiting: object = None) -> bool:
         """Whether this process holds the lock through this object with no thread of it
         inside the critical section: an asynchronous exception (KeyboardInterrupt, an
         exception from a signal handler) came between taking it and the ``try`` that
@@ -322,7 +322,8 @@ class RobustLock:
         must recover it. The test is exact: the frame that took the lock is no longer on
         its thread's stack (or the thread has ended). A signal handler or a finalizer
         that calls into shmctx while an outer frame of its thread holds the lock does not
-        count: that frame is still on the stack."""
+        count: that frame is still on the stack. ``exiting``: a frame an exception is
+        leaving (a public method's, in its ``except`` clause): it counts as gone."""
         pid, _epoch, start = LOCK.unpack_from(self.buf, self.off)
         if pid != identity.pid or start != identity.start:
             return False
@@ -332,6 +333,8 @@ class RobustLock:
         holder, frame = self.holder, self.frame
         if not holder:
             return False
+        if frame is exiting and holder == get_ident():
+            return True
         # Every thread with a Python state, also those threading does not list.
         top = sys._current_frames().get(holder)
         while top is not None:
@@ -340,14 +343,14 @@ class RobustLock:
             top = top.f_back
         return True
 
-    def recover_leaked(self) -> bool:
-        """Recover (repair and release) the lock if ``leaked()``."""
+    def recover_leaked(self, exiting: object = None) -> bool:
+        """Recover (repair and release) the lock if ``leaked(exiting)``."""
         # The record as it was before the verdict: the takeover re-reads it under the
         # arbiter and gives up unless it is the same hold (pid and epoch), so a hold
         # released and taken again since the verdict, by another thread or by a
         # concurrent recovery of the same leak, is never robbed.
         pid, epoch, _start = LOCK.unpack_from(self.buf, self.off)
-        if not self.leaked():
+        if not self.leaked(exiting):
             return False
         if not self._take_over(pid, epoch, None, _getframe(0)):
             return False
@@ -563,7 +566,7 @@ class ContextLock(RobustLock):
             raise
         return True
 
-    def leaked(self) -> bool:
+    def leaked(self, exiting: object = None) -> bool:
         """Not RobustLock's frame rule: this lock's critical section is the user's, and a
         live thread may hold it from a frame that has returned (``acquire()`` in a helper,
         a class's ``__enter__``) or is suspended (a ``contextmanager`` generator, a

@@ -21,6 +21,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import partial
+from sys import _getframe
 from threading import get_ident
 from time import monotonic
 
@@ -1224,10 +1225,14 @@ class ContextManager:
         than it takes the exception to leave the call."""
         me = get_ident()
         t = self._table
+        # The public method the exception is leaving may have taken a lock in its own
+        # frame (return_context does): that frame is on its way out. Stripe locks first:
+        # recovering the table lock repairs every stripe, which takes each of them.
+        exiting = _getframe(1)
         try:
-            for lock in (t.table_lock, *t.stripe_locks):
+            for lock in (*t.stripe_locks, t.table_lock):
                 if lock.holder == me:
-                    lock.recover_leaked()
+                    lock.recover_leaked(exiting)
         except ValueError:
             pass  # close() or unlink() got as far as unmapping the table: nothing to do
 
