@@ -15,10 +15,8 @@ import os
 import pytest
 from helpers import wait_for
 
-from shmctx import ContextConfig, MemoryContextConfig
+from shmctx import MemoryContextConfig
 from shmctx import _layout as L
-
-CFG = ContextConfig(lock_timeout=0.2, cleanup_interval=0)
 
 
 def test_interrupt_between_cold_reference_and_handle_leaks_nothing(managers):

@@ -216,6 +216,9 @@ def hit(name):
         inside.set()
         while threading.main_thread().is_alive():
             time.sleep(0.001)
+        # A little more, only so that a daemon give-back would lose the race to the
+        # interpreter's finalization for sure (the old code); the fixed code's exit
+        # waits for this thread whatever the timing.
         time.sleep(0.002)
 
 _failpoints.hit = hit
@@ -227,9 +230,10 @@ assert inside.wait(10)
 
 
 def test_a_manager_dropped_as_the_script_ends_leaves_no_lock_held(ns, managers):
-    """The give-back of a manager collected without ``close()`` runs on a *daemon*
-    thread. Dropped as a script ends (its last lines, or a function returning just
-    before exit), that thread is still giving back when the interpreter finalizes,
+    """The give-back of a manager collected without ``close()`` ran on a *daemon*
+    thread (it no longer does). Dropped as a script ends (its last lines, or a function
+    returning just before exit), that thread was still giving back when the interpreter
+    finalized,
     which freezes daemon threads wherever they are: the process exits holding the table
     lock (and a stripe lock) and with its entry half given back. Every other process
     then sees a crash, takes the locks over from a dead owner and repairs, or, if the

@@ -350,8 +350,10 @@ class RobustLock:
         # released and taken again since the verdict, by another thread or by a
         # concurrent recovery of the same leak, is never robbed.
         pid, epoch, _start = LOCK.unpack_from(self.buf, self.off)
-        if not self.leaked(exiting):
-            return False
+        return self.leaked(exiting) and self._recover(pid, epoch)
+
+    def _recover(self, pid: int, epoch: int) -> bool:
+        """Take the lock over from the hold (pid, epoch) judged lost, repair, release."""
         if not self._take_over(pid, epoch, None, _getframe(0)):
             return False
         self._mark_held()
@@ -382,12 +384,7 @@ class RobustLock:
         is dead. The sweeper's proactive repair: otherwise the next waiter does it, after
         waiting ``lock_timeout``."""
         pid, epoch, start = LOCK.unpack_from(self.buf, self.off)
-        if not pid or self._owner_alive(pid, start) or \
-                not self._take_over(pid, epoch, None, _getframe(0)):
-            return False
-        self._mark_held()
-        self.release()
-        return True
+        return bool(pid) and not self._owner_alive(pid, start) and self._recover(pid, epoch)
 
     def _mark_held(self) -> None:
         """Hook: bookkeeping after acquiring by takeover outside ``acquire``."""

@@ -575,11 +575,11 @@ class ContextManager:
             self._stop_sweeper()
             self._detach()
             remove_stale(self.namespace, _shm.namespace_objects(self.namespace), t.tag, None)
-
-        # --- hot path -------------------------------------------------------------------
         except BaseException:
             self._recover_leaked_locks()
             raise
+
+    # --- hot path -------------------------------------------------------------------
 
     def _get_fast(self, name: str) -> MemoryContext | None:
         if self._dropped:
