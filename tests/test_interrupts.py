@@ -131,6 +131,32 @@ def test_interrupt_as_the_python_hot_path_makes_its_handle_takes_no_reference_aw
 
 # --- 3. the heal path robs a lock its own thread holds further up the stack ------------
 
+def _signal_inside(monkeypatch, site: str, handler, call, stripe: RobustLock):
+    """Run ``call`` on the Python path (armed failpoints make the C path defer to it)
+    with a real SIGUSR1, handled by ``handler``, delivered once at failpoint ``site``
+    inside the stripe lock. Returns ``call``'s result and the stripe semaphore's value
+    right after, having then undone any extra post so that teardown is sound."""
+    sent: list[str] = []
+
+    def hit(name):
+        if name == site and not sent:
+            sent.append(name)
+            signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+
+    old = signal.signal(signal.SIGUSR1, handler)
+    try:
+        monkeypatch.setattr(_failpoints, "armed", True)
+        monkeypatch.setattr(_failpoints, "hit", hit)
+        result = call()
+        monkeypatch.undo()
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+    value = stripe.sem.value
+    while stripe.sem.value > 1:
+        stripe.sem.acquire(0)
+    return result, value
+
+
 def test_shmctx_call_from_a_signal_handler_does_not_rob_the_interrupted_hold(
         managers, monkeypatch):
     """A signal handler (or a ``__del__`` run by a collection) runs between two
@@ -151,22 +177,8 @@ def test_shmctx_call_from_a_signal_handler_does_not_rob_the_interrupted_hold(
         except ContextNotFoundError:
             pass
 
-    def hit(name):
-        if name == "acquire.proc_counted":  # inside the hot path's stripe lock
-            signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
-
-    old = signal.signal(signal.SIGUSR1, handler)
-    try:
-        # Armed failpoints make the C path defer to Python's, which calls hit().
-        monkeypatch.setattr(_failpoints, "armed", True)
-        monkeypatch.setattr(_failpoints, "hit", hit)
-        h = m.get_context("c")
-        monkeypatch.undo()
-    finally:
-        signal.signal(signal.SIGUSR1, old)
-    value = stripe.sem.value
-    while stripe.sem.value > 1:  # undo the extra post so that teardown is sound
-        stripe.sem.acquire(0)
+    h, value = _signal_inside(monkeypatch, "acquire.proc_counted", handler,
+                              lambda: m.get_context("c"), stripe)
     m.return_context(h)
     assert value == 1, f"stripe semaphore at {value} after one hold: mutual exclusion lost"
 
@@ -191,24 +203,8 @@ def test_signal_handler_returning_a_handle_does_not_rob_the_interrupted_hold(
         except Exception as e:
             raised.append(e)
 
-    sent: list[str] = []
-
-    def hit(name):
-        if name == "return.proc_counted" and not sent:  # inside the stripe lock, once
-            sent.append(name)
-            signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
-
-    old = signal.signal(signal.SIGUSR1, handler)
-    try:
-        monkeypatch.setattr(_failpoints, "armed", True)
-        monkeypatch.setattr(_failpoints, "hit", hit)
-        m.return_context(ctx)
-        monkeypatch.undo()
-    finally:
-        signal.signal(signal.SIGUSR1, old)
-    value = stripe.sem.value
-    while stripe.sem.value > 1:  # undo the extra post so that teardown is sound
-        stripe.sem.acquire(0)
+    _, value = _signal_inside(monkeypatch, "return.proc_counted", handler,
+                              lambda: m.return_context(ctx), stripe)
     if not extra._returned:  # refused: give it back now
         m.return_context(extra)
     assert value == 1, f"stripe semaphore at {value} after one hold: mutual exclusion lost"

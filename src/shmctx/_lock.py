@@ -506,16 +506,33 @@ class ContextLock(RobustLock):
         self._depth = 0
 
     def acquire(self, timeout: float | None = None, _depth: int = 1) -> None:
-        if self._thread == threading.get_ident() and self._pid == identity.pid:
-            self._depth += 1
-            return
-        if not self.is_current():
-            raise self.closed_error()
         frame = _getframe(_depth)
-        deadline = None if timeout is None else monotonic() + timeout
-        try:
+
+        def take() -> bool:
+            deadline = None if timeout is None else monotonic() + timeout
             if self._take_sem(timeout, frame):
                 self._own(None, deadline, frame)
+            return True
+
+        self._hold(take)
+
+    def try_acquire(self, timeout: float = 0.0) -> bool:
+        """As ``acquire``, but gives up (False) unless the lock is free within
+        ``timeout`` seconds; re-entrant like it, and released with ``release``."""
+        return self._hold(lambda: RobustLock.try_acquire(self, timeout))
+
+    def _hold(self, take: Callable[[], bool]) -> bool:
+        """What ``acquire`` and ``try_acquire`` share around ``take`` (which gets the
+        lock and records its owner, or returns False): re-entry, the closed check, and
+        the hold's bookkeeping."""
+        if self._thread == threading.get_ident() and self._pid == identity.pid:
+            self._depth += 1
+            return True
+        if not self.is_current():
+            raise self.closed_error()
+        try:
+            if not take():
+                return False
             self._mark_held()
         except BaseException:
             # An exception (Ctrl-C) as the owner is recorded under the slot's stripe
@@ -523,6 +540,7 @@ class ContextLock(RobustLock):
             # that stripe, in every process, would wait for it: recover it now.
             self.guard.recover_leaked()
             raise
+        return True
 
     def _own(self, epoch: int | None, deadline: float | None = None,
              frame: object = None) -> None:
@@ -545,23 +563,6 @@ class ContextLock(RobustLock):
             self.guard.release()
         self.sem.release()
         raise self.closed_error()
-
-    def try_acquire(self, timeout: float = 0.0) -> bool:
-        """As ``acquire``, but gives up (False) unless the lock is free within
-        ``timeout`` seconds; re-entrant like it, and released with ``release``."""
-        if self._thread == threading.get_ident() and self._pid == identity.pid:
-            self._depth += 1
-            return True
-        if not self.is_current():
-            raise self.closed_error()
-        try:
-            if not super().try_acquire(timeout):
-                return False
-            self._mark_held()
-        except BaseException:
-            self.guard.recover_leaked()  # as in acquire
-            raise
-        return True
 
     def leaked(self, exiting: object = None) -> bool:
         """Not RobustLock's frame rule: this lock's critical section is the user's, and a

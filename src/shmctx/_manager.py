@@ -206,7 +206,6 @@ class ContextManager:
         self._dropped: list[tuple[_Mapped, int]] = []
         # (slot, incarnation) -> the thread running that context's init, in this process
         self._initialising: dict[tuple[int, int], int] = {}
-        self._proc = -1  # our process entry
         self._proc_pid = 0  # pid that registered it (a forked child must register anew)
         self._refs_off = 0
         self._refidx: dict[int, int] = {}
@@ -531,10 +530,10 @@ class ContextManager:
             self._stop_sweeper()
             t = self._table
             try:
-                if self._proc >= 0 and self._proc_pid == identity.pid and not \
-                        t.flags() & L.FLAG_UNLINKED:
+                proc = self._holdings.own_entry()
+                if proc >= 0:
                     with t.table_lock:
-                        _give_back_entry(t, self._proc)
+                        _give_back_entry(t, proc)
             finally:
                 self._detach()
         except BaseException:
@@ -578,6 +577,11 @@ class ContextManager:
         except BaseException:
             self._recover_leaked_locks()
             raise
+
+    @property
+    def _proc(self) -> int:
+        """This manager's process entry (-1 before it registers)."""
+        return self._holdings.entry[0]
 
     # --- hot path -------------------------------------------------------------------
 
@@ -1407,7 +1411,6 @@ class ContextManager:
             w.put32(off, identity.pid)
             t.liveness.mine = (proc, identity.pid)
             self._holdings.entry = (proc, identity.pid)
-        self._proc = proc
         self._refs_off = off + L.REFS_OFF
         self._refidx = {}
         self._free_refs = list(range(L.REFS_PER_PROCESS - 1, -1, -1))
@@ -1688,6 +1691,15 @@ class _Holdings:
         self.stop = stop  # the sweeper thread's, if it runs
         self.entry = (-1, 0)  # (process entry, pid that registered it)
 
+    def own_entry(self) -> int:
+        """The process entry this process registered and may give back, or -1: none
+        yet, its parent's (a forked child that never registered), or the namespace was
+        unlinked (the entry went with it)."""
+        proc, pid = self.entry
+        if proc < 0 or pid != identity.pid or self.table.flags() & L.FLAG_UNLINKED:
+            return -1
+        return proc
+
 
 def _abandoned(h: _Holdings) -> None:
     """``weakref.finalize`` callback of a manager collected without ``close()``.
@@ -1768,9 +1780,9 @@ def _give_back_abandoned(h: _Holdings) -> None:
     the manager and never registered has no entry of its own to give back: it only
     closes its copies of the descriptors."""
     t = h.table
-    proc, pid = h.entry
     try:
-        if proc >= 0 and pid == identity.pid and not t.flags() & L.FLAG_UNLINKED:
+        proc = h.own_entry()
+        if proc >= 0:
             with _holding(t.table_lock, monotonic() + _GIVE_BACK_WAIT):
                 _give_back_entry(t, proc)
     except TimeoutError:
