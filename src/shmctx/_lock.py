@@ -535,10 +535,7 @@ class ContextLock(RobustLock):
                 return False
             self._mark_held()
         except BaseException:
-            # An exception (Ctrl-C) as the owner is recorded under the slot's stripe
-            # lock may leave that lock held by this process, and every get and return on
-            # that stripe, in every process, would wait for it: recover it now.
-            self.guard.recover_leaked()
+            self._after_interrupt()
             raise
         return True
 
@@ -596,18 +593,32 @@ class ContextLock(RobustLock):
         self._depth -= 1
         if self._depth:
             return
-        self._thread = 0
         try:
-            with self.guard:
-                if self.is_current() and \
-                        LOCK.unpack_from(self.buf, self.off)[0] == identity.pid:
-                    self.w32[self.i32] = 0
-                self.holder = 0
-                self.frame = None
+            self._thread = 0
+            self._drop_hold()
         except BaseException:
-            self.guard.recover_leaked()  # as in acquire
+            self._after_interrupt()
             raise
+
+    def _drop_hold(self) -> None:
+        """Clear the owner record (if it is still this context's and ours) and post."""
+        with self.guard:
+            if self.is_current() and LOCK.unpack_from(self.buf, self.off)[0] == identity.pid:
+                self.w32[self.i32] = 0
+            self.holder = 0
+            self.frame = None
         self.sem.release()
+
+    def _after_interrupt(self) -> None:
+        """An exception left ``acquire``, ``try_acquire`` or ``release`` part way.
+        Recover the stripe lock it may have left held while recording the owner under
+        it, then this lock itself if the record names this thread while the hold's
+        bookkeeping says it does not hold it (the exception came between the record and
+        ``_mark_held``, or between ``_thread = 0`` and the release): every other process
+        would wait for that live owner without end."""
+        self.guard.recover_leaked()
+        if self.holder == threading.get_ident() and self._thread != self.holder:
+            self._drop_hold()
 
     def _after_timeout(self, suspect: tuple[int, int] | None, deadline: float | None,
                        frame: object) -> tuple[int, int] | None:

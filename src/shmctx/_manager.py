@@ -1525,6 +1525,11 @@ class ContextManager:
         # opens a descriptor, which fails at the descriptor limit): left on, it would
         # book the child's references in the parent's process entry.
         self._disable_hot_path()  # until the child registers its own entry
+        # The entry is the parent's: the child has none until it registers. Judging that
+        # by the pid alone would fail once a descendant got a dead ancestor's pid.
+        self._proc_pid = 0
+        self._holdings.entry = (-1, 0)
+        self._table.liveness.mine = (-1, 0)
         self._sweeper = None
         self._stop = threading.Event()
         self._holdings.stop = self._stop
@@ -1698,7 +1703,10 @@ class _Holdings:
         proc, pid = self.entry
         if proc < 0 or pid != identity.pid or self.table.flags() & L.FLAG_UNLINKED:
             return -1
-        return proc
+        # And the entry must still name this very process: a descendant that got a dead
+        # ancestor's pid must not give back the entry another process registered since.
+        head = self.table.proc_head(proc)
+        return proc if (head[0], head[2]) == (identity.pid, identity.start) else -1
 
 
 def _abandoned(h: _Holdings) -> None:
