@@ -69,10 +69,9 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _load_speedups():  # type: ignore[no-untyped-def]
-    """The C hot path (``_speedups.c``), unless ``SHMCTX_PURE_PYTHON`` is set or it was
-    not built (no compiler at install): then the Python hot path below serves alone."""
-    if os.environ.get("SHMCTX_PURE_PYTHON"):
-        return None
+    """The C hot path (``_speedups.c``), unless it was not built (no compiler at
+    install): then the Python hot path below serves alone. ``SHMCTX_PURE_PYTHON`` set
+    when a manager is made makes that manager use the Python one."""
     try:
         from . import _speedups
     except ImportError as e:
@@ -216,7 +215,7 @@ class ContextManager:
         self._holdings = _Holdings(t, self._stop)
         self._hot = None
         try:
-            if _speedups is not None:
+            if _speedups is not None and not os.environ.get("SHMCTX_PURE_PYTHON"):
                 self._install_hot_path()
             self._register()
         except BaseException:
