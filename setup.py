@@ -8,7 +8,9 @@ from setuptools import Extension, setup
 
 setup(
     ext_modules=[
+        # depends: a changed layout header (generated from _layout.py) rebuilds it.
         Extension("shmctx._speedups", ["src/shmctx/_speedups.c"], optional=True,
+                  depends=["src/shmctx/_layout.h"],
                   extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
                                       "-Wno-missing-field-initializers"]),
     ],

@@ -6,6 +6,7 @@ import multiprocessing as mp
 import uuid
 
 import pytest
+from helpers import hot_path_of
 
 from shmctx import ContextManager, _shm
 
@@ -44,12 +45,16 @@ def managers(ns: str, request: pytest.FixtureRequest):
     test module's ``CFG`` and without a sweeper. Teardown closes every one and unlinks
     their namespaces, so nothing is left in /dev/shm."""
     default = getattr(request.module, "CFG", None)
+    claimed = request.getfixturevalue("hot_path") if "hot_path" in request.fixturenames \
+        else None
     made: list[ContextManager] = []
 
     def make(config=_MODULE_CFG, *, namespace=None, sweeper=False, **kw) -> ContextManager:
         m = ContextManager(default if config is _MODULE_CFG else config,
                            namespace=namespace or ns, sweeper=sweeper, **kw)
         made.append(m)
+        if claimed is not None:  # the leg runs the hot path it is named after
+            assert hot_path_of(m) == claimed, f"{m!r} runs the {hot_path_of(m)} hot path"
         return m
 
     yield make
@@ -59,6 +64,25 @@ def managers(ns: str, request: pytest.FixtureRequest):
     for n in {m.namespace for m in made}:
         if _shm.namespace_objects(n):
             ContextManager(namespace=n, sweeper=False).unlink(force=True)
+
+
+@pytest.fixture(params=["C", "py"])
+def hot_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test once on each hot path, ``[C]`` (``_speedups.c``) and ``[py]`` (the
+    Python one, all a host without a C compiler has), and returns the one of this leg as
+    ``helpers.hot_path_of`` names it. A module opts in with
+    ``pytestmark = pytest.mark.usefixtures("hot_path")``, which sets this up before any
+    fixture of its own makes a manager.
+
+    A manager chooses its hot path when it is made, from ``SHMCTX_PURE_PYTHON``. Child
+    processes inherit the environment, so managers made in fork and spawn children and
+    in subprocesses follow the leg. A forkserver's children do not: they inherit the
+    environment the server started with, once per test process."""
+    if request.param == "py":
+        monkeypatch.setenv("SHMCTX_PURE_PYTHON", "1")
+        return "Python"
+    monkeypatch.delenv("SHMCTX_PURE_PYTHON", raising=False)
+    return "C"
 
 
 @pytest.fixture(params=["fork", "spawn"])

@@ -12,14 +12,28 @@ T = TypeVar("T")
 def real_table_bytes(namespace: str, config: object) -> bytes:
     """The bytes of a genuine table, made under ``namespace`` with ``config`` and unlinked
     again at once: the starting point of every damaged or hostile table the tests make."""
-    from shmctx import ContextManager, _shm
+    from shmctx import ContextManager
 
     m = ContextManager(config, namespace=namespace, sweeper=False)  # type: ignore[arg-type]
     try:
-        with open(_shm.host_path(_shm.table_name(namespace)), "rb") as f:
-            return f.read()
+        return table_bytes(namespace)
     finally:
         m.unlink(force=True)
+
+
+def table_bytes(namespace: str) -> bytes:
+    """The whole table of ``namespace`` as it is now, read from /dev/shm."""
+    from shmctx import _shm
+
+    with open(_shm.host_path(_shm.table_name(namespace)), "rb") as f:
+        return f.read()
+
+
+def hot_path_of(manager: object) -> str:
+    """Which hot path ``manager`` runs: "C" (``_speedups.c``) or "Python"."""
+    # SWITCH to `return manager.hot_path` once the public read-only property
+    # ContextManager.hot_path lands; this is the one place that peeks inside.
+    return "C" if manager._hot is not None else "Python"  # type: ignore[attr-defined]
 
 
 def wait_for(condition: Callable[[], T | None], timeout: float = 10.0,

@@ -33,6 +33,8 @@ from shmctx import (
 )
 from shmctx import _layout as L
 
+pytestmark = pytest.mark.usefixtures("hot_path")  # each test on the C and Python hot path
+
 # No automatic sweeping: the tests that want a sweep call sweep() themselves.
 CFG = ContextConfig(lock_timeout=0.2, cleanup_interval=0, capacity=64, max_processes=16)
 
@@ -717,13 +719,13 @@ def test_sweep_skips_a_context_referenced_after_it_was_planned(managers, monkeyp
     while time.monotonic() - idle_since < 0.01:  # let it become idle for real
         time.sleep(0.002)
     taken = []
-    real_subtree = m._subtree
+    real_subtree = m._slots.subtree
 
     def subtree_while_a_worker_gets(slot):
         taken.append(worker.get_context("x"))  # lands between the plan and the close
         return real_subtree(slot)
 
-    monkeypatch.setattr(m, "_subtree", subtree_while_a_worker_gets)
+    monkeypatch.setattr(m._slots, "subtree", subtree_while_a_worker_gets)
     report = m.sweep()
     assert report.closed == [] and report.skipped_in_use == ["x"]
     assert worker.validate_context(taken[0])

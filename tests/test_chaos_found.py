@@ -23,19 +23,19 @@ def test_interrupt_between_cold_reference_and_handle_leaks_nothing(managers):
     m = managers()
     other = managers()  # creates the context, so that m's get is a first, cold one
     ctx, _ = other.get_or_create_context("c", MemoryContextConfig(size=64))
-    real_map = m._map
+    real_map = m._mappings.map
 
     def interrupted_map(*args, **kwargs):
         # Ctrl-C arriving as _map starts (shm_open, mmap: Python calls, where Python
         # runs signal handlers), after the reference was counted.
-        m._map = real_map
+        m._mappings.map = real_map
         raise KeyboardInterrupt
 
-    m._map = interrupted_map
+    m._mappings.map = interrupted_map
     with pytest.raises(KeyboardInterrupt):
         m.get_context("c")
     gc.collect()
-    m._return_dropped()
+    m._slots.return_dropped()
     [info] = m.contexts()
     assert info.holders.get(os.getpid(), 0) == 1, \
         f"references booked to this process: {info.holders} (only `other`'s one is held)"

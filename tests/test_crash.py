@@ -29,6 +29,8 @@ from shmctx import (
 )
 from shmctx._proc import identity, start_time
 
+pytestmark = pytest.mark.usefixtures("hot_path")  # each test on the C and Python hot path
+
 LT = 0.2  # lock_timeout: short, so recoveries are quick
 CFG = ContextConfig(lock_timeout=LT, cleanup_interval=0, max_references=0)
 SIZE = 4096
@@ -70,7 +72,7 @@ def _die_at(ns: str, spec: str, scenario: str) -> None:
     elif scenario == "lead":
         from shmctx._sweeper import take_lead
 
-        take_lead(m)
+        take_lead(m._slots)
     os._exit(3)  # the failpoint was not hit
 
 
@@ -270,7 +272,7 @@ def test_reused_pid_does_not_inherit_references(ns):
         t = m._table
         slot = next(s.slot for s in m._snapshot().slots if s.name == "held")
         with t.table_lock:  # forge the entry a dead, earlier owner of this pid left
-            proc = m._find_free_proc()
+            proc = m._entry._find_free_proc()
             off = t.geo.proc_off(proc)
             L.REF.pack_into(t.buf, off + L.REFS_OFF, slot + 1, 3)
             L.P_HEAD.pack_into(t.buf, off, p.pid, 0, start_time(p.pid) - 1000, time.time())

@@ -21,6 +21,8 @@ from shmctx import (
 )
 from shmctx._proc import identity
 
+pytestmark = pytest.mark.usefixtures("hot_path")  # each test on the C and Python hot path
+
 LT = 0.2
 CFG = ContextConfig(lock_timeout=LT, cleanup_interval=0, max_references=0)
 MEM = MemoryContextConfig(size=4096)

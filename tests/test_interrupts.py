@@ -16,7 +16,7 @@ import threading
 import pytest
 from helpers import wait_for
 
-import shmctx._manager as manager_module
+import shmctx._hotpath as hotpath_module
 from shmctx import (
     ContextConfig,
     ContextManager,
@@ -119,7 +119,7 @@ def test_interrupt_as_the_python_hot_path_makes_its_handle_takes_no_reference_aw
     context shows no reference while it is held (an idle sweep may close it)."""
     m = managers(CFG)
     held, _ = m.get_or_create_context("c", MEM)  # one real reference
-    monkeypatch.setattr(manager_module, "MemoryContext", _HandleInterruptedAsMade)
+    monkeypatch.setattr(hotpath_module, "MemoryContext", _HandleInterruptedAsMade)
     with pytest.raises(KeyboardInterrupt):
         m.get_context("c", timeout=5)  # a timeout: the Python path (_get_fast)
     monkeypatch.undo()

@@ -28,6 +28,7 @@ from helpers import wait_for
 
 from shmctx import ContextConfig, ContextManager, MemoryContextConfig
 from shmctx import _layout as L
+from shmctx._entry import reclaim_entry
 from shmctx._liveness import ENTRY_BASE
 from shmctx._lock import _FLOCK
 from shmctx._proc import start_time
@@ -120,9 +121,9 @@ def _register_without_a_lock(ns: str, out) -> None:
     m = ContextManager(CFG, namespace=ns, sweeper=False)
     t = m._table
     with t.table_lock:  # now as in a forked child: no entry of its own yet ...
-        m._reclaim_entry(m._proc)
+        reclaim_entry(t, m._proc)
         t.liveness.drop(m._proc)
-    m._proc_pid = 0
+    m._entry.ready_pid = 0
     t.arbiter.close()  # ... and its description could not be reopened at fork
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE,
@@ -133,7 +134,7 @@ def _register_without_a_lock(ns: str, out) -> None:
             filler.append(os.dup(0))
     except OSError:
         pass  # EMFILE: not one descriptor left
-    m._ensure_registered()
+    m._entry.ensure(m._register)
     for fd in filler:
         os.close(fd)
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
@@ -332,7 +333,7 @@ def test_a_dead_entry_condemns_its_owner_although_the_pid_runs_again(managers):
         start = wait_for(lambda: start_time(pid), what="the sleeper's start time")
         t, slot = m._table, ctx._mapped.slot
         with t.table_lock:
-            proc = m._find_free_proc()
+            proc = m._entry._find_free_proc()
             off = t.geo.proc_off(proc)
             L.REF.pack_into(t.buf, off + L.REFS_OFF, slot + 1, 2)
             L.P_HEAD.pack_into(t.buf, off, pid, L.P_LIVE_LOCK, start, time.time())

@@ -36,6 +36,8 @@ from shmctx import (
 )
 from shmctx._snapshot import decode
 
+pytestmark = pytest.mark.usefixtures("hot_path")  # each test on the C and Python hot path
+
 CFG = ContextConfig(lock_timeout=0.3, cleanup_interval=0, capacity=64, max_processes=32)
 WAIT = 30.0  # generous upper bound for any one message; never reached when things work
 U64 = struct.Struct("<Q")

@@ -1,11 +1,12 @@
 """The C hot path (``_speedups.c``) against the Python one it stands in front of.
 
 The C path either completes a get or a return exactly as the Python methods do, or
-defers to them. Shown here: that it is built and serves the hot path, that a scripted
-run of every hot-path case (and its errors) leaves the table and the caller in the same
-state with it and without it, that threads and forked children stay correct, and that
-the core test files pass with the pure-Python hot path alone (``SHMCTX_PURE_PYTHON=1``,
-what a machine without a C compiler runs). The rest of the suite runs the C path.
+defers to them. Shown here: that it is built and serves the hot path, that threads and
+forked children stay correct on it, that a collection or an unlink at an awkward moment
+is an error and not a crash, and that the ``hot_path`` fixture's legs reach child
+processes. That both paths leave the table in the same bytes after any sequence of
+operations is ``test_differential.py``; the core, multi-process, crash and hardening
+tests run on both paths (``[C]`` and ``[py]``, the ``hot_path`` fixture in conftest).
 """
 
 from __future__ import annotations
@@ -15,24 +16,25 @@ import os
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import pytest
+from helpers import hot_path_of
 
 from shmctx import (
     ContextConfig,
     ContextManager,
     ContextManagerClosedError,
-    MemoryContextConfig,
-    _manager,
+    _hotpath,
 )
+from shmctx._entry import ProcessEntry
+from shmctx._hotpath import PyHotPath
 
 CFG = ContextConfig(lock_timeout=0.2, cleanup_interval=0, capacity=32, max_processes=8,
                     max_references=3)
 
 
 def test_the_c_hot_path_is_built_and_serves_gets_and_returns(managers, monkeypatch):
-    assert _manager._speedups is not None, (
+    assert _hotpath._speedups is not None, (
         "the C hot path was not built (no C compiler at install?); shmctx works without "
         "it, but this suite expects it: set SHMCTX_PURE_PYTHON=1 to test without it")
     m = managers()
@@ -42,8 +44,9 @@ def test_the_c_hot_path_is_built_and_serves_gets_and_returns(managers, monkeypat
     def python_path_used(*a: object) -> None:
         raise AssertionError("the Python hot path ran")
 
-    monkeypatch.setattr(m, "_get_fast", python_path_used)
-    monkeypatch.setattr(m, "_count", python_path_used)
+    monkeypatch.setattr(PyHotPath, "try_get", python_path_used)
+    monkeypatch.setattr(PyHotPath, "try_return", python_path_used)
+    monkeypatch.setattr(ProcessEntry, "count", python_path_used)
     for _ in range(3):
         ctx, existed = m.get_or_create_context("a")
         assert existed
@@ -56,8 +59,9 @@ def test_the_c_hot_path_is_built_and_serves_gets_and_returns(managers, monkeypat
     # A stale mapping (closed since) is not the C path's business: it defers to Python.
     m.close_context("a")
     seen: list[str] = []
-    python_get_fast = m._get_fast
-    monkeypatch.setattr(m, "_get_fast", lambda name: seen.append(name) or python_get_fast(name))
+    python_try_get = PyHotPath.try_get
+    monkeypatch.setattr(PyHotPath, "try_get",
+                        lambda hot, name: seen.append(name) or python_try_get(hot, name))
     with m.context("a"):
         pass
     assert seen == ["a"]
@@ -66,89 +70,44 @@ def test_the_c_hot_path_is_built_and_serves_gets_and_returns(managers, monkeypat
     assert seen == ["a"]  # mapped again: the C path serves it
 
 
-def _script(m: ContextManager, other: ContextManager) -> list[object]:
-    """Every hot-path case, in order; returns what each step gave and the table after it."""
-    out: list[object] = []
-
-    def step(what: str, fn) -> object:
-        try:
-            r = fn()
-            out.append((what, "ok"))
-        except Exception as e:  # the outcome is what is compared
-            r = None
-            out.append((what, type(e).__name__, str(e).replace(m.namespace, "NS")))
-        out.append(_state(m))
-        return r
-
-    h0 = step("create", lambda: m.get_or_create_context("a", MemoryContextConfig(size=64))[0])
-    step("return created", lambda: m.return_context(h0))
-    h1 = step("get 1", lambda: m.get_or_create_context("a")[0])
-    h2 = step("get 2", lambda: m.get_context("a"))
-    h3 = step("get 3", lambda: m.get_or_create_context("a", MemoryContextConfig(size=64))[0])
-    step("get 4: at the limit", lambda: m.get_or_create_context("a"))
-    before = m.contexts()[0].last_used
-    step("return 1", lambda: m.return_context(h1))
-    out.append(("stamped", m.contexts()[0].last_used > before))
-    step("return 1 again", lambda: m.return_context(h1))
-    step("buf of 2", lambda: bytes(h2.buf[:4]))
-    step("return 2 (with a view)", lambda: m.return_context(h2))
-    out.append(("view released", h2._view is None))
-    step("buf after return", lambda: h2.buf)
-    step("return to another manager", lambda: other.return_context(h3))
-    step("return a non-handle", lambda: m.return_context("a"))  # type: ignore[arg-type]
-    step("return 3", lambda: m.return_context(h3))
-    hb = step("create b", lambda: m.get_or_create_context("b")[0])
-    step("force close b", lambda: m.close_context("b", force=True))
-    step("return a force-closed handle", lambda: m.return_context(hb))
-    hb2 = step("re-create b", lambda: m.get_or_create_context("b")[0])
-    step("get b again", lambda: m.return_context(m.get_context("b")))
-    step("return b", lambda: m.return_context(hb2))
-    step("get a name never seen", lambda: m.get_context("nope"))
-    step("get a non-str", lambda: m.get_context(5))  # type: ignore[arg-type]
-    h4 = step("get a, then close the manager", lambda: m.get_context("a"))
+def _report_hot_path(namespace: str, q) -> None:  # type: ignore[no-untyped-def]
+    m = ContextManager(namespace=namespace, sweeper=False)
+    q.put(hot_path_of(m))
     m.close()
-    step("get after close", lambda: m.get_or_create_context("a"))
-    step("get_context after close", lambda: m.get_context("a"))
-    step("return after close", lambda: m.return_context(h4))
-    return out
 
 
-def _state(m: ContextManager) -> object:
-    if m._closed:
-        return "closed"
-    me = os.getpid()
-    contexts = sorted(
-        (i.name, i.state, i.refcount,
-         sorted(("me" if pid == me else "other", n) for pid, n in i.holders.items()))
-        for i in m.contexts()
-    )
-    return [contexts, m.check()]
+_REPORT_HOT_PATH = """
+import sys
+sys.path.insert(0, sys.argv[2])
+from helpers import hot_path_of
+from shmctx import ContextManager
+m = ContextManager(namespace=sys.argv[1], sweeper=False)
+print(hot_path_of(m))
+m.close()
+"""
 
 
-def test_c_and_python_hot_paths_leave_the_same_state(managers, new_ns, monkeypatch):
-    with_c = _script(managers(namespace=(ns_c := new_ns())), managers(namespace=ns_c))
-    monkeypatch.setattr(_manager, "_speedups", None)
-    pure = managers(namespace=(ns_py := new_ns()))
-    assert pure._hot is None
-    without_c = _script(pure, managers(namespace=ns_py))
-    assert with_c == without_c
-    # Equal, and right: the script is not vacuous.
-    outcome = {step[0]: step[1] for step in with_c if isinstance(step, tuple)}
-    assert outcome == {
-        "create": "ok", "return created": "ok", "get 1": "ok", "get 2": "ok", "get 3": "ok",
-        "get 4: at the limit": "MaxReferencesReachedError", "return 1": "ok",
-        "stamped": True, "return 1 again": "ContextError", "buf of 2": "ok",
-        "return 2 (with a view)": "ok", "view released": True,
-        "buf after return": "ContextClosedError", "return to another manager": "ContextError",
-        "return a non-handle": "TypeError", "return 3": "ok", "create b": "ok",
-        "force close b": "ok", "return a force-closed handle": "ContextClosedError",
-        "re-create b": "ok", "get b again": "ok", "return b": "ok",
-        "get a name never seen": "ContextNotFoundError",
-        "get a non-str": "InvalidContextTypeError", "get a, then close the manager": "ok",
-        "get after close": "ContextManagerClosedError",
-        "get_context after close": "ContextManagerClosedError",
-        "return after close": "ContextManagerClosedError",
-    }
+@pytest.mark.parametrize("start", ["fork", "spawn", "subprocess"])
+def test_each_hot_path_leg_reaches_child_processes(hot_path, managers, ns, start):
+    """The ``[py]`` leg sets SHMCTX_PURE_PYTHON in this process; a manager made in a
+    child reads it from the environment the child inherited."""
+    managers()  # the namespace the children attach to (the fixture checks its path)
+    if start == "subprocess":
+        r = subprocess.run([sys.executable, "-c", _REPORT_HOT_PATH, ns, os.path.dirname(__file__)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr[-2000:]
+        got = r.stdout.strip()
+    else:
+        import multiprocessing as mp
+
+        ctx = mp.get_context(start)
+        q = ctx.Queue()
+        p = ctx.Process(target=_report_hot_path, args=(ns, q))
+        p.start()
+        got = q.get(timeout=60)
+        p.join()
+        assert p.exitcode == 0
+    assert got == hot_path
 
 
 def test_threads_on_the_c_hot_path(managers):
@@ -208,21 +167,6 @@ def test_a_forked_child_counts_under_its_own_entry(managers):
     assert m.check() == []
 
 
-def test_the_core_tests_pass_on_the_pure_python_hot_path():
-    here = Path(__file__).parent
-    env = dict(os.environ, SHMCTX_PURE_PYTHON="1")
-    for var in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_ADDOPTS"):
-        env.pop(var, None)
-    r = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2",
-         str(here / "test_api.py"), str(here / "test_multiprocess.py"),
-         str(here / "test_crash.py"), str(here / "test_hardening.py")],
-        env=env, cwd=here.parent, capture_output=True, text=True, timeout=300,
-    )
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert " passed" in r.stdout and "failed" not in r.stdout
-
-
 _CLOSE_IN_COLLECTION = """
 import gc, sys
 from shmctx import ContextManager, ContextManagerClosedError
@@ -266,9 +210,8 @@ def test_a_failed_hot_path_construction_leaks_no_reference():
     before = [sys.getrefcount(f) for f in fields]
     for _ in range(3):
         with pytest.raises(TypeError):  # failpoints must be a dict
-            _manager._speedups.HotPath(
-                None, bytearray(8192), ["/x"], [256], (0, 4, 8, 56, 256), (2, 0), 0, {},
-                object, fields, [], None, None, None)
+            _hotpath._speedups.HotPath(
+                None, bytearray(8192), ["/x"], 0, {}, object, fields, [], [])
     gc.collect()
     assert [sys.getrefcount(f) for f in fields] == before
 
@@ -278,12 +221,12 @@ def test_a_namespace_unlinked_while_attaching_is_the_documented_error(managers, 
     moment between attaching the table and that, the manager reports it as the Python
     path does instead of a raw FileNotFoundError."""
     m = managers()
-    install = ContextManager._install_hot_path
+    choose = _hotpath.choose
 
-    def unlink_first(self: ContextManager) -> None:
+    def unlink_first(slots):  # type: ignore[no-untyped-def]
         m.unlink(force=True)
-        install(self)
+        return choose(slots)
 
-    monkeypatch.setattr(ContextManager, "_install_hot_path", unlink_first)
+    monkeypatch.setattr(_hotpath, "choose", unlink_first)
     with pytest.raises(ContextManagerClosedError):
         ContextManager(namespace=m.namespace, sweeper=False)

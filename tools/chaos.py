@@ -372,7 +372,7 @@ class _Worker:
         gc.collect()
         # Dropped handles queue their reference for the manager's next call; give them
         # back now, so that the table shows only what live handles stand for.
-        m._return_dropped()
+        m._slots.return_dropped()
         me = os.getpid()
         for _attempt in range(20):
             # Another worker may force-close a context meanwhile: compare only a

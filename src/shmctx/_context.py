@@ -5,18 +5,35 @@ from __future__ import annotations
 import mmap
 import struct
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack
 
-from ._errors import ContextClosedError
+from ._errors import ContextClosedError, ContextError
 from ._lock import ContextLock
 
 if TYPE_CHECKING:
     from ._lock import RobustLock
-    from ._manager import ContextManager
 
 __all__ = ["MemoryContext", "ContextInfo", "SweepReport"]
+
+
+class HandleOwner(Protocol):
+    """What a handle needs of the manager that made it: two questions and a queue.
+    (``_mappings.Mappings`` answers them; a handle never sees the manager itself.)"""
+
+    namespace: str
+    # (mapping, pid) of handles dropped without being returned, queued by their
+    # finalizer for the manager to give back where it holds no lock.
+    dropped: list[tuple[_Mapped, int]]
+
+    def is_current(self, m: _Mapped) -> bool:
+        """Whether ``m``'s context is still open as the incarnation it mapped."""
+        ...
+
+    def lock_of(self, m: _Mapped) -> ContextLock:
+        """The one ``ctx.lock`` object of ``m``'s context in this process."""
+        ...
 
 # put()/get() frame at offset 0 of a context's memory: magic, length, then msgpack bytes.
 _VALUE_HEAD = struct.Struct("<4sI")
@@ -111,15 +128,15 @@ class MemoryContext:
     Two handles of the same context incarnation compare (and hash) equal.
     """
 
-    __slots__ = ("_manager", "_mapped", "_pid", "_returned", "_view", "__weakref__")
+    __slots__ = ("_owner", "_mapped", "_pid", "_returned", "_view", "__weakref__")
 
-    def __init__(self, manager: ContextManager, mapped: _Mapped, pid: int,
+    def __init__(self, owner: HandleOwner, mapped: _Mapped, pid: int,
                  counted: bool = True) -> None:
         # The C hot path (_speedups.c, new_handle) makes handles without calling this and
         # sets the same five fields: keep the two in step. ``counted=False``: the
-        # reference is yet to be counted, so until the caller marks it, the handle stands
-        # for none (its finalizer gives nothing back).
-        self._manager = manager
+        # reference is yet to be counted, so until the caller marks it (``mark_counted``),
+        # the handle stands for none (its finalizer gives nothing back).
+        self._owner = owner
         self._mapped = mapped
         self._pid = pid
         self._returned = not counted
@@ -158,7 +175,7 @@ class MemoryContext:
         holds it (``put`` and ``get`` take it too). If its holder dies, the next waiter
         takes it over (within ``lock_timeout``, usually about 10 ms)."""
         self._ensure_valid()
-        return self._manager._context_lock(self)
+        return self._owner.lock_of(self._mapped)
 
     def put(self, obj: Any) -> None:
         """Store one msgpack-encoded value in the context's memory, under its lock.
@@ -208,12 +225,12 @@ class MemoryContext:
         # C hot path is built, a C function with the same logic replaces this one
         # (_speedups.c, handle_finalize): this one costs as much as a get/return pair.
         if getattr(self, "_returned", True) is False:  # True too if never fully made
-            self._manager._dropped.append((self._mapped, self._pid))
+            self._owner.dropped.append((self._mapped, self._pid))
 
     def _ensure_valid(self) -> None:
         if self._returned:
             raise ContextClosedError(f"context {self.name!r}: this handle was returned")
-        if not self._manager._is_current(self._mapped):
+        if not self._owner.is_current(self._mapped):
             raise ContextClosedError(
                 f"context {self.name!r} (incarnation {self._mapped.inc}) was closed"
             )
@@ -235,12 +252,75 @@ class MemoryContext:
         return hash(self._key())
 
     def _key(self) -> tuple[str, int, int]:
-        return (self._manager.namespace, self._mapped.slot, self._mapped.inc)
+        return (self._owner.namespace, self._mapped.slot, self._mapped.inc)
 
     def __repr__(self) -> str:
         state = "returned" if self._returned else "held"
-        return (f"<MemoryContext {self.name!r} ns={self._manager.namespace!r} "
+        return (f"<MemoryContext {self.name!r} ns={self._owner.namespace!r} "
                 f"size={self.size} incarnation={self._mapped.inc} {state}>")
+
+
+# The handle's part of the get and return protocol (_hotpath.py), for the modules that
+# make and return handles: the fields stay the handle's own.
+
+def mark_counted(h: MemoryContext) -> None:
+    """``h`` now stands for the reference counted for it (get, step G5)."""
+    h._returned = False
+
+
+def returned(h: MemoryContext) -> bool:
+    """Whether ``h`` stands for no reference (returned, or never counted)."""
+    return h._returned
+
+
+def mapping_of(h: MemoryContext) -> _Mapped:
+    return h._mapped
+
+
+def owner_of(h: MemoryContext) -> HandleOwner:
+    return h._owner
+
+
+def returnable(h: MemoryContext, owner: HandleOwner, pid: int) -> _Mapped | None:
+    """``h``'s mapping if ``h`` stands for a reference ``owner`` can return in process
+    ``pid`` (return, step R1), else None."""
+    if h._owner is owner and h._pid == pid and h._returned is False:
+        return h._mapped
+    return None
+
+
+def check_returnable(h: object, owner: HandleOwner, pid: int) -> _Mapped:
+    """``h``'s mapping, if ``h`` is a handle that ``owner`` may return in process
+    ``pid``; else the error that says why not."""
+    if not isinstance(h, MemoryContext):
+        raise TypeError(f"return_context() takes a MemoryContext, not {type(h).__name__}")
+    if h._owner is not owner:
+        raise ContextError(
+            f"context {h.name!r} was acquired through another ContextManager "
+            f"(namespace {h._owner.namespace!r}); return it there"
+        )
+    if h._pid != pid:
+        raise ContextError(
+            f"context {h.name!r} was acquired by pid {h._pid}; pid {pid} cannot return it "
+            "(a handle inherited over fork is not a reference of the child)"
+        )
+    return h._mapped
+
+
+def mark_returned(h: MemoryContext) -> bool:
+    """Mark ``h`` returned (return, step R3); False if it was already. Under the stripe
+    lock: marked before the counts change, so a return interrupted part way (Ctrl-C)
+    may leak this one reference, but never give it back twice (once by the caller,
+    once by the handle's finalizer), which would take away another handle's."""
+    if h._returned:
+        return False
+    h._returned = True
+    return True
+
+
+def release_view(h: MemoryContext) -> None:
+    """Let go of the view ``h.buf`` handed out (return, last step)."""
+    h._release_view()
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Byte layout of a namespace's table: every field, offset and size, in one place.
+"""Byte layout of a namespace's table: every record declared once, everything else derived.
 
 The table is one POSIX shared-memory object, ``/dev/shm/shmctx@<namespace>``, mapped by
 every process of the namespace. All integers are little-endian (native on the hosts we
@@ -7,98 +7,46 @@ every region on a 64-byte boundary. Nothing in it is a pointer: slots, process e
 and index entries refer to each other by number, stored as ``number + 1`` so that the
 all-zero bytes of a fresh table mean "empty".
 
-Regions, in order::
+The records are declared below, field by field, with a comment each (``HEADER``,
+``LOCK_RECORD``, ``INDEX_ENTRY_RECORD``, ``REF_RECORD``, ``PROC``, ``SLOT``); a field's
+offset follows from the fields before it. Everything else comes from those declarations:
 
-    offset            size                     region
-    0                 HEADER_SIZE (256)        header
-    256               64 * (1 + stripes)       lock records: [0] table lock, [1+k] stripe k
-    index_off         4 * index_size           name-hash index (open addressing, u32 slot+1)
-    procs_off         512 * max_processes      process entries
-    slots_off         256 * capacity           context slots
-    total                                      rounded up to 4096
+* the ``struct.Struct``s and offsets the other modules use (``H_FIXED``, ``S_CHECK``,
+  ``S_REFCOUNT_OFF``, ...: the "derived" sections after the declarations), and each
+  field's own offset and struct (``SLOT["name_hash"].off``, ``.st``, ``.read(buf, off)``);
+* named records, ``Header``, ``LockRecord``, ``ProcHead``, ``Ref`` and ``Slot``
+  (``typing.NamedTuple``s with ``read(buf, off)``), so that no caller indexes a slot's 18
+  fields by number;
+* ``FINGERPRINT``, a BLAKE2b digest of the declarations (record and field names, types,
+  offsets, sizes, the region constants and ``LAYOUT_VERSION``). Each table stores the
+  fingerprint of the code that created it, and a table with another one is refused at
+  attach (``_table.header_problem``): two builds whose layouts differ in any field never
+  share a table, whatever version number they claim. The C hot path has it compiled in
+  and refuses a table, and ``_hotpath`` refuses a build, whose fingerprint differs;
+* ``_layout.h``, the offsets and sizes for ``_speedups.c`` (``python -m shmctx._layout
+  --c-header``), and the byte tables of docs/architecture.md (``--markdown``);
+  ``tools/gen_layout.py`` rewrites both, tests/test_layout.py fails when either is stale.
 
-Header (256 bytes)::
+Changing a declaration changes the fingerprint, so a table made by the old code is
+refused rather than misread; bump ``LAYOUT_VERSION`` and the last byte of ``MAGIC`` too,
+so that the refusal names versions, and regenerate (``tools/gen_layout.py``).
 
-    off size  type   field
-    0   8     8s     magic            b"SHMCTX\\x00\\x02", written LAST when the table is created,
-                                      so a half-initialised table is never mistaken for a live one
-    8   4     u32    version          LAYOUT_VERSION
-    12  4     u32    header_size      256
-    16  4     u32    slot_size        256
-    20  4     u32    capacity         number of context slots
-    24  4     u32    stripes          number of stripe locks (slot k: stripe k % stripes)
-    28  4     u32    max_processes    number of process entries
-    32  8     u64    total_size       size of the whole table in bytes
-    40  4     u32    max_references   0 = unlimited
-    44  4     u32    mode             permission bits for every object of the namespace
-    48  8     f64    max_idle_time    seconds, 0 = never close idle contexts
-    56  8     f64    cleanup_interval seconds, 0 = no automatic sweeping
-    64  8     f64    lock_timeout     seconds a waiter trusts a lock holder
-    72  8     f64    created          wall-clock time the table was created
-    80  8     u64    next_incarnation source of context incarnations (never reused)
-    88  4     u32    live             contexts in a CREATING or READY slot      (derived)
-    92  4     u32    free_head        first free slot + 1, 0 = none             (derived)
-    96  4     u32    flags            FLAG_UNLINKED once unlink() has begun
-    100 4     u32    index_size       entries of the name index (power of two >= 2 * capacity)
-    104 8     u64    table_id         random, tells apart two tables of the same name over time
-    112 4     u32    sweeper_pid      process leading the sweep, 0 = none
-    116 4     u32    sweeper_flags    reserved
-    120 8     u64    sweeper_start    its start time (clock ticks since boot), tells pid reuse apart
-    128 8     f64    sweeper_beat     CLOCK_MONOTONIC time of its last sweep
-    136 1     u8     namespace_len
-    137 64    64s    namespace        the namespace name (for tools listing /dev/shm)
-    201 55           reserved, zero
-
-Lock record (16 bytes; one per table/stripe lock, each alone on its 64-byte cache line so
-that processes working on unrelated stripes never write the same line; and one inside each
-slot for ``ctx.lock``)::
-
-    0   4     u32    owner_pid        0 = free (or: taken, owner not yet written: see _lock.py)
-    4   4     u32    epoch            incremented on every acquisition and every recovery
-    8   8     u64    owner_start      owner's start time, so a reused pid is not taken for it
+Regions, in order: the header; the lock records, one per 64-byte cache line (``[0]`` the
+table lock, ``[1 + k]`` stripe ``k``) so that processes working on unrelated stripes never
+write the same line; the name index; the process entries; the context slots.
+``Geometry`` computes their offsets for one table.
 
 Name index: ``index_size`` u32 entries, each ``slot + 1`` or 0. A name hashes (BLAKE2b, 8
 bytes, the same in every process, unlike ``hash()``) to ``hash & (index_size - 1)``;
 collisions probe linearly; deletion shifts back the following entries, so there are no
 tombstones. The index is derived data: ``repair`` rebuilds it from the slots.
 
-Process entry (512 bytes, one per attached process; LMDB's reader table is the model)::
-
-    0   4     u32    pid              0 = free
-    4   4     u32    flags            P_LIVE_LOCK: the process holds this entry's liveness
-                                      lock (an OFD lock on the table file, _liveness.py)
-    8   8     u64    start            start time of the process (clock ticks since boot)
-    16  8     f64    attached         wall-clock time it attached
-    24  8            reserved
-    32  480   60 x   refs             (u32 slot + 1, u32 count): references this process holds
-
-References are recorded per process rather than per slot so that any number of processes
-can share one context (a gunicorn master with 100 workers); the price is that one process
-holds references to at most ``REFS_PER_PROCESS`` distinct contexts at once. The per-process
-counts are the primary record; a slot's ``refcount`` is their sum, kept for the hot path
-and recomputed by ``repair``.
-
-Context slot (256 bytes)::
-
-    0   1     u8     state            FREE, CREATING, READY (see STATE_NAMES)
-    1   1     u8     flags            SLOT_WAITERS: someone waits on the init semaphore
-                                      SLOT_LOCK: the ctx.lock semaphore was created
-    2   2     u16    name_len         bytes of UTF-8 name
-    4   4     u32    refcount         sum of the per-process counts                (derived)
-    8   8     u64    incarnation      unique per namespace, never reused
-    16  8     u64    name_hash        BLAKE2b-64 of the name
-    24  8     u64    size             bytes of the context's segment
-    32  4     u32    parent           parent slot + 1, 0 = none
-    36  4     u32    next_free        next free slot + 1 (free list)               (derived)
-    40  8     u64    parent_inc       parent's incarnation
-    48  8     f64    created          wall-clock creation time
-    56  8     f64    last_used        CLOCK_MONOTONIC time of the last return (or creation)
-    64  4     u32    creator_pid      process running init (CREATING state)
-    68  4     u32    children         live contexts whose parent this is           (derived)
-    72  8     u64    creator_start
-    80  16    lock   ctx_lock         owner record of the context's own lock
-    96  128   128s   name
-    224 32           reserved, zero
+References are recorded per process (in the process entries, LMDB's reader table is the
+model) rather than per slot so that any number of processes can share one context (a
+gunicorn master with 100 workers); the price is that one process holds references to at
+most ``REFS_PER_PROCESS`` distinct contexts at once. The per-process counts are the
+primary record; a slot's ``refcount`` is their sum, kept for the hot path and recomputed
+by ``repair``.
 
 Slot state machine (every transition under the slot's stripe lock; all but publish also
 under the table lock, since publish changes neither the index nor the free list)::
@@ -106,9 +54,6 @@ under the table lock, since publish changes neither the index nor the free list)
     FREE --claim--> CREATING --publish--> READY --close--> FREE
                        |                                   ^
                        +---- init failed / creator died ---+
-
-Memory: 256 (slot) + at most 16 (index) bytes per context, plus the header, lock records
-and process entries (512 bytes each).
 
 Writing shared fields
 ---------------------
@@ -169,19 +114,20 @@ order (lock record: epoch, start, then pid).
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import struct
 import sys
+import typing
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-MAGIC = b"SHMCTX\x00\x02"
-LAYOUT_VERSION = 2  # bump (with the last byte of MAGIC) on any change of offsets or sizes
-HEADER_SIZE = 256
+LAYOUT_VERSION = 3  # bump (with the last byte of MAGIC) on any change of the declarations
+MAGIC = b"SHMCTX\x00" + bytes([LAYOUT_VERSION])
 LOCK_STRIDE = 64  # one cache line per table/stripe lock record
-PROC_SIZE = 512
-SLOT_SIZE = 256
+REGION_ALIGN = 64  # every region starts on a cache line
 REFS_PER_PROCESS = 60
-REF_SIZE = 8
-REFS_OFF = 32
-NAME_MAX = 128
 PAGE = 4096
 MAX_STRIPES = 64
 
@@ -201,73 +147,361 @@ P_LIVE_LOCK = 1
 # Header flags.
 FLAG_UNLINKED = 1
 
-# --- header -------------------------------------------------------------------------
-H_MAGIC = struct.Struct("<8s")
-H_FIXED = struct.Struct("<IIIIIIQIIdddd")  # version .. created, at offset 8
-H_FIXED_OFF = 8
-H_NEXT_INC = struct.Struct("<Q")
-H_NEXT_INC_OFF = 80
-H_LIVE = struct.Struct("<I")
-H_LIVE_OFF = 88
-H_FREE_HEAD = struct.Struct("<I")
-H_FREE_HEAD_OFF = 92
-H_FLAGS = struct.Struct("<I")
-H_FLAGS_OFF = 96
-H_INDEX_SIZE = struct.Struct("<I")
-H_INDEX_SIZE_OFF = 100
-H_TABLE_ID = struct.Struct("<Q")
-H_TABLE_ID_OFF = 104
-H_SWEEPER = struct.Struct("<IIQd")  # pid, flags, start, beat
-H_SWEEPER_OFF = 112
-H_NAMESPACE = struct.Struct("<B64s")
-H_NAMESPACE_OFF = 136
-LOCKS_OFF = HEADER_SIZE
+# The values stored in the table besides offsets: part of its format too.
+CONSTANTS = {
+    "LOCK_STRIDE": LOCK_STRIDE, "REGION_ALIGN": REGION_ALIGN,
+    "REFS_PER_PROCESS": REFS_PER_PROCESS, "PAGE": PAGE, "MAX_STRIPES": MAX_STRIPES,
+    "FREE": FREE, "CREATING": CREATING, "READY": READY,
+    "SLOT_WAITERS": SLOT_WAITERS, "SLOT_LOCK": SLOT_LOCK, "P_LIVE_LOCK": P_LIVE_LOCK,
+    "FLAG_UNLINKED": FLAG_UNLINKED,
+}
 
-# --- lock record --------------------------------------------------------------------
-LOCK = struct.Struct("<IIQ")  # owner_pid, epoch, owner_start
 
-# --- index --------------------------------------------------------------------------
-INDEX_ENTRY = struct.Struct("<I")
+# --- the declarations' vocabulary ---------------------------------------------------
 
-# --- process entry ------------------------------------------------------------------
-P_HEAD = struct.Struct("<IIQd")  # pid, flags, start, attached
-P_PID = struct.Struct("<I")
-REF = struct.Struct("<II")  # slot + 1, count
-P_REFS = struct.Struct("<" + "II" * REFS_PER_PROCESS)
+# type -> (struct code, size, Python type). Besides these: bytes[N] (N bytes of text),
+# pad[N] (N reserved bytes, zero), and <record>[N] (N records of an earlier declaration).
+_SCALARS: dict[str, tuple[str, int, type]] = {
+    "u8": ("B", 1, int), "u16": ("H", 2, int), "u32": ("I", 4, int), "u64": ("Q", 8, int),
+    "f64": ("d", 8, float),
+}
 
-# --- slot ---------------------------------------------------------------------------
-S_STATE = struct.Struct("<BB")  # state, flags at offset 0
-S_HEAD = struct.Struct("<BBHIQQ")  # state, flags, name_len, refcount, incarnation, hash: 0..24
-S_CHECK = struct.Struct("<BxxxIQ")  # state, refcount, incarnation: the hot path's one read
-S_REFCOUNT_OFF = 4
-S_REFCOUNT = struct.Struct("<I")
-S_INC_OFF = 8
-S_INC = struct.Struct("<Q")
-S_BODY = struct.Struct("<QIIQdd")  # size, parent, next_free, parent_inc, created, last_used
-S_BODY_OFF = 24
-S_NEXT_FREE_OFF = 36
-S_NEXT_FREE = struct.Struct("<I")
-S_LAST_USED_OFF = 56
-S_LAST_USED = struct.Struct("<d")
-S_CHILDREN = struct.Struct("<I")  # written apart from SLOT_ALL, which zeroes it at claim
-S_CHILDREN_OFF = 68
-S_LOCK_OFF = 80
-S_NAME_OFF = 96
-SLOT_ALL = struct.Struct("<BBHIQQQIIQddIxxxxQIIQ128s")  # the whole 224 used bytes
 
-assert SLOT_ALL.size == 224 and S_HEAD.size == 24 and S_BODY.size == 40
-assert H_FIXED.size == 72 and P_REFS.size == PROC_SIZE - REFS_OFF
-# Words stores u32 fields at offsets divisible by 4 and u64/f64 ones at offsets divisible
-# by 8 (records start on 8-byte boundaries, regions on 64-byte ones).
-assert not (H_LIVE_OFF | H_FREE_HEAD_OFF | H_FLAGS_OFF | S_REFCOUNT_OFF | S_NEXT_FREE_OFF
-            | S_CHILDREN_OFF | REF_SIZE | REFS_OFF) & 3
-assert not (H_NEXT_INC_OFF | S_INC_OFF | S_LAST_USED_OFF | S_LOCK_OFF | LOCK_STRIDE
-            | SLOT_SIZE | PROC_SIZE | REFS_OFF | HEADER_SIZE) & 7
+@dataclass(frozen=True)
+class Field:
+    """One field as declared: ``name``, ``type`` (see ``_SCALARS``), ``comment``.
+
+    ``apart``: left out of the record's whole-record struct and named tuple (written as
+    zero by it), because it is kept by its own single stores."""
+
+    name: str
+    type: str
+    comment: str
+    apart: bool = False
+
+
+@dataclass(frozen=True)
+class Placed:
+    """A declared field at its place in its record."""
+
+    name: str
+    type: str
+    comment: str
+    apart: bool
+    off: int  # from the start of the record
+    size: int
+    code: str  # struct format of the field, without byte order
+
+    @property
+    def pad(self) -> bool:
+        return self.type.startswith("pad[")
+
+    @functools.cached_property
+    def st(self) -> struct.Struct:
+        """The field alone."""
+        return struct.Struct("<" + self.code)
+
+    def read(self, buf: memoryview | bytes | bytearray, rec_off: int) -> Any:
+        """The field's value in the record at ``rec_off``."""
+        return self.st.unpack_from(buf, rec_off + self.off)[0]
+
+
+def _measure(typ: str, records: dict[str, Record]) -> tuple[int, str]:
+    """(size, struct code) of a declared type."""
+    if typ in _SCALARS:
+        code, size, _py = _SCALARS[typ]
+        return size, code
+    base, _, count = typ.partition("[")
+    n = int(count.rstrip("]"))
+    if base == "bytes":
+        return n, f"{n}s"
+    if base == "pad":
+        return n, "x" * n if n <= 4 else f"{n}x"
+    rec = records[base]  # KeyError: an undeclared type
+    return rec.size * n, rec.struct.format.lstrip("<") * n
+
+
+class Record:
+    """A record's fields, placed one after the other from offset 0: every number at a
+    multiple of its own width (so that ``Words`` and the C code store it with one
+    machine store), ``size`` bytes in all, a multiple of its widest number's width."""
+
+    def __init__(self, key: str, title: str, size: int, fields: Iterable[Field],
+                 about: str = "", records: dict[str, Record] | None = None) -> None:
+        self.key, self.title, self.size, self.about = key, title, size, about
+        known = _RECORDS if records is None else records
+        placed: list[Placed] = []
+        off = 0
+        for f in fields:
+            n, code = _measure(f.type, known)
+            if f.type in _SCALARS and off % n:
+                raise ValueError(f"{key}.{f.name}: {f.type} at offset {off} is not aligned")
+            placed.append(Placed(f.name, f.type, f.comment, f.apart, off, n, code))
+            off += n
+        widest = max((p.size for p in placed if p.type in _SCALARS), default=1)
+        if off != size or size % widest:
+            raise ValueError(f"record {key}: fields make {off} bytes, declared {size}")
+        self.fields = placed
+        self._named = {p.name: p for p in placed if not p.pad}
+        if len(self._named) != sum(not p.pad for p in placed):
+            raise ValueError(f"record {key}: a field name is declared twice")
+        # The whole record: every field but the reserved ones and those kept apart.
+        self.struct = self.pick(*(p.name for p in placed if not p.pad and not p.apart))
+        known[key] = self
+
+    def __getitem__(self, name: str) -> Placed:
+        return self._named[name]
+
+    def off(self, name: str) -> int:
+        return self._named[name].off
+
+    def pick(self, *names: str) -> struct.Struct:
+        """The fields ``names`` (in offset order), from the first one's offset: every
+        byte in between that they do not cover is skipped (``x``)."""
+        chosen = sorted((self._named[n] for n in names), key=lambda p: p.off)
+        fmt, at = "<", chosen[0].off
+        for p in chosen:
+            gap = p.off - at
+            if gap < 0:
+                raise ValueError(f"record {self.key}: {p.name} overlaps the field before")
+            fmt += ("x" * gap if gap <= 4 else f"{gap}x") + p.code
+            at = p.off + p.size
+        return struct.Struct(fmt)
+
+    def span(self, first: str, last: str) -> struct.Struct:
+        """Every field from ``first`` to ``last``, in one struct."""
+        lo, hi = self.off(first), self.off(last)
+        return self.pick(*(p.name for p in self.fields if not p.pad and lo <= p.off <= hi))
+
+    def named(self, cls_name: str, first: str | None = None,
+              last: str | None = None) -> type[typing.NamedTuple]:
+        """A ``typing.NamedTuple`` of the record's fields (or of those from ``first`` to
+        ``last``), but the reserved ones and those kept apart, with ``read(buf, off)``:
+        the fields of the record that starts at ``off``."""
+        lo = self.off(first) if first else 0
+        hi = self.off(last) if last else self.size
+        names = [p.name for p in self.fields
+                 if not p.pad and not p.apart and lo <= p.off <= hi]
+        st = self.pick(*names)
+        start = self._named[names[0]].off
+        base = typing.NamedTuple(cls_name, [(n, _python_type(self._named[n].type))
+                                            for n in names])
+
+        def read(cls: type, buf: memoryview | bytes | bytearray, off: int = 0) -> object:
+            return cls._make(st.unpack_from(buf, off + start))
+
+        doc = f"{self.title}: {', '.join(names)}, read from the table with ``read``."
+        return type(cls_name, (base,), {
+            "__slots__": (), "__doc__": doc, "__module__": __name__,
+            "read": classmethod(read), "STRUCT": st,
+        })
+
+
+def _python_type(typ: str) -> type:
+    return _SCALARS[typ][2] if typ in _SCALARS else bytes
+
+
+_RECORDS: dict[str, Record] = {}
+
+
+# --- the declarations ---------------------------------------------------------------
+# Changing anything here changes FINGERPRINT: bump LAYOUT_VERSION, then run
+# tools/gen_layout.py to regenerate _layout.h and the tables in docs/architecture.md.
+
+HEADER = Record("header", "Header", 256, [
+    Field("magic", "bytes[8]", 'MAGIC, b"SHMCTX\\0" and the layout version in its last byte; '
+          "written LAST when the table is created, so that a half-initialised table is "
+          "never mistaken for a live one"),
+    Field("version", "u32", "LAYOUT_VERSION"),
+    Field("header_size", "u32", "HEADER_SIZE, the size of this record"),
+    Field("slot_size", "u32", "SLOT_SIZE"),
+    Field("capacity", "u32", "number of context slots"),
+    Field("stripes", "u32", "number of stripe locks (slot k: stripe k % stripes)"),
+    Field("max_processes", "u32", "number of process entries"),
+    Field("total_size", "u64", "size of the whole table in bytes"),
+    Field("max_references", "u32", "per context, 0 = unlimited"),
+    Field("mode", "u32", "permission bits of every object of the namespace"),
+    Field("max_idle_time", "f64", "seconds, 0 = never close idle contexts"),
+    Field("cleanup_interval", "f64", "seconds, 0 = no automatic sweeping"),
+    Field("lock_timeout", "f64", "seconds a waiter trusts a lock holder"),
+    Field("created", "f64", "wall-clock time the table was created"),
+    Field("next_incarnation", "u64", "source of context incarnations (never reused)"),
+    Field("live", "u32", "contexts in a CREATING or READY slot (derived)"),
+    Field("free_head", "u32", "first free slot + 1, 0 = none (derived)"),
+    Field("flags", "u32", "FLAG_UNLINKED once unlink() has begun"),
+    Field("index_size", "u32", "entries of the name index (power of two >= 2 x capacity)"),
+    Field("table_id", "u64", "random: tells apart two tables of the same name over time; "
+          "its low 48 bits, in hex, are the `<tag>` in the names of the table's objects"),
+    Field("sweeper_pid", "u32", "process leading the sweep, 0 = none"),
+    Field("sweeper_flags", "u32", "reserved, zero"),
+    Field("sweeper_start", "u64", "its start time (clock ticks since boot): tells a reused "
+          "pid apart"),
+    Field("sweeper_beat", "f64", "CLOCK_MONOTONIC time of its last sweep"),
+    Field("namespace_len", "u8", "bytes of the namespace name"),
+    Field("namespace", "bytes[64]", "the namespace name (for tools listing /dev/shm)"),
+    Field("reserved", "pad[7]", "zero"),
+    Field("fingerprint", "u64", "FINGERPRINT of the code that created the table; a table "
+          "with another one is refused"),
+    Field("reserved2", "pad[40]", "zero"),
+])
+
+LOCK_RECORD = Record("lock", "Lock record", 16, [
+    Field("pid", "u32", "owner's pid, 0 = free (or: taken, owner not yet written: see "
+          "_lock.py); written last, alone"),
+    Field("epoch", "u32", "incremented on every acquisition and every recovery"),
+    Field("start", "u64", "owner's start time (clock ticks since boot), so that a reused "
+          "pid is not taken for it"),
+], about="one per table or stripe lock, each alone on its 64-byte cache line "
+         "(LOCK_STRIDE); and one inside each slot, for ctx.lock")
+
+INDEX_ENTRY_RECORD = Record("index_entry", "Name index entry", 4, [
+    Field("slot", "u32", "slot + 1 of a live context, 0 = empty"),
+])
+
+REF_RECORD = Record("ref", "Reference record", 8, [
+    Field("slot", "u32", "slot + 1 of a context this process holds references to, "
+          "0 = unused record"),
+    Field("count", "u32", "how many; changed by a single store of the count alone"),
+])
+
+PROC = Record("proc", "Process entry", 512, [
+    Field("pid", "u32", "0 = free; written last when the entry is taken"),
+    Field("flags", "u32", "P_LIVE_LOCK: the process holds this entry's liveness lock (an "
+          "OFD lock on the table file, _liveness.py)"),
+    Field("start", "u64", "start time of the process (clock ticks since boot)"),
+    Field("attached", "f64", "wall-clock time it attached"),
+    Field("reserved", "pad[8]", "zero"),
+    Field("refs", f"ref[{REFS_PER_PROCESS}]", "the references this process holds, as "
+          "reference records"),
+], about="one per attached process")
+
+
+def _embedded(rec: Record, prefix: str, what: str) -> list[Field]:
+    """The fields of ``rec``, renamed ``prefix + name``, to nest it in another record."""
+    return [Field(prefix + p.name, p.type, f"{what}: {p.comment}") for p in rec.fields]
+
+
+SLOT = Record("slot", "Context slot", 256, [
+    Field("state", "u8", "FREE 0, CREATING 1, READY 2 (STATE_NAMES); written alone, by "
+          "single-byte stores"),
+    Field("flags", "u8", "SLOT_WAITERS 1: someone waits on the init semaphore; "
+          "SLOT_LOCK 2: the ctx.lock semaphore was created"),
+    Field("name_len", "u16", "bytes of the UTF-8 name"),
+    Field("refcount", "u32", "sum of the per-process counts (derived; kept for the hot "
+          "path)"),
+    Field("incarnation", "u64", "unique per namespace, never reused: a handle is valid "
+          "while its slot holds its incarnation in state READY"),
+    Field("name_hash", "u64", "BLAKE2b-64 of the name"),
+    Field("size", "u64", "bytes of the context's memory"),
+    Field("parent", "u32", "parent slot + 1, 0 = none"),
+    Field("next_free", "u32", "next free slot + 1 (the free list; derived)"),
+    Field("parent_inc", "u64", "parent's incarnation"),
+    Field("created", "f64", "wall-clock creation time"),
+    Field("last_used", "f64", "CLOCK_MONOTONIC time of the last return (or creation), the "
+          "same clock in every process of the host"),
+    Field("creator_pid", "u32", "process running init (meaningful while CREATING)"),
+    Field("children", "u32", "live contexts whose parent this is (derived; lets closing a "
+          "leaf skip the scan for children). Kept by single stores of its own: left out "
+          "of Slot and SLOT_ALL, which write it as zero when the slot is claimed",
+          apart=True),
+    Field("creator_start", "u64", "creator's start time"),
+    *_embedded(LOCK_RECORD, "lock_", "owner record of ctx.lock"),
+    Field("name", "bytes[128]", "the name, UTF-8"),
+    Field("reserved", "pad[32]", "zero"),
+])
+
+# --- derived: named records ---------------------------------------------------------
+
+Header = HEADER.named("Header")
+LockRecord = LOCK_RECORD.named("LockRecord")
+Ref = REF_RECORD.named("Ref")
+ProcHead = PROC.named("ProcHead", "pid", "attached")
+Slot = SLOT.named("Slot")
+
+# --- derived: the names the other modules use ---------------------------------------
+
+HEADER_SIZE = HEADER.size
+SLOT_SIZE = SLOT.size
+PROC_SIZE = PROC.size
+REF_SIZE = REF_RECORD.size
+REFS_OFF = PROC.off("refs")
+NAME_MAX = SLOT["name"].size
+LOCKS_OFF = HEADER_SIZE  # lock record k at LOCKS_OFF + LOCK_STRIDE * k
+
+# header
+H_MAGIC = HEADER["magic"].st
+H_FIXED_OFF = HEADER.off("version")
+H_FIXED = HEADER.span("version", "created")
+H_NEXT_INC_OFF, H_NEXT_INC = HEADER.off("next_incarnation"), HEADER["next_incarnation"].st
+H_LIVE_OFF, H_LIVE = HEADER.off("live"), HEADER["live"].st
+H_FREE_HEAD_OFF, H_FREE_HEAD = HEADER.off("free_head"), HEADER["free_head"].st
+H_FLAGS_OFF, H_FLAGS = HEADER.off("flags"), HEADER["flags"].st
+H_INDEX_SIZE_OFF, H_INDEX_SIZE = HEADER.off("index_size"), HEADER["index_size"].st
+H_TABLE_ID_OFF, H_TABLE_ID = HEADER.off("table_id"), HEADER["table_id"].st
+H_SWEEPER_OFF = HEADER.off("sweeper_pid")
+H_SWEEPER = HEADER.span("sweeper_pid", "sweeper_beat")  # pid, flags, start, beat
+H_NAMESPACE_OFF = HEADER.off("namespace_len")
+H_NAMESPACE = HEADER.span("namespace_len", "namespace")
+H_FINGERPRINT_OFF, H_FINGERPRINT = HEADER.off("fingerprint"), HEADER["fingerprint"].st
+
+# lock record, index entry, process entry
+LOCK = LOCK_RECORD.struct  # pid, epoch, start
+INDEX_ENTRY = INDEX_ENTRY_RECORD.struct
+P_HEAD = ProcHead.STRUCT  # pid, flags, start, attached
+P_PID = PROC["pid"].st
+REF = REF_RECORD.struct  # slot + 1, count
+P_REFS = PROC["refs"].st
+
+# slot
+S_STATE = SLOT.span("state", "flags")
+S_HEAD = SLOT.span("state", "name_hash")  # state, flags, name_len, refcount, inc, hash
+S_CHECK = SLOT.pick("state", "refcount", "incarnation")  # the hot path's one read
+S_REFCOUNT_OFF, S_REFCOUNT = SLOT.off("refcount"), SLOT["refcount"].st
+S_INC_OFF, S_INC = SLOT.off("incarnation"), SLOT["incarnation"].st
+S_BODY_OFF = SLOT.off("size")
+S_BODY = SLOT.span("size", "last_used")  # size, parent, next_free, parent_inc, created, used
+S_NEXT_FREE_OFF, S_NEXT_FREE = SLOT.off("next_free"), SLOT["next_free"].st
+S_LAST_USED_OFF, S_LAST_USED = SLOT.off("last_used"), SLOT["last_used"].st
+S_CHILDREN_OFF, S_CHILDREN = SLOT.off("children"), SLOT["children"].st
+S_LOCK_OFF = SLOT.off("lock_pid")
+S_NAME_OFF = SLOT.off("name")
+SLOT_ALL = SLOT.struct  # every field of Slot, in its order; children written as zero
+
+# Records start on 8-byte boundaries (regions on REGION_ALIGN ones), so the alignment of
+# each field within its record (checked by Record) holds in the table.
+assert not any(n % 8 for n in (HEADER_SIZE, LOCK_STRIDE, PROC_SIZE, SLOT_SIZE, REGION_ALIGN,
+                               S_LOCK_OFF))
+assert LOCK_RECORD.size <= LOCK_STRIDE and REGION_ALIGN % 8 == 0
 
 if sys.byteorder != "little" or struct.calcsize("=I") != 4 or struct.calcsize("=Q") != 8:
     # Words stores in native byte order into a little-endian layout.
     raise ImportError("shmctx's table layout needs a little-endian host with 4-byte unsigned "
                       f"int and 8-byte unsigned long long (this one: {sys.byteorder}-endian)")
+
+# --- the fingerprint ----------------------------------------------------------------
+
+RECORDS = (HEADER, LOCK_RECORD, INDEX_ENTRY_RECORD, REF_RECORD, PROC, SLOT)
+
+
+def describe(records: Sequence[Record] = RECORDS, version: int = LAYOUT_VERSION,
+             constants: dict[str, int] = CONSTANTS) -> str:
+    """The text the fingerprint digests: the version, the constants, and every field of
+    every record by name, type, offset and size (comments are left out)."""
+    lines = [f"layout {version}"] + [f"{k} {v}" for k, v in sorted(constants.items())]
+    for rec in records:
+        lines.append(f"record {rec.key} {rec.size}")
+        lines += [f"  {p.name} {p.type} {p.off} {p.size}" for p in rec.fields]
+    return "\n".join(lines) + "\n"
+
+
+def fingerprint(records: Sequence[Record] = RECORDS, version: int = LAYOUT_VERSION,
+                constants: dict[str, int] = CONSTANTS) -> int:
+    """BLAKE2b-64 of ``describe(...)``, as a u64."""
+    digest = hashlib.blake2b(describe(records, version, constants).encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "little")
+
+
+FINGERPRINT = fingerprint()
 
 
 class Words:
@@ -368,9 +602,9 @@ class Geometry:
             while index_size < 2 * capacity:
                 index_size <<= 1
         self.index_size = index_size
-        self.index_off = _round_up(LOCKS_OFF + LOCK_STRIDE * (1 + self.stripes), 64)
-        self.procs_off = _round_up(self.index_off + INDEX_ENTRY.size * index_size, 64)
-        self.slots_off = _round_up(self.procs_off + PROC_SIZE * max_processes, 64)
+        self.index_off = _round_up(LOCKS_OFF + LOCK_STRIDE * (1 + self.stripes), REGION_ALIGN)
+        self.procs_off = _round_up(self.index_off + INDEX_ENTRY.size * index_size, REGION_ALIGN)
+        self.slots_off = _round_up(self.procs_off + PROC_SIZE * max_processes, REGION_ALIGN)
         self.total = _round_up(self.slots_off + SLOT_SIZE * capacity, PAGE)
 
     def lock_off(self, lock_index: int) -> int:
@@ -385,3 +619,125 @@ class Geometry:
 
     def index_entry_off(self, position: int) -> int:
         return self.index_off + INDEX_ENTRY.size * position
+
+
+# --- what is generated from the declarations ----------------------------------------
+
+MARKDOWN_BEGIN = ("<!-- layout tables: generated from src/shmctx/_layout.py by "
+                  "tools/gen_layout.py; do not edit -->")
+MARKDOWN_END = "<!-- end of layout tables -->"
+
+
+def c_header() -> str:
+    """``_layout.h``: every field's offset and size, the regions and the stored values,
+    as ``#define``s for ``_speedups.c``."""
+    out = [
+        "/* _layout.h: the byte layout of a shmctx table, for _speedups.c.",
+        " *",
+        " * generated from _layout.py; do not edit. Regenerate with tools/gen_layout.py",
+        " * (or python -m shmctx._layout --c-header); tests/test_layout.py fails while",
+        " * this file is stale. What each field means is written next to its declaration",
+        " * in _layout.py. */",
+        "#ifndef SHMCTX_LAYOUT_H",
+        "#define SHMCTX_LAYOUT_H",
+        "",
+        _define("SHMCTX_LAYOUT_VERSION", str(LAYOUT_VERSION)),
+        "/* BLAKE2b-64 of the declarations; every table stores the one of its creator at",
+        " * SHMCTX_HEADER_FINGERPRINT_OFF. */",
+        _define("SHMCTX_LAYOUT_FINGERPRINT", f"0x{FINGERPRINT:016x}ULL"),
+    ]
+    for rec in RECORDS:
+        key = rec.key.upper()
+        out += ["", f"/* {rec.title} ({rec.size} bytes) */",
+                _define(f"SHMCTX_{key}_SIZE", str(rec.size))]
+        for p in rec.fields:
+            if not p.pad:
+                name = f"SHMCTX_{key}_{p.name.upper()}"
+                out += [_define(f"{name}_OFF", str(p.off), p.type),
+                        _define(f"{name}_SIZE", str(p.size))]
+    out += ["", "/* Regions and the values stored in the table */",
+            _define("SHMCTX_LOCKS_OFF", str(LOCKS_OFF), "lock record k: LOCKS_OFF + "
+                    "LOCK_STRIDE * k")]
+    out += [_define(f"SHMCTX_{k}", str(v)) for k, v in CONSTANTS.items()]
+    out += ["", "#endif /* SHMCTX_LAYOUT_H */", ""]
+    names = [line.split()[1] for line in out if line.startswith("#define")]
+    assert len(names) == len(set(names)), "two layout names make the same C name"
+    return "\n".join(out)
+
+
+def _define(name: str, value: str, comment: str = "") -> str:
+    line = f"#define {name:<40} {value}"
+    return f"{line:<56} /* {comment} */" if comment else line
+
+
+def markdown() -> str:
+    """The byte tables of docs/architecture.md ("The table, byte by byte"), between
+    ``MARKDOWN_BEGIN`` and ``MARKDOWN_END``."""
+    from ._config import DEFAULT_CAPACITY, DEFAULT_MAX_PROCESSES
+
+    default = Geometry(DEFAULT_CAPACITY, DEFAULT_MAX_PROCESSES)
+    entry = INDEX_ENTRY.size
+    x = "\N{MULTIPLICATION SIGN}"
+    out = [
+        MARKDOWN_BEGIN,
+        "",
+        "| region | offset | size |",
+        "|---|---|---|",
+        f"| header | 0 | {HEADER_SIZE} |",
+        f"| lock records: [0] table lock, [1+k] stripe k, one per {LOCK_STRIDE}-byte cache "
+        f"line | {LOCKS_OFF} | {LOCK_STRIDE} {x} (1 + stripes) |",
+        f"| name index | `index_off` ({REGION_ALIGN}-aligned) | {entry} {x} `index_size` "
+        f"(power of two ≥ 2 {x} capacity) |",
+        f"| process entries | `procs_off` ({REGION_ALIGN}-aligned) | {PROC_SIZE} {x} "
+        "`max_processes` |",
+        f"| context slots | `slots_off` ({REGION_ALIGN}-aligned) | {SLOT_SIZE} {x} `capacity` |",
+        f"| total | | rounded up to {PAGE} |",
+        "",
+        f"With the defaults (capacity {default.capacity}, {default.stripes} stripes, "
+        f"{default.max_processes} processes) the table is {default.total:,} bytes: "
+        f"{SLOT_SIZE} bytes per slot plus at most {4 * entry} bytes of index per slot, plus "
+        f"the header, the lock records and {PROC_SIZE} bytes per process entry.",
+    ]
+    for rec in (HEADER, LOCK_RECORD, INDEX_ENTRY_RECORD, PROC, REF_RECORD, SLOT):
+        about = f": {rec.about}" if rec.about else ""
+        out += ["", f"**{rec.title} ({rec.size} bytes)**{about}", "",
+                "| off | size | type | field | meaning |", "|---:|---:|---|---|---|"]
+        out += [f"| {p.off} | {p.size} | {p.type} | {'' if p.pad else f'`{p.name}`'} | "
+                f"{p.comment.replace('|', '/')} |" for p in rec.fields]
+    out += ["", MARKDOWN_END]
+    return "\n".join(out) + "\n"
+
+
+def markdown_block(text: str) -> str:
+    """The generated block of a document (``MARKDOWN_BEGIN`` to ``MARKDOWN_END``, both
+    included, with the newline after it), or '' if it has none."""
+    begin = text.find(MARKDOWN_BEGIN)
+    end = text.find(MARKDOWN_END, begin)
+    if begin < 0 or end < 0:
+        return ""
+    return text[begin:end + len(MARKDOWN_END)] + "\n"
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="python -m shmctx._layout",
+        description="Print what is generated from the table's layout declarations.")
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--c-header", action="store_true", help="_layout.h for _speedups.c")
+    what.add_argument("--markdown", action="store_true",
+                      help="the byte tables of docs/architecture.md")
+    what.add_argument("--fingerprint", action="store_true", help="FINGERPRINT, in hex")
+    args = ap.parse_args(argv)
+    if args.c_header:
+        sys.stdout.write(c_header())
+    elif args.markdown:
+        sys.stdout.write(markdown())
+    else:
+        print(f"{FINGERPRINT:016x}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

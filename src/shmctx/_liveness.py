@@ -119,38 +119,37 @@ class Liveness:
         free entry). Exact under the table lock; without it, an entry that changes while
         being looked at is judged by the (pid, start) it showed first."""
         off = self.geo.proc_off(proc)
-        head = L.P_HEAD.unpack_from(self.buf, off)
-        pid, flags, start, _attached = head
-        if not pid:
+        head = L.ProcHead.read(self.buf, off)
+        if not head.pid:
             return False
-        if flags & L.P_LIVE_LOCK:
+        if head.flags & L.P_LIVE_LOCK:
             if self.mine == (proc, identity.pid):
                 return True
             held = self._held(proc)
             if held:
                 return True
-            if held is False and L.P_HEAD.unpack_from(self.buf, off) == head:
+            if held is False and L.ProcHead.read(self.buf, off) == head:
                 return False
-        return is_alive(pid, start)
+        return is_alive(head.pid, head.start)
 
-    def dead_entries(self) -> list[tuple[int, tuple[int, int, int, float]]]:
+    def dead_entries(self) -> list[tuple[int, L.ProcHead]]:
         """(entry, head) of every process entry judged dead, without the table lock (a
         fallback judgement reads /proc); confirm each with ``still_dead`` under it."""
         out = []
         for p in range(self.geo.max_processes):
-            head = L.P_HEAD.unpack_from(self.buf, self.geo.proc_off(p))
-            if head[0] and not self.entry_alive(p):
+            head = L.ProcHead.read(self.buf, self.geo.proc_off(p))
+            if head.pid and not self.entry_alive(p):
                 out.append((p, head))
         return out
 
-    def still_dead(self, proc: int, head: tuple[int, int, int, float]) -> bool:
+    def still_dead(self, proc: int, head: L.ProcHead) -> bool:
         """Under the table lock: whether entry ``proc``, judged dead when it read
         ``head``, still names that dead process. A locked entry is asked again (the
         kernel answers at once); a (pid, start) found dead by /proc stays dead."""
-        now = L.P_HEAD.unpack_from(self.buf, self.geo.proc_off(proc))
-        if now[:3] != head[:3]:
+        now = L.ProcHead.read(self.buf, self.geo.proc_off(proc))
+        if (now.pid, now.flags, now.start) != (head.pid, head.flags, head.start):
             return False
-        return not (now[1] & L.P_LIVE_LOCK) or not self.entry_alive(proc)
+        return not (now.flags & L.P_LIVE_LOCK) or not self.entry_alive(proc)
 
     def owner_alive(self, pid: int, start: int) -> bool:
         """Whether the process recorded as (pid, start) as a lock's owner, a context's
@@ -163,16 +162,16 @@ class Liveness:
         gone = fallback = False
         for p in range(geo.max_processes):
             off = geo.proc_off(p)
-            head = L.P_HEAD.unpack_from(buf, off)
-            if head[0] != pid or head[2] != start:
+            head = L.ProcHead.read(buf, off)
+            if head.pid != pid or head.start != start:
                 continue
-            if not head[1] & L.P_LIVE_LOCK:
+            if not head.flags & L.P_LIVE_LOCK:
                 fallback = True
                 continue
             held = self._held(p)
             if held:
                 return True
-            if held is None or L.P_HEAD.unpack_from(buf, off) != head:
+            if held is None or L.ProcHead.read(buf, off) != head:
                 fallback = True  # no answer, or the entry changed while we looked
             else:
                 gone = True

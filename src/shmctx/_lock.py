@@ -281,6 +281,26 @@ class RobustLock:
         self._own(None, None, _getframe(1))
         return True
 
+    def try_acquire_unless(self, timeout: float, give_up: Callable[[], bool],
+                           every: float) -> bool:
+        """``try_acquire`` that also stops waiting, and returns False, as soon as
+        ``give_up()`` (asked after each ``every`` seconds of waiting) returns True. For
+        ``ctx-inspect``, which gives up at once when the recorded owner is dead (only a
+        takeover by a process of the namespace will ever free that lock) instead of
+        waiting out ``timeout``. Takes a free lock at once, also with ``timeout`` 0, and
+        never takes it over."""
+        deadline = monotonic() + timeout
+        try:
+            self.sem.acquire(0)
+        except posix_ipc.BusyError:
+            try:
+                if not wait_and_look(self.sem, deadline, every, every, give_up, self.what):
+                    return False
+            except TimeoutError:
+                return False
+        self._own(None, None, _getframe(1))
+        return True
+
     def _take_sem(self, timeout: float | None, frame: object) -> bool:
         """Get the semaphore: True if the owner record is still to be written, False if
         the slow path got it and recorded this process (or took it over)."""

@@ -96,62 +96,59 @@ def decode(data: bytes, locked: bool = True) -> Snapshot:
     problem = header_problem(data[: L.HEADER_SIZE], len(data))
     if problem:
         raise ValueError(problem)
-    (_v, _hs, _ss, cap, stripes, procs_n, _total, max_refs, mode, idle, interval, lt,
-     created) = L.H_FIXED.unpack_from(data, L.H_FIXED_OFF)
-    index_size = L.H_INDEX_SIZE.unpack_from(data, L.H_INDEX_SIZE_OFF)[0]
-    geo = L.Geometry(cap, procs_n, stripes, index_size)
-    n_len, ns_b = L.H_NAMESPACE.unpack_from(data, L.H_NAMESPACE_OFF)
+    head = L.Header.read(data)
+    cap, procs_n = head.capacity, head.max_processes
+    geo = L.Geometry(cap, procs_n, head.stripes, head.index_size)
     procs: list[ProcView] = []
     holders: dict[int, dict[int, int]] = {}
     starts: dict[int, dict[int, int]] = {}
     for p in range(procs_n):
-        pid, _f, start, attached = L.P_HEAD.unpack_from(data, geo.proc_off(p))
-        if not pid:
+        ph = L.ProcHead.read(data, geo.proc_off(p))
+        if not ph.pid:
             continue
         flat = L.P_REFS.unpack_from(data, geo.proc_off(p) + L.REFS_OFF)
         refs = [(flat[2 * i] - 1, flat[2 * i + 1]) for i in range(L.REFS_PER_PROCESS)
                 if flat[2 * i] and flat[2 * i + 1]]
-        procs.append(ProcView(p, pid, start, attached, refs))
+        procs.append(ProcView(p, ph.pid, ph.start, ph.attached, refs))
         for s, c in refs:
             h = holders.setdefault(s, {})
-            h[pid] = h.get(pid, 0) + c
-            starts.setdefault(s, {})[pid] = start
+            h[ph.pid] = h.get(ph.pid, 0) + c
+            starts.setdefault(s, {})[ph.pid] = ph.start
     slots: list[SlotView] = []
     for s in range(cap):
         off = geo.slot_off(s)
-        f = L.SLOT_ALL.unpack_from(data, off)
-        (state, flags, n, rc, inc, h, size, parent, _nf, parent_inc, c_wall, last,
-         cpid, cstart, lpid, lepoch, lstart, raw_name) = f
-        if state == L.FREE and s not in holders:
+        if data[off] == L.FREE and s not in holders:  # the state byte
             continue
-        raw = raw_name[: min(n, L.NAME_MAX)]
+        f = L.Slot.read(data, off)
+        raw = f.name[: min(f.name_len, L.NAME_MAX)]
         try:
             name = raw.decode("utf-8")
-            ok = n <= L.NAME_MAX and name_hash(raw) == h
+            ok = f.name_len <= L.NAME_MAX and name_hash(raw) == f.name_hash
         except UnicodeDecodeError:
             name, ok = raw.decode("utf-8", "backslashreplace"), False
         slots.append(SlotView(
-            s, state, flags, name, ok, rc, inc, h, size, parent - 1, parent_inc, c_wall, last,
-            cpid, cstart, (lpid, lepoch, lstart),
-            L.S_CHILDREN.unpack_from(data, off + L.S_CHILDREN_OFF)[0],
+            s, f.state, f.flags, name, ok, f.refcount, f.incarnation, f.name_hash, f.size,
+            f.parent - 1, f.parent_inc, f.created, f.last_used, f.creator_pid, f.creator_start,
+            (f.lock_pid, f.lock_epoch, f.lock_start), L.SLOT["children"].read(data, off),
             holders.get(s, {}), starts.get(s, {}),
         ))
     return Snapshot(
-        namespace=ns_b[:n_len].decode("utf-8", "replace"),
+        namespace=head.namespace[:head.namespace_len].decode("utf-8", "replace"),
         geo=geo,
-        config=dict(max_references=max_refs, max_idle_time=idle, cleanup_interval=interval,
-                    capacity=cap, lock_timeout=lt, max_processes=procs_n),
-        mode=mode,
-        created=created,
-        next_incarnation=L.H_NEXT_INC.unpack_from(data, L.H_NEXT_INC_OFF)[0],
-        live=L.H_LIVE.unpack_from(data, L.H_LIVE_OFF)[0],
-        free_head=L.H_FREE_HEAD.unpack_from(data, L.H_FREE_HEAD_OFF)[0],
-        flags=L.H_FLAGS.unpack_from(data, L.H_FLAGS_OFF)[0],
-        table_id=L.H_TABLE_ID.unpack_from(data, L.H_TABLE_ID_OFF)[0],
-        sweeper=L.H_SWEEPER.unpack_from(data, L.H_SWEEPER_OFF),
-        locks=[L.LOCK.unpack_from(data, geo.lock_off(i)) for i in range(1 + stripes)],
+        config=dict(max_references=head.max_references, max_idle_time=head.max_idle_time,
+                    cleanup_interval=head.cleanup_interval, capacity=cap,
+                    lock_timeout=head.lock_timeout, max_processes=procs_n),
+        mode=head.mode,
+        created=head.created,
+        next_incarnation=head.next_incarnation,
+        live=head.live,
+        free_head=head.free_head,
+        flags=head.flags,
+        table_id=head.table_id,
+        sweeper=(head.sweeper_pid, head.sweeper_flags, head.sweeper_start, head.sweeper_beat),
+        locks=[L.LockRecord.read(data, geo.lock_off(i)) for i in range(1 + geo.stripes)],
         index=[L.INDEX_ENTRY.unpack_from(data, geo.index_entry_off(i))[0]
-               for i in range(index_size)],
+               for i in range(geo.index_size)],
         procs=procs,
         slots=slots,
         taken_at_mono=time.monotonic(),

@@ -12,11 +12,11 @@
  * per-process count, refcount, last-used stamp, handle) costs about 3x a bare semaphore
  * around one struct write (docs/performance.md); here it costs less than that floor.
  *
- * Offsets come from _layout.py (the one description of the table), passed in by
- * _manager.py, which also checks that the field widths assumed below still match it:
- *   lock record: u32 owner pid, u32 epoch, u64 owner start
- *   slot:        u8 state, u32 refcount, u64 incarnation, f64 last used
- *   ref record:  u32 slot + 1, u32 count
+ * Offsets and sizes come from _layout.h, generated from _layout.py (the one
+ * description of the table). The widths the code below reads and writes are checked
+ * against it when this file is compiled, and HotPath refuses a table whose header does
+ * not carry the fingerprint of the layout it was compiled with (LAYOUT_FINGERPRINT,
+ * which the Python side compares with its own before it uses this module).
  * No Python code runs while a stripe semaphore is held here, so the GIL makes the
  * critical section atomic towards this process's other threads, as in Python.
  */
@@ -28,11 +28,27 @@
 #include <sched.h>
 #include <semaphore.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 #include <time.h>
 
-#define REF_SIZE 8
-#define LOCK_SIZE 16
+#include "_layout.h"
+
+/* The widths rd32/rd64/wr32/wr64 below assume: a layout that changes one fails to
+ * compile here rather than misreads the table. */
+_Static_assert(SHMCTX_LOCK_PID_SIZE == 4 && SHMCTX_LOCK_EPOCH_SIZE == 4 &&
+               SHMCTX_LOCK_START_SIZE == 8, "lock record: u32 pid, u32 epoch, u64 start");
+_Static_assert(SHMCTX_SLOT_STATE_SIZE == 1 && SHMCTX_SLOT_REFCOUNT_SIZE == 4 &&
+               SHMCTX_SLOT_INCARNATION_SIZE == 8 && SHMCTX_SLOT_LAST_USED_SIZE == 8,
+               "slot: u8 state, u32 refcount, u64 incarnation, f64 last used");
+_Static_assert(SHMCTX_REF_SLOT_SIZE == 4 && SHMCTX_REF_COUNT_SIZE == 4,
+               "reference record: u32 slot + 1, u32 count");
+/* The owner pid is stored with one aligned atomic store (lock_try). */
+_Static_assert((SHMCTX_LOCKS_OFF + SHMCTX_LOCK_PID_OFF) % 4 == 0 && SHMCTX_LOCK_STRIDE % 4 == 0,
+               "lock records' pids are 4-byte aligned");
+
+/* Lock record k of the table: 0 the table lock, 1 + stripe for a stripe lock. */
+#define LOCK_RECORD_OFF(k) (SHMCTX_LOCKS_OFF + SHMCTX_LOCK_STRIDE * (Py_ssize_t)(k))
 
 typedef struct {
     PyObject_HEAD
@@ -41,10 +57,6 @@ typedef struct {
     Py_buffer table;
     Py_ssize_t nstripes;
     sem_t **sems;
-    Py_ssize_t *lock_offs;
-    /* slot field offsets, relative to the slot */
-    Py_ssize_t o_state, o_refcount, o_inc, o_last_used, slot_size;
-    long ready, free_state;
     uint32_t max_refs;
     /* this process, set by enable() once its process entry is registered */
     uint32_t pid;
@@ -57,8 +69,7 @@ typedef struct {
     PyObject *handle_type;
     PyObject *d_manager, *d_mapped, *d_pid, *d_returned, *d_view; /* slot descriptors */
     PyObject *failpoints; /* _failpoints module dict: the "armed" flag */
-    PyObject *dropped;    /* the manager's list of handles dropped unreturned */
-    PyObject *slow_get, *slow_get_context, *slow_return;
+    PyObject *dropped;    /* the owner's list of handles dropped unreturned */
 } HotPath;
 
 static PyObject *str_hot, *str_armed, *str_release_view, *str_dropped;
@@ -151,15 +162,15 @@ lock_try(HotPath *self, Py_ssize_t stripe)
 {
     if (!self->enabled || !sem_take(self->sems[stripe]))
         return 0;
-    char *rec = (char *)self->table.buf + self->lock_offs[stripe];
-    uint32_t epoch = rd32(rec + 4);
-    wr32(rec + 4, epoch + 1);
-    wr64(rec + 8, self->start);
+    char *rec = (char *)self->table.buf + LOCK_RECORD_OFF(1 + stripe);
+    uint32_t epoch = rd32(rec + SHMCTX_LOCK_EPOCH_OFF);
+    wr32(rec + SHMCTX_LOCK_EPOCH_OFF, epoch + 1);
+    wr64(rec + SHMCTX_LOCK_START_OFF, self->start);
     /* The pid last, in one aligned store the compiler may not move before the two
      * above: waiters and the sweeper read the record without the lock, and a pid beside
      * an epoch or start time nobody wrote with it would be judged wrongly. (Lock
      * records are 64-byte aligned: _layout.py.) */
-    __atomic_store_n((uint32_t *)rec, self->pid, __ATOMIC_RELEASE);
+    __atomic_store_n((uint32_t *)(rec + SHMCTX_LOCK_PID_OFF), self->pid, __ATOMIC_RELEASE);
     return 1;
 }
 
@@ -167,7 +178,7 @@ lock_try(HotPath *self, Py_ssize_t stripe)
 static void
 lock_release(HotPath *self, Py_ssize_t stripe)
 {
-    wr32((char *)self->table.buf + self->lock_offs[stripe], 0);
+    wr32((char *)self->table.buf + LOCK_RECORD_OFF(1 + stripe) + SHMCTX_LOCK_PID_OFF, 0);
     sem_post(self->sems[stripe]);
 }
 
@@ -204,10 +215,10 @@ locate(HotPath *self, PyObject *m, Where *w)
             unsigned long long inc = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(hot, 2));
             Py_ssize_t s = PyLong_AsSsize_t(slot);
             Py_ssize_t r = PyLong_AsSsize_t(ri);
-            Py_ssize_t ref_off = self->refs_off + REF_SIZE * r;
-            if (!PyErr_Occurred() && off >= 0 && off + self->slot_size <= self->table.len &&
+            Py_ssize_t ref_off = self->refs_off + SHMCTX_REF_SIZE * r;
+            if (!PyErr_Occurred() && off >= 0 && off + SHMCTX_SLOT_SIZE <= self->table.len &&
                 stripe >= 0 && stripe < self->nstripes && s >= 0 && s < UINT32_MAX &&
-                r >= 0 && ref_off + REF_SIZE <= self->table.len) {
+                r >= 0 && ref_off + SHMCTX_REF_SIZE <= self->table.len) {
                 w->slot_off = off;
                 w->stripe = stripe;
                 w->inc = inc;
@@ -267,16 +278,17 @@ try_get(HotPath *self, PyObject *name)
         goto defer;
     char *so = (char *)self->table.buf + w.slot_off;
     char *ref = (char *)self->table.buf + w.ref_off;
-    uint32_t rc = rd32(so + self->o_refcount);
-    if (rd64(so + self->o_inc) != w.inc || (unsigned char)so[self->o_state] != self->ready ||
-        (self->max_refs && rc >= self->max_refs) || rd32(ref) != w.sp1) {
+    uint32_t rc = rd32(so + SHMCTX_SLOT_REFCOUNT_OFF);
+    if (rd64(so + SHMCTX_SLOT_INCARNATION_OFF) != w.inc ||
+        (unsigned char)so[SHMCTX_SLOT_STATE_OFF] != SHMCTX_READY ||
+        (self->max_refs && rc >= self->max_refs) || rd32(ref + SHMCTX_REF_SLOT_OFF) != w.sp1) {
         lock_release(self, w.stripe);
         goto defer;
     }
     /* Per-process count first, then the refcount: the order _add_ref keeps, so that a
      * death in between is repaired from the per-process records. */
-    wr32(ref + 4, rd32(ref + 4) + 1);
-    wr32(so + self->o_refcount, rc + 1);
+    wr32(ref + SHMCTX_REF_COUNT_OFF, rd32(ref + SHMCTX_REF_COUNT_OFF) + 1);
+    wr32(so + SHMCTX_SLOT_REFCOUNT_OFF, rc + 1);
     lock_release(self, w.stripe);
     /* Now it stands for the reference. Setting a slot runs no Python code, so nothing
      * (no signal handler, no other thread) can come between the count and this. */
@@ -288,12 +300,6 @@ defer:
     Py_XDECREF(h);
     Py_DECREF(m);
     return NULL;
-}
-
-static PyObject *
-forward(PyObject *slow, PyObject *const *args, size_t nargsf, PyObject *kwnames)
-{
-    return PyObject_Vectorcall(slow, args, nargsf, kwnames);
 }
 
 /* The arguments leave get_or_create_context on its hot path: a name, and config and
@@ -320,37 +326,6 @@ hot_arguments(PyObject *const *args, size_t nargsf, PyObject *kwnames)
     return 1;
 }
 
-static PyObject *
-HotPath_get_or_create_context(HotPath *self, PyObject *const *args, size_t nargsf,
-                              PyObject *kwnames)
-{
-    if (hot_arguments(args, nargsf, kwnames)) {
-        /* The result tuple is made first: once the reference is taken nothing may fail. */
-        PyObject *res = PyTuple_New(2);
-        if (res == NULL)
-            return NULL;
-        PyObject *h = try_get(self, args[0]);
-        if (h != NULL) {
-            PyTuple_SET_ITEM(res, 0, h);
-            PyTuple_SET_ITEM(res, 1, Py_NewRef(Py_True));
-            return res;
-        }
-        Py_DECREF(res);
-    }
-    return forward(self->slow_get, args, nargsf, kwnames);
-}
-
-static PyObject *
-HotPath_get_context(HotPath *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
-{
-    if (PyVectorcall_NARGS(nargsf) == 1 && kwnames == NULL) {
-        PyObject *h = try_get(self, args[0]);
-        if (h != NULL)
-            return h;
-    }
-    return forward(self->slow_get_context, args, nargsf, kwnames);
-}
-
 /* ContextManager.return_context's common case. 1 done, 0 defer, -1 error. */
 static int
 try_return(HotPath *self, PyObject *ctx)
@@ -375,19 +350,21 @@ try_return(HotPath *self, PyObject *ctx)
         goto out;
     char *so = (char *)self->table.buf + w.slot_off;
     char *ref = (char *)self->table.buf + w.ref_off;
-    uint32_t count = rd32(ref + 4);
-    if (rd64(so + self->o_inc) != w.inc || (unsigned char)so[self->o_state] == self->free_state ||
-        rd32(ref) != w.sp1 || count == 0 || descr_set(self->d_returned, ctx, Py_True) < 0) {
+    uint32_t count = rd32(ref + SHMCTX_REF_COUNT_OFF);
+    if (rd64(so + SHMCTX_SLOT_INCARNATION_OFF) != w.inc ||
+        (unsigned char)so[SHMCTX_SLOT_STATE_OFF] == SHMCTX_FREE ||
+        rd32(ref + SHMCTX_REF_SLOT_OFF) != w.sp1 || count == 0 ||
+        descr_set(self->d_returned, ctx, Py_True) < 0) {
         lock_release(self, w.stripe);
         goto out;
     }
-    uint32_t rc = rd32(so + self->o_refcount);
+    uint32_t rc = rd32(so + SHMCTX_SLOT_REFCOUNT_OFF);
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     double now = (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-    wr32(ref + 4, count - 1);
-    wr32(so + self->o_refcount, rc ? rc - 1 : 0);
-    memcpy(so + self->o_last_used, &now, 8);
+    wr32(ref + SHMCTX_REF_COUNT_OFF, count - 1);
+    wr32(so + SHMCTX_SLOT_REFCOUNT_OFF, rc ? rc - 1 : 0);
+    memcpy(so + SHMCTX_SLOT_LAST_USED_OFF, &now, SHMCTX_SLOT_LAST_USED_SIZE);
     lock_release(self, w.stripe);
     done = 1;
 out:
@@ -399,11 +376,10 @@ out:
     return done;
 }
 
+/* Return, step R6: the handle's ``buf`` view goes once the reference is given back. */
 static PyObject *
-HotPath_return_context(HotPath *self, PyObject *ctx)
+finish_return(HotPath *self, PyObject *ctx)
 {
-    if (!try_return(self, ctx))
-        return PyObject_CallOneArg(self->slow_return, ctx);
     PyObject *view = descr_get(self->d_view, ctx);
     if (view == NULL)
         return NULL;
@@ -414,27 +390,25 @@ HotPath_return_context(HotPath *self, PyObject *ctx)
     Py_RETURN_NONE;
 }
 
+/* One semaphore per stripe; stripe k's lock record is at LOCK_RECORD_OFF(1 + k). */
 static int
-open_sems(HotPath *self, PyObject *names, PyObject *offs)
+open_sems(HotPath *self, PyObject *names)
 {
     Py_ssize_t n = PyList_GET_SIZE(names);
+    if (LOCK_RECORD_OFF(1 + n) > self->table.len) {
+        PyErr_Format(PyExc_ValueError, "%zd stripe lock records do not fit in the table", n);
+        return -1;
+    }
     self->sems = PyMem_Calloc(n, sizeof(sem_t *));
-    self->lock_offs = PyMem_Calloc(n, sizeof(Py_ssize_t));
-    if (self->sems == NULL || self->lock_offs == NULL) {
+    if (self->sems == NULL) {
         PyErr_NoMemory();
         return -1;
     }
     self->nstripes = n;
     for (Py_ssize_t i = 0; i < n; i++) {
         const char *name = PyUnicode_AsUTF8(PyList_GET_ITEM(names, i));
-        Py_ssize_t off = PyLong_AsSsize_t(PyList_GET_ITEM(offs, i));
-        if (name == NULL || PyErr_Occurred())
+        if (name == NULL)
             return -1;
-        if (off < 0 || off + LOCK_SIZE > self->table.len) {
-            PyErr_Format(PyExc_ValueError, "lock record offset %zd outside the table", off);
-            return -1;
-        }
-        self->lock_offs[i] = off;
         sem_t *s = sem_open(name, 0);
         if (s == SEM_FAILED) {
             PyErr_SetFromErrnoWithFilename(PyExc_OSError, name);
@@ -456,8 +430,6 @@ release_resources(HotPath *self)
         PyMem_Free(self->sems);
         self->sems = NULL;
     }
-    PyMem_Free(self->lock_offs);
-    self->lock_offs = NULL;
     self->nstripes = 0;
     if (self->have_buffer) {
         PyBuffer_Release(&self->table);
@@ -469,11 +441,9 @@ static int
 HotPath_init(HotPath *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {
-        "manager", "table", "sem_names", "lock_offsets", "slot_fields", "states",
-        "max_refs", "mapped", "handle_type", "handle_fields", "failpoints",
-        "slow_get", "slow_get_context", "slow_return", "dropped", NULL};
-    PyObject *manager, *table, *names, *offs, *mapped, *htype,
-        *fp, *sg, *sgc, *sr, *dropped;
+        "manager", "table", "sem_names", "max_refs", "mapped", "handle_type",
+        "handle_fields", "failpoints", "dropped", NULL};
+    PyObject *manager, *table, *names, *mapped, *htype, *fp, *dropped;
     PyObject *fields[5];
     unsigned int max_refs;
     if (self->have_buffer || self->manager != NULL) {
@@ -481,12 +451,10 @@ HotPath_init(HotPath *self, PyObject *args, PyObject *kwds)
         return -1;
     }
     if (!PyArg_ParseTupleAndKeywords(
-            args, kwds, "OOO!O!(nnnnn)(ll)IO!O!(OOOOO)O!OOOO!", kwlist, &manager, &table,
-            &PyList_Type, &names, &PyList_Type, &offs, &self->o_state, &self->o_refcount,
-            &self->o_inc, &self->o_last_used, &self->slot_size, &self->ready,
-            &self->free_state, &max_refs, &PyDict_Type, &mapped, &PyType_Type, &htype,
+            args, kwds, "OOO!IO!O!(OOOOO)O!O!", kwlist, &manager, &table,
+            &PyList_Type, &names, &max_refs, &PyDict_Type, &mapped, &PyType_Type, &htype,
             &fields[0], &fields[1], &fields[2], &fields[3], &fields[4],
-            &PyDict_Type, &fp, &sg, &sgc, &sr, &PyList_Type, &dropped))
+            &PyDict_Type, &fp, &PyList_Type, &dropped))
         return -1;
     for (size_t i = 0; i < sizeof(fields) / sizeof(fields[0]); i++) {
         if (Py_TYPE(fields[i])->tp_descr_get == NULL ||
@@ -505,29 +473,32 @@ HotPath_init(HotPath *self, PyObject *args, PyObject *kwds)
     self->mapped = Py_NewRef(mapped);
     self->handle_type = Py_NewRef(htype);
     self->failpoints = Py_NewRef(fp);
-    self->slow_get = Py_NewRef(sg);
-    self->slow_get_context = Py_NewRef(sgc);
-    self->slow_return = Py_NewRef(sr);
     self->dropped = Py_NewRef(dropped);
     self->refidx = PyDict_New();
     self->pid_obj = Py_NewRef(Py_None);
     if (self->refidx == NULL)
         return -1;
-    if (self->slot_size <= 0 || self->o_state < 0 || self->o_state >= self->slot_size ||
-        self->o_refcount < 0 || self->o_refcount + 4 > self->slot_size ||
-        self->o_inc < 0 || self->o_inc + 8 > self->slot_size ||
-        self->o_last_used < 0 || self->o_last_used + 8 > self->slot_size) {
-        PyErr_SetString(PyExc_ValueError, "slot field offsets outside the slot");
-        return -1;
-    }
-    if (PyList_GET_SIZE(names) != PyList_GET_SIZE(offs) || PyList_GET_SIZE(names) == 0) {
-        PyErr_SetString(PyExc_ValueError, "one lock offset per semaphore name is needed");
+    if (PyList_GET_SIZE(names) == 0) {
+        PyErr_SetString(PyExc_ValueError, "one semaphore name per stripe is needed");
         return -1;
     }
     if (PyObject_GetBuffer(table, &self->table, PyBUF_WRITABLE) < 0)
         return -1;
     self->have_buffer = 1;
-    if (open_sems(self, names, offs) < 0) {
+    /* Refused by construction: a table made by code of another layout is never
+     * written with this one's offsets. */
+    uint64_t fingerprint = self->table.len < SHMCTX_HEADER_SIZE ? 0 :
+        rd64((char *)self->table.buf + SHMCTX_HEADER_FINGERPRINT_OFF);
+    if (fingerprint != SHMCTX_LAYOUT_FINGERPRINT) {
+        char msg[160];
+        snprintf(msg, sizeof(msg), "the table's layout fingerprint %016llx is not the one "
+                 "this module was compiled with, %016llx", (unsigned long long)fingerprint,
+                 (unsigned long long)SHMCTX_LAYOUT_FINGERPRINT);
+        PyErr_SetString(PyExc_ValueError, msg);
+        release_resources(self);
+        return -1;
+    }
+    if (open_sems(self, names) < 0) {
         release_resources(self);
         return -1;
     }
@@ -591,9 +562,6 @@ HotPath_traverse(HotPath *self, visitproc visit, void *arg)
     Py_VISIT(self->d_returned);
     Py_VISIT(self->d_view);
     Py_VISIT(self->failpoints);
-    Py_VISIT(self->slow_get);
-    Py_VISIT(self->slow_get_context);
-    Py_VISIT(self->slow_return);
     Py_VISIT(self->dropped);
     return 0;
 }
@@ -613,9 +581,6 @@ HotPath_clear(HotPath *self)
     Py_CLEAR(self->d_returned);
     Py_CLEAR(self->d_view);
     Py_CLEAR(self->failpoints);
-    Py_CLEAR(self->slow_get);
-    Py_CLEAR(self->slow_get_context);
-    Py_CLEAR(self->slow_return);
     Py_CLEAR(self->dropped);
     return 0;
 }
@@ -629,49 +594,39 @@ HotPath_dealloc(HotPath *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* A cleared HotPath (the garbage collector broke a cycle) must not be called into. */
+/* HotPath.try_get(name): get, steps G1-G8 (see _hotpath.py). A handle, or None: defer. */
 static PyObject *
-cleared(void)
+HotPath_try_get(HotPath *self, PyObject *name)
 {
-    PyErr_SetString(PyExc_RuntimeError, "shmctx HotPath used after it was cleared");
-    return NULL;
+    if (self->mapped == NULL)  /* cleared by the garbage collector: defer */
+        Py_RETURN_NONE;
+    PyObject *h = try_get(self, name);
+    if (h == NULL) {
+        if (PyErr_Occurred())
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    return h;
 }
 
+/* HotPath.try_return(ctx): return, steps R1-R6. True: done; False: defer. */
 static PyObject *
-HotPath_vget(HotPath *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+HotPath_try_return(HotPath *self, PyObject *ctx)
 {
-    if (self->slow_get == NULL)
-        return cleared();
-    return HotPath_get_or_create_context(self, args, nargsf, kwnames);
-}
-
-static PyObject *
-HotPath_vget_context(HotPath *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
-{
-    if (self->slow_get_context == NULL)
-        return cleared();
-    return HotPath_get_context(self, args, nargsf, kwnames);
-}
-
-static PyObject *
-HotPath_vreturn(HotPath *self, PyObject *ctx)
-{
-    if (self->slow_return == NULL)
-        return cleared();
-    return HotPath_return_context(self, ctx);
+    if (self->mapped == NULL || !try_return(self, ctx))
+        Py_RETURN_FALSE;
+    PyObject *r = finish_return(self, ctx);
+    if (r == NULL)
+        return NULL;
+    Py_DECREF(r);
+    Py_RETURN_TRUE;
 }
 
 static PyMethodDef HotPath_methods[] = {
-    {"get_or_create_context", (PyCFunction)(void (*)(void))HotPath_vget,
-     METH_FASTCALL | METH_KEYWORDS,
-     "get_or_create_context(name, config=None, *, init=None, timeout=None)\n--\n\n"
-     "ContextManager.get_or_create_context, with its hot path in C."},
-    {"get_context", (PyCFunction)(void (*)(void))HotPath_vget_context,
-     METH_FASTCALL | METH_KEYWORDS,
-     "get_context(name, *, timeout=None)\n--\n\n"
-     "ContextManager.get_context, with its hot path in C."},
-    {"return_context", (PyCFunction)HotPath_vreturn, METH_O,
-     "return_context(ctx)\n--\n\nContextManager.return_context, with its hot path in C."},
+    {"try_get", (PyCFunction)HotPath_try_get, METH_O,
+     "try_get(name)\n--\n\nGet steps G1-G8 (_hotpath.py): a handle, or None to defer."},
+    {"try_return", (PyCFunction)HotPath_try_return, METH_O,
+     "try_return(ctx)\n--\n\nReturn steps R1-R6 (_hotpath.py): True if done, False to defer."},
     {"enable", (PyCFunction)HotPath_enable, METH_VARARGS,
      "enable(pid, start, refs_off, refidx): this process's entry is registered."},
     {"disable", (PyCFunction)HotPath_disable, METH_NOARGS,
@@ -766,7 +721,183 @@ install_finalizer(PyObject *module, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* front(method): ContextManager's get_or_create_context, get_context and
+ * return_context. A method descriptor (called with the manager as its first argument,
+ * no bound method made) that runs the hot path in C when the manager chose it (its
+ * ``_hot`` is a HotPath: _hotpath.choose) and the call is the common case, and calls
+ * ``method``, the one full definition in Python, for everything else. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *func;
+    int kind;
+    vectorcallfunc vectorcall;
+} Front;
+
+enum { FRONT_GET_OR_CREATE, FRONT_GET, FRONT_RETURN };
+
+static PyObject *str__hot;
+
+static HotPath *
+hot_of(PyObject *manager)
+{
+    PyObject *hot = PyObject_GetAttr(manager, str__hot);
+    if (hot == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    if (Py_TYPE(hot) != &HotPathType || ((HotPath *)hot)->mapped == NULL) {
+        Py_DECREF(hot);
+        return NULL;
+    }
+    return (HotPath *)hot;
+}
+
+static PyObject *
+Front_vectorcall(Front *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    HotPath *hot = nargs >= 2 ? hot_of(args[0]) : NULL;
+    if (hot != NULL) {
+        PyObject *res = NULL;
+        if (self->kind == FRONT_GET_OR_CREATE) {
+            if (hot_arguments(args + 1, nargs - 1, kwnames)) {
+                /* The result tuple is made first: once the reference is taken nothing
+                 * may fail. */
+                res = PyTuple_New(2);
+                if (res == NULL) {
+                    Py_DECREF(hot);
+                    return NULL;
+                }
+                PyObject *h = try_get(hot, args[1]);
+                if (h != NULL) {
+                    PyTuple_SET_ITEM(res, 0, h);
+                    PyTuple_SET_ITEM(res, 1, Py_NewRef(Py_True));
+                } else {
+                    Py_CLEAR(res);
+                }
+            }
+        } else if (self->kind == FRONT_GET) {
+            if (nargs == 2 && kwnames == NULL)
+                res = try_get(hot, args[1]);
+        } else if (nargs == 2 && kwnames == NULL && try_return(hot, args[1])) {
+            res = finish_return(hot, args[1]);
+            Py_DECREF(hot);
+            return res;
+        }
+        Py_DECREF(hot);
+        if (res != NULL)
+            return res;
+        PyErr_Clear();
+    }
+    return PyObject_Vectorcall(self->func, args, nargsf, kwnames);
+}
+
+static PyObject *
+Front_descr_get(PyObject *self, PyObject *obj, PyObject *type)
+{
+    if (obj == NULL || obj == Py_None)
+        return Py_NewRef(self);
+    return PyMethod_New(self, obj);
+}
+
+static PyObject *
+Front_getattr_of_func(Front *self, void *name)
+{
+    return PyObject_GetAttrString(self->func, (const char *)name);
+}
+
+static PyGetSetDef Front_getset[] = {
+    {"__doc__", (getter)Front_getattr_of_func, NULL, NULL, "__doc__"},
+    {"__name__", (getter)Front_getattr_of_func, NULL, NULL, "__name__"},
+    {"__qualname__", (getter)Front_getattr_of_func, NULL, NULL, "__qualname__"},
+    {"__module__", (getter)Front_getattr_of_func, NULL, NULL, "__module__"},
+    {NULL},
+};
+
+static PyMemberDef Front_members[] = {
+    {"__wrapped__", T_OBJECT, offsetof(Front, func), READONLY,
+     "the Python method: the full definition"},
+    {NULL},
+};
+
+static int
+Front_traverse(Front *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->func);
+    return 0;
+}
+
+static int
+Front_clear(Front *self)
+{
+    Py_CLEAR(self->func);
+    return 0;
+}
+
+static void
+Front_dealloc(Front *self)
+{
+    PyObject_GC_UnTrack(self);
+    Front_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+Front_repr(Front *self)
+{
+    return PyUnicode_FromFormat("<shmctx hot path in front of %R>", self->func);
+}
+
+static PyTypeObject FrontType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmctx._speedups.front",
+    .tp_basicsize = sizeof(Front),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_METHOD_DESCRIPTOR |
+                Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "A ContextManager method with the C hot path in front of it.",
+    .tp_vectorcall_offset = offsetof(Front, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_descr_get = Front_descr_get,
+    .tp_getset = Front_getset,
+    .tp_members = Front_members,
+    .tp_traverse = (traverseproc)Front_traverse,
+    .tp_clear = (inquiry)Front_clear,
+    .tp_dealloc = (destructor)Front_dealloc,
+    .tp_repr = (reprfunc)Front_repr,
+};
+
+static PyObject *
+make_front(PyObject *module, PyObject *func)
+{
+    PyObject *name = PyObject_GetAttrString(func, "__name__");
+    if (name == NULL)
+        return NULL;
+    int kind = -1;
+    if (PyUnicode_CompareWithASCIIString(name, "get_or_create_context") == 0)
+        kind = FRONT_GET_OR_CREATE;
+    else if (PyUnicode_CompareWithASCIIString(name, "get_context") == 0)
+        kind = FRONT_GET;
+    else if (PyUnicode_CompareWithASCIIString(name, "return_context") == 0)
+        kind = FRONT_RETURN;
+    Py_DECREF(name);
+    if (kind < 0) {
+        PyErr_Format(PyExc_ValueError, "no hot path for %R", func);
+        return NULL;
+    }
+    Front *f = PyObject_GC_New(Front, &FrontType);
+    if (f == NULL)
+        return NULL;
+    f->func = Py_NewRef(func);
+    f->kind = kind;
+    f->vectorcall = (vectorcallfunc)Front_vectorcall;
+    PyObject_GC_Track(f);
+    return (PyObject *)f;
+}
+
 static PyMethodDef module_methods[] = {
+    {"front", make_front, METH_O,
+     "front(method): method (get_or_create_context, get_context or return_context of\n"
+     "ContextManager) with the C hot path in front of it."},
     {"install_finalizer", install_finalizer, METH_VARARGS,
      "install_finalizer(handle_type, (returned, manager, mapped, pid)): put the C\n"
      "finalizer of unreturned handles in place of handle_type.__del__."},
@@ -781,12 +912,15 @@ static struct PyModuleDef speedups_module = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
-    if (PyType_Ready(&HotPathType) < 0)
+    if (PyType_Ready(&HotPathType) < 0 || PyType_Ready(&FrontType) < 0)
+        return NULL;
+    str__hot = PyUnicode_InternFromString("_hot");
+    if (str__hot == NULL)
         return NULL;
     str_hot = PyUnicode_InternFromString("hot");
     str_armed = PyUnicode_InternFromString("armed");
     str_release_view = PyUnicode_InternFromString("_release_view");
-    str_dropped = PyUnicode_InternFromString("_dropped");
+    str_dropped = PyUnicode_InternFromString("dropped");
     if (str_hot == NULL || str_armed == NULL || str_release_view == NULL ||
         str_dropped == NULL)
         return NULL;
@@ -797,5 +931,14 @@ PyInit__speedups(void)
         Py_DECREF(mod);
         return NULL;
     }
+    /* The layout this module reads and writes: the Python side uses the module only
+     * when this equals _layout.FINGERPRINT. */
+    PyObject *fp = PyLong_FromUnsignedLongLong(SHMCTX_LAYOUT_FINGERPRINT);
+    if (fp == NULL || PyModule_AddObjectRef(mod, "LAYOUT_FINGERPRINT", fp) < 0) {
+        Py_XDECREF(fp);
+        Py_DECREF(mod);
+        return NULL;
+    }
+    Py_DECREF(fp);
     return mod;
 }

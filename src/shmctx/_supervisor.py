@@ -17,7 +17,6 @@ import threading
 from ._config import ContextConfig
 from ._errors import ContextError
 from ._manager import ContextManager
-from ._sweeper import supervise
 
 log = logging.getLogger("shmctx.supervisor")
 
@@ -72,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log.info("supervising namespace %r (pid %d)", args.namespace, os.getpid())
     try:
-        supervise(m, stop, args.interval)
+        m.supervise(stop, args.interval)
     except ContextError as e:
         print(f"ctx-supervisor: {e}", file=sys.stderr)
         return 1

@@ -25,13 +25,14 @@ from ._proc import identity, is_alive
 from ._table import derived_problems
 
 if TYPE_CHECKING:
-    from ._manager import ContextManager
+    from ._slots import Slots
+    from ._table import Table
 
 log = logging.getLogger("shmctx.sweeper")
 
-def take_lead(m: ContextManager) -> bool:
+def take_lead(slots: Slots) -> bool:
     """Become (or stay) the namespace's sweeper leader, unless a live process leads."""
-    t = m._table
+    t = slots.table
     with t.table_lock:
         t.check_usable()
         pid, _f, start, _beat = t.sweeper()
@@ -41,28 +42,26 @@ def take_lead(m: ContextManager) -> bool:
                 return False
             if pid:
                 log.warning("namespace %r: sweeper pid %d is dead; pid %d takes the lead",
-                            m.namespace, pid, identity.pid)
+                            t.ns, pid, identity.pid)
             if _failpoints.armed:
                 _failpoints.hit("sweep.leader_taken")
         t.set_sweeper(identity.pid, identity.start, monotonic())
         return True
 
 
-def sweep_once(m: ContextManager) -> SweepReport:
+def sweep_once(slots: Slots) -> SweepReport:
     began = monotonic()
     report = SweepReport()
-    t = m._table
-    buf, geo = m._buf, m._geo
+    t = slots.table
+    buf, geo = t.buf, t.geo
     t.check_usable()
-    m._return_dropped()  # references of handles dropped unreturned in this process
+    slots.return_dropped()  # references of handles dropped unreturned in this process
     # Liveness checks read /proc and are slow: they are made without the table lock, and
     # each finding is acted on under a short hold after checking it still stands.
-    report.reclaimed = m._reclaim_dead(locked=False)
-    for slot, inc in t.dead_creations():
-        with t.table_lock:
-            m._remove_dead_creation(slot, inc)
-    report.damaged = close_damaged(m)
-    idle_limit = m.config.max_idle_time
+    report.reclaimed = slots.reclaim_dead(locked=False)
+    slots.remove_dead_creations()
+    report.damaged = close_damaged(slots)
+    idle_limit = t.config.max_idle_time
     if idle_limit > 0:
         now = monotonic()
         candidates = []
@@ -74,36 +73,30 @@ def sweep_once(m: ContextManager) -> SweepReport:
                 candidates.append((slot, inc))
         for slot, inc in candidates:
             with t.table_lock:
-                state, _rc, cur = L.S_CHECK.unpack_from(buf, geo.slot_off(slot))
-                if state != L.READY or cur != inc:
-                    continue
-                tree = m._subtree(slot)
-                names = [t.slot_name(s).decode("utf-8", "replace") for s in tree]
-                # Closed only if the whole subtree is unreferenced and idle, checked under
-                # its stripe locks: a worker may have taken a reference since the plan.
-                if m._close(tree, force=False, idle_limit=idle_limit) >= 0:
-                    report.skipped_in_use.append(names[-1])
-                    continue
+                names, closed = slots.close_idle(slot, inc, idle_limit)
+            if closed:
                 report.closed.extend(names)
-    report.locks_recovered = m._recover_dead_locks()
-    report.orphans_removed = remove_namespace_orphans(m)
+            elif names:
+                report.skipped_in_use.append(names[-1])
+    report.locks_recovered = slots.recover_dead_locks()
+    report.orphans_removed = remove_namespace_orphans(t)
     report.duration = monotonic() - began
     return report
 
 
-def close_damaged(m: ContextManager) -> list[str]:
+def close_damaged(slots: Slots) -> list[str]:
     """Repair damage that lookups would otherwise trip over, and name the contexts it
     cost: slots in no state, ready contexts whose memory segment is gone (see
-    ``ContextManager._damaged``), derived header data (live count, free list) that
-    disagrees with the slots (rebuilt by ``Table.repair_derived``).
+    ``Slots.damaged``), derived header data (live count, free list) that disagrees with
+    the slots (rebuilt by ``Table.repair_derived``).
 
     Planned without a lock, from one listing of /dev/shm made before the slots are read:
     a context created since has no entry in it but is confirmed, like every finding,
     under the table lock (where a ready slot's segment exists unless damage removed it).
     """
-    t = m._table
-    buf, geo = m._buf, m._geo
-    present = set(_shm.namespace_objects(m.namespace))
+    t = slots.table
+    buf, geo = t.buf, t.geo
+    present = set(_shm.namespace_objects(t.ns))
     suspects = []
     for slot in range(geo.capacity):
         so = geo.slot_off(slot)
@@ -126,8 +119,8 @@ def close_damaged(m: ContextManager) -> list[str]:
                 what = f"its memory segment {path} is gone"
             else:
                 continue
-            name = t.slot_name(slot).decode("utf-8", "replace")
-            m._damaged(name, slot, inc, what)
+            name = slots.name_of(slot)
+            slots.damaged(name, slot, inc, what)
             names.append(name)
     if derived_problems(buf, geo):  # a guess without the lock; confirmed under it
         with t.table_lock:
@@ -137,11 +130,11 @@ def close_damaged(m: ContextManager) -> list[str]:
     return names
 
 
-def remove_namespace_orphans(m: ContextManager) -> list[str]:
-    """Remove objects of the namespace that no live slot of our table uses, and leftovers
-    of other tables of the same namespace (crashed creations, unlinked tables)."""
-    t = m._table
-    entries = _shm.namespace_objects(m.namespace)  # list first, then read the live set
+def remove_namespace_orphans(t: Table) -> list[str]:
+    """Remove objects of ``t``'s namespace that no live slot of ``t`` uses, and
+    leftovers of other tables of the same namespace (crashed creations, unlinked
+    tables)."""
+    entries = _shm.namespace_objects(t.ns)  # list first, then read the live set
     if not entries:
         return []
     # No lock needed: a context's slot is claimed before any of its objects exist, its
@@ -150,9 +143,9 @@ def remove_namespace_orphans(m: ContextManager) -> list[str]:
     # fields"). So every object listed above belongs to an incarnation that reads as in
     # use here unless that context was closed since.
     t.check_usable()
-    removed = remove_stale(m.namespace, entries, t.tag, in_use_incarnations(m._buf, m._geo))
+    removed = remove_stale(t.ns, entries, t.tag, in_use_incarnations(t.buf, t.geo))
     if removed:
-        log.info("namespace %r: removed %d orphaned object(s): %s", m.namespace,
+        log.info("namespace %r: removed %d orphaned object(s): %s", t.ns,
                  len(removed), ", ".join(removed))
     return removed
 
@@ -206,64 +199,64 @@ def remove_stale(ns: str, entries: list[str], own_tag: str | None,
     return removed
 
 
-def _sweep_round(m: ContextManager) -> bool:
+def sweep_round(slots: Slots) -> bool:
     """Sweep if this process leads (or can take the lead). Returns whether it leads.
     Either way, let go of this process's mappings of contexts closed meanwhile."""
-    m._prune_mappings()
-    if not take_lead(m):
+    slots.mappings.prune()
+    if not take_lead(slots):
         return False
-    report = sweep_once(m)
+    report = sweep_once(slots)
     if report:
         log.info("namespace %r sweep: closed %s, reclaimed %s, orphans removed %d (%.1f ms)",
-                 m.namespace, report.closed or "nothing", report.reclaimed or "nothing",
+                 slots.namespace, report.closed or "nothing", report.reclaimed or "nothing",
                  len(report.orphans_removed), report.duration * 1e3)
     return True
 
 
-def _guarded(m: ContextManager, action: Callable[[], bool]) -> bool | None:
+def _guarded(slots: Slots, action: Callable[[], bool]) -> bool | None:
     """Run one sweeper action; None means the manager is gone and the loop must end."""
     try:
         return action()
     except ContextManagerClosedError:
         return None
     except ContextError as e:
-        log.error("namespace %r: sweep failed: %s", m.namespace, e)
+        log.error("namespace %r: sweep failed: %s", slots.namespace, e)
     except Exception:
-        if m._closed:
+        if slots.mappings.closed:
             return None
-        log.exception("namespace %r: sweep failed", m.namespace)
+        log.exception("namespace %r: sweep failed", slots.namespace)
     return False
 
 
-def run_sweeper(ref: weakref.ref[ContextManager], stop: threading.Event) -> None:
+def run_sweeper(ref: weakref.ref[Slots], stop: threading.Event) -> None:
     """Body of a manager's sweeper thread: claim the lead at once if nobody live holds
     it, then sweep every ``cleanup_interval`` (standing by while another process leads).
-    Holds only a weak reference between rounds, so an abandoned manager can be freed."""
-    m = ref()
-    if m is None or _guarded(m, partial(take_lead, m)) is None:
+    Holds only a weak reference between rounds, so an abandoned manager (whose slot
+    operations go with it) can be freed."""
+    slots = ref()
+    if slots is None or _guarded(slots, partial(take_lead, slots)) is None:
         return
-    interval = m.config.cleanup_interval
-    del m
+    interval = slots.table.config.cleanup_interval
+    del slots
     while not stop.wait(interval):
         current = ref()
-        if current is None or current._closed or \
-                _guarded(current, partial(_sweep_round, current)) is None:
+        if current is None or current.mappings.closed or \
+                _guarded(current, partial(sweep_round, current)) is None:
             return
         del current
 
 
-def supervise(m: ContextManager, stop: threading.Event,
-              interval: float | None = None) -> None:
-    """Run the sweeper loop in the calling thread until ``stop`` is set (used by
-    ``ctx-supervisor``): sweep at once, then every ``interval`` seconds."""
-    interval = interval or m.config.cleanup_interval or 1.0
+def supervise(slots: Slots, stop: threading.Event, interval: float | None = None) -> None:
+    """Run the sweeper loop in the calling thread until ``stop`` is set: sweep at once,
+    then every ``interval`` seconds (``ContextManager.supervise``)."""
+    interval = interval or slots.table.config.cleanup_interval or 1.0
     leading = False
     while not stop.is_set():
-        now_leading = _guarded(m, partial(_sweep_round, m))
+        now_leading = _guarded(slots, partial(sweep_round, slots))
         if now_leading is None:
             return
         if now_leading != leading:
-            log.info("namespace %r: pid %d %s the sweep", m.namespace, identity.pid,
+            log.info("namespace %r: pid %d %s the sweep", slots.namespace, identity.pid,
                      "leads" if now_leading else "stands by; another live process leads")
         leading = now_leading
         stop.wait(interval)

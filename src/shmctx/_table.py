@@ -18,8 +18,9 @@ import logging
 import mmap
 import os
 import secrets
+import threading
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from functools import partial
 
 import posix_ipc
@@ -190,6 +191,18 @@ class Table:
             raise
 
     @classmethod
+    def attach(cls, ns: str) -> Table | None:
+        """Namespace ``ns``'s table as it is, for the repair tools (``ctx-inspect --gc``):
+        None when there is none (never created), and never registered as a process of
+        it. ``TableFormatError`` when it is damaged; ``posix_ipc.ExistentialError`` when
+        it is unlinked while being attached."""
+        try:
+            shm = posix_ipc.SharedMemory(_shm.table_name(ns))
+        except posix_ipc.ExistentialError:
+            return None
+        return cls._attach(ns, shm)
+
+    @classmethod
     def _create(cls, ns: str, config: ContextConfig, mode: int,
                 trusted: Collection[int] = ()) -> Table | None:
         table_id = secrets.randbits(64) or 1
@@ -221,6 +234,7 @@ class Table:
             L.H_TABLE_ID.pack_into(buf, L.H_TABLE_ID_OFF, table_id)
             ns_b = ns.encode()
             L.H_NAMESPACE.pack_into(buf, L.H_NAMESPACE_OFF, len(ns_b), ns_b)
+            L.H_FINGERPRINT.pack_into(buf, L.H_FINGERPRINT_OFF, L.FINGERPRINT)
             _rebuild_free_list(buf, geo)
             for name in [_shm.table_lock_name(ns, tag)] + [
                 _shm.stripe_name(ns, tag, k) for k in range(geo.stripes)
@@ -297,12 +311,12 @@ class Table:
 
     def slot_name(self, slot: int) -> bytes:
         off = self.geo.slot_off(slot)
-        n = L.S_HEAD.unpack_from(self.buf, off)[2]
+        n = L.SLOT["name_len"].read(self.buf, off)
         return bytes(self.buf[off + L.S_NAME_OFF : off + L.S_NAME_OFF + min(n, L.NAME_MAX)])
 
-    def read_slot(self, slot: int) -> tuple:
-        """All 24 used fields of a slot, in ``_layout.SLOT_ALL`` order."""
-        return L.SLOT_ALL.unpack_from(self.buf, self.geo.slot_off(slot))
+    def read_slot(self, slot: int) -> L.Slot:
+        """Every field of slot ``slot`` but ``children``, as a named record."""
+        return L.Slot.read(self.buf, self.geo.slot_off(slot))
 
     def segment(self, slot: int, inc: int) -> str:
         return _shm.segment_name(self.ns, self.tag, slot, inc)
@@ -373,7 +387,7 @@ class Table:
     def _hash_of(self, slot: int) -> int:
         if slot >= self.geo.capacity:
             return 0
-        return L.S_HEAD.unpack_from(self.buf, self.geo.slot_off(slot))[5]
+        return L.SLOT["name_hash"].read(self.buf, self.geo.slot_off(slot))
 
     # --- free list (table lock) -----------------------------------------------------
 
@@ -412,8 +426,8 @@ class Table:
 
     # --- process entries ------------------------------------------------------------
 
-    def proc_head(self, proc: int) -> tuple[int, int, int, float]:
-        return L.P_HEAD.unpack_from(self.buf, self.geo.proc_off(proc))
+    def proc_head(self, proc: int) -> L.ProcHead:
+        return L.ProcHead.read(self.buf, self.geo.proc_off(proc))
 
     def proc_refs(self, proc: int) -> Iterator[tuple[int, int, int]]:
         """(ref index, slot, count) of each used ref entry of process entry ``proc``."""
@@ -459,7 +473,7 @@ class Table:
         live = 0
         for slot in range(geo.capacity):
             if buf[geo.slot_off(slot)] != L.FREE:
-                self.index_insert(slot, L.S_HEAD.unpack_from(buf, geo.slot_off(slot))[5])
+                self.index_insert(slot, self._hash_of(slot))
                 live += 1
         w.put32(L.H_LIVE_OFF, live)
         _rebuild_free_list(w, geo)
@@ -478,10 +492,10 @@ class Table:
         out: dict[int, list[int]] = {}
         for slot in range(geo.capacity):
             f = self.read_slot(slot)
-            if f[0] != L.FREE and f[7] and f[7] <= geo.capacity:
-                p = f[7] - 1
+            if f.state != L.FREE and f.parent and f.parent <= geo.capacity:
+                p = f.parent - 1
                 pf = self.read_slot(p)
-                if pf[0] != L.FREE and pf[4] == f[9]:
+                if pf.state != L.FREE and pf.incarnation == f.parent_inc:
                     out.setdefault(p, []).append(slot)
         return out
 
@@ -496,8 +510,9 @@ class Table:
         out = []
         for slot in range(self.geo.capacity):
             f = self.read_slot(slot)
-            if f[0] == L.CREATING and not self.liveness.owner_alive(f[12], f[13]):
-                out.append((slot, f[4]))
+            if f.state == L.CREATING and \
+                    not self.liveness.owner_alive(f.creator_pid, f.creator_start):
+                out.append((slot, f.incarnation))
         return out
 
     def repair_stripe(self, k: int, locked: bool = False) -> None:
@@ -547,6 +562,40 @@ class Table:
         _shm.unlink_semaphore(_shm.table_lock_name(self.ns, self.tag), strict=True)
         for k in range(self.geo.stripes):
             _shm.unlink_semaphore(_shm.stripe_name(self.ns, self.tag, k), strict=True)
+
+    def retire(self, timeout: float, keep: Callable[[], str]) -> str:
+        """Remove this table from the host unless ``keep()``, asked under the table lock,
+        gives a reason to keep it (the repair tools' "remove it if unused"). Returns that
+        reason, '' when the table was removed.
+
+        The table lock is waited for at most ``timeout`` seconds (``TimeoutError``), and
+        taken over from a dead holder. The table is marked unlinked before its names are
+        removed, so that a process attaching meanwhile sees the mark and makes a new
+        table (``Table.open``) instead of using one pulled from under it. Its contexts'
+        objects are left for ``_sweeper.remove_stale``."""
+        self.table_lock.acquire(timeout=timeout)
+        try:
+            why = keep()
+            if not why:
+                self.mark_unlinked()
+                self.unlink_names()
+            return why
+        finally:
+            self.table_lock.release()
+
+    def recover_leaked_locks(self, exiting: object) -> None:
+        """An exception is leaving one of this thread's calls (whose frame is
+        ``exiting``): recover any table or stripe lock the thread left held on the way
+        (an interrupt between taking a lock and the ``try`` that releases it; see
+        RobustLock.leaked). Stripe locks first: recovering the table lock repairs every
+        stripe, which takes each of them."""
+        me = threading.get_ident()
+        try:
+            for lock in (*self.stripe_locks, self.table_lock):
+                if lock.holder == me:
+                    lock.recover_leaked(exiting)
+        except ValueError:
+            pass  # closed (close() or unlink() unmapped the table): nothing to do
 
     def close(self) -> None:
         self._close_sems()
@@ -627,6 +676,12 @@ def header_problem(head: memoryview | bytes, size: int) -> str:
         return f"layout version {ver} is not this library's {L.LAYOUT_VERSION}"
     if hs != L.HEADER_SIZE or ss != L.SLOT_SIZE:
         return f"header/slot size {hs}/{ss} do not match this layout"
+    # The same version number is no proof of the same layout (a build with a changed
+    # declaration and no version bump): the fingerprint of every field is.
+    fingerprint = L.H_FINGERPRINT.unpack_from(head, L.H_FINGERPRINT_OFF)[0]
+    if fingerprint != L.FINGERPRINT:
+        return (f"layout fingerprint {fingerprint:016x} is not this library's "
+                f"{L.FINGERPRINT:016x} (made by a build of shmctx with another layout)")
     if not (1 <= cap <= 1 << 20 and 1 <= stripes <= L.MAX_STRIPES and 1 <= procs <= 1 << 16):
         return f"impossible geometry: capacity {cap}, stripes {stripes}, processes {procs}"
     # A table is only ever created with the geometry the layout computes from its capacity

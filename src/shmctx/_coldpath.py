@@ -1,0 +1,189 @@
+"""The cold path of a get: the first get of a context in this process, a create, a
+wait for another process's init, and every case the hot path defers.
+
+It looks the name up under the table lock and then, by what it finds: takes a
+reference to a ready context and maps it; claims a slot, makes the memory, runs
+``init`` and publishes; or waits for the process creating it. Each pass follows
+progress made elsewhere, and every wait ends at the caller's deadline.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from time import monotonic
+
+import posix_ipc
+
+from . import _failpoints, _shm
+from . import _layout as L
+from ._config import MemoryContextConfig
+from ._context import MemoryContext, mark_counted
+from ._entry import holding
+from ._errors import (
+    ContextError,
+    ContextNotFoundError,
+    MaxReferencesReachedError,
+)
+from ._proc import identity
+from ._slots import Slots
+from ._table import name_hash
+
+__all__ = ["ColdPath"]
+
+
+class ColdPath:
+    """The cold path of one manager. ``register`` registers this process's entry
+    (and turns the hot path on for it)."""
+
+    def __init__(self, slots: Slots, register: Callable[[], None]) -> None:
+        self.slots = slots
+        self.mappings = slots.mappings
+        self.table = slots.table
+        self.register = register
+
+    def get(
+        self,
+        name: str,
+        name_b: bytes,
+        config: MemoryContextConfig | None,
+        init: Callable[[MemoryContext], object] | None,
+        create: bool,
+        timeout: float | None,
+    ) -> tuple[MemoryContext, bool]:
+        slots, t = self.slots, self.table
+        slots.entry.ensure(self.register)
+        slots.return_dropped()
+        ns = slots.namespace
+        h = name_hash(name_b)
+        deadline = None if timeout is None else monotonic() + timeout
+        reclaimed_once = False
+        # Every pass but the first follows progress made elsewhere (a context published,
+        # closed or re-created, a dead creator's slot freed, dead references reclaimed);
+        # damage that would make the same pass again is raised instead (Slots.damaged),
+        # and every wait, the table lock's included, ends at the deadline.
+        retry = False
+        while True:
+            if retry and deadline is not None and monotonic() >= deadline:
+                raise TimeoutError(f"timed out after {timeout}s getting context {name!r} in "
+                                   f"namespace {ns!r}")
+            retry = True
+            # A reference counted below and not yet held by a handle: given back if
+            # anything (the context gone, another user's object, no descriptor left,
+            # Ctrl-C) stops this pass before the handle is made.
+            counted: tuple[int, int] | None = None
+            try:
+                wait: tuple[int, int, posix_ipc.Semaphore] | None = None
+                created = False
+                with holding(t.table_lock, deadline):
+                    t.check_usable()
+                    slot = t.find(name_b, h)
+                    if slot >= 0:
+                        f = t.read_slot(slot)
+                        state, inc, size = f.state, f.incarnation, f.size
+                        if state not in (L.CREATING, L.READY):
+                            raise slots.damaged(name, slot, inc,
+                                                f"its slot {slot} holds state {state}, not a state")
+                        if config is not None:
+                            slots.check_config(name, f, config)
+                        if state == L.READY:
+                            parent_name = slots.parent_name(f)
+                            try:
+                                slots.take_ref(name, slot, inc)
+                                counted = (slot, inc)
+                            except MaxReferencesReachedError:
+                                if reclaimed_once or not slots.reclaim_dead(locked=True):
+                                    raise
+                                reclaimed_once = True
+                                continue
+                        else:
+                            if slots.initialising.get((slot, inc)) == threading.get_ident():
+                                raise ContextError(
+                                    f"context {name!r} is being initialised by this thread: "
+                                    "its init cannot get it (use the handle init receives)"
+                                )
+                            sem = slots.register_waiter(slot, inc)
+                            if sem is None:
+                                continue  # published (or removed) meanwhile: look again
+                            wait = (slot, inc, sem)
+                    else:
+                        if not create:
+                            raise ContextNotFoundError(f"no context {name!r} in namespace {ns!r}")
+                        cfg = config or MemoryContextConfig()
+                        slot, inc = slots.claim(name, name_b, h, cfg)
+                        size = cfg.size
+                        created = True
+                if wait is not None:
+                    slots.wait_for_init(name, *wait, deadline, timeout)
+                    continue
+                if created:
+                    return self._finish_create(name, slot, inc, cfg, init), False
+                try:
+                    m = self.mappings.map(name, slot, inc, size, parent_name)
+                    handle = MemoryContext(self.mappings, m, identity.pid, False)
+                except posix_ipc.ExistentialError:
+                    counted = None  # first: an interrupt now leaks it, never gives it twice
+                    slots.undo_ref(slot, inc)
+                    # Closed between our reference and the mapping (look again), or the
+                    # memory is gone while the table still says ready: damage, raised.
+                    with holding(t.table_lock, deadline):
+                        state, _rc, now_inc = L.S_CHECK.unpack_from(t.buf, t.geo.slot_off(slot))
+                        if state == L.READY and now_inc == inc:
+                            path = _shm.host_path(t.segment(slot, inc))
+                            raise slots.damaged(name, slot, inc, f"its memory segment {path} is "
+                                                "gone (removed by something other than shmctx: "
+                                                "systemd-logind's RemoveIPC, an rm)") from None
+                    continue
+                # From here the handle stands for the reference. No call that runs Python
+                # code comes between these two statements, so no signal handler can run
+                # between them.
+                counted = None
+                mark_counted(handle)
+                return handle, True
+            except BaseException:
+                if counted is not None:
+                    slots.undo_ref(*counted)
+                raise
+
+    def _finish_create(self, name: str, slot: int, inc: int, cfg: MemoryContextConfig,
+                       init: Callable[[MemoryContext], object] | None) -> MemoryContext:
+        """Make the memory of the context just claimed, run ``init``, publish it."""
+        slots, t, mappings = self.slots, self.table, self.mappings
+        size = cfg.size
+        creator = identity.pid
+        try:
+            mm = None
+            if size:
+                mm = _shm.create_segment(
+                    t.segment(slot, inc), size, t.mode,
+                    what=f"context {name!r} in namespace {slots.namespace!r}",
+                    trusted=t.trusted,
+                )
+            if _failpoints.armed:
+                _failpoints.hit("create.segment_made")
+            m = mappings.mapping(name, slot, inc, size, mm, cfg.parent)
+            handle = MemoryContext(mappings, m, identity.pid)
+            if init is not None:
+                mappings.keep(m)
+                if _failpoints.armed:
+                    _failpoints.hit("create.in_init")
+                slots.initialising[(slot, inc)] = threading.get_ident()
+                try:
+                    init(handle)
+                finally:
+                    slots.initialising.pop((slot, inc), None)
+                if identity.pid != creator:
+                    # init forked and this is the child, back from init: the context is
+                    # its parent's to publish (or remove), not ours.
+                    raise ContextError(
+                        f"context {name!r}: pid {identity.pid} was forked inside its init "
+                        f"by pid {creator}, which creates it; the child cannot publish it"
+                    )
+        except BaseException:
+            if identity.pid == creator:  # a forked child leaves the slot to its parent
+                slots.abort_create(name, slot, inc)
+            raise
+        slots.publish(name, slot, inc, m)
+        mappings.keep(m)
+        mappings.added()
+        return handle

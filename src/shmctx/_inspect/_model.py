@@ -1,0 +1,224 @@
+"""The documents: the one source of the text, JSON and msgpack outputs of the views.
+
+A namespace document describes one table copy; the listing document has a row per
+namespace and the namespaces that have objects but no table. The text views are rendered
+from these documents (``_render``), and ``--watch`` compares the states derived from them
+here between refreshes. Their schema is documented in ``docs/inspect.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import os
+from collections.abc import Callable
+
+from .. import _layout as L
+from .. import _shm
+from .._proc import is_alive
+from .._snapshot import Snapshot
+from ._fail import Fail
+from ._namespaces import each_namespace, table_namespaces, tableless_namespaces
+from ._read import Read, read
+
+SCHEMA = 1  # version of the JSON/msgpack documents; bumped only on incompatible changes
+SORT_KEYS = ("name", "refs", "idle", "size", "age")
+
+
+def _liveness() -> Callable[[int, int], bool]:
+    seen: dict[tuple[int, int], bool] = {}
+
+    def alive(pid: int, start: int) -> bool:
+        key = (pid, start)
+        if key not in seen:
+            seen[key] = is_alive(pid, start)
+        return seen[key]
+
+    return alive
+
+
+def _r3(x: float) -> float:
+    return round(x, 3)
+
+
+def _context_docs(snap: Snapshot, alive: Callable[[int, int], bool]) -> list[dict]:
+    out = []
+    for s in snap.slots:
+        if s.state == L.FREE:
+            continue  # a free slot still referenced: garbage for --check, not a context
+        out.append({
+            "name": s.name,
+            "slot": s.slot,
+            "state": L.STATE_NAMES.get(s.state, f"invalid({s.state})"),
+            "refs": s.refcount,
+            "holders": [
+                {"pid": pid, "count": c, "alive": alive(pid, s.holder_starts.get(pid, 0))}
+                for pid, c in sorted(s.holders.items())
+            ],
+            "size": s.size,
+            "idle": _r3(max(0.0, snap.taken_at_mono - s.last_used)),
+            "age": _r3(max(0.0, snap.taken_at_wall - s.created)),
+            "created": s.created,
+            "last_used": snap.wall(s.last_used),
+            "incarnation": s.incarnation,
+            "parent": snap.parent_name(s),
+        })
+    return out
+
+
+_SORTS: dict[str, tuple[Callable[[dict], object], bool]] = {
+    "name": (lambda c: c["name"], False),
+    "refs": (lambda c: c["refs"], True),
+    "idle": (lambda c: c["idle"], True),
+    "size": (lambda c: c["size"], True),
+    "age": (lambda c: c["age"], True),
+}
+
+
+def _select(items: list[dict], key_name: str, glob: str | None, sort: str,
+            limit: int | None, sorts: dict) -> tuple[list[dict], int]:
+    """Filter by ``glob`` on ``key_name``, sort, cut to ``limit``. Returns (shown,
+    matched count)."""
+    if glob is not None:
+        items = [i for i in items if fnmatch.fnmatchcase(i[key_name], glob)]
+    key, reverse = sorts[sort]
+    items = sorted(items, key=lambda i: i[key_name])  # the tie-break, kept by stable sort
+    items.sort(key=key, reverse=reverse)
+    return (items if limit is None else items[:limit]), len(items)
+
+
+def namespace_doc(r: Read, args: argparse.Namespace) -> dict:
+    """The document of one namespace's table copy; ``args`` gives --filter, --sort and
+    --limit, which cut its ``contexts`` only."""
+    snap = r.snap
+    alive = _liveness()
+    procs = [
+        {"pid": p.pid, "alive": alive(p.pid, p.start), "attached": p.attached,
+         "references": sum(c for _s, c in p.refs)}
+        for p in snap.procs
+    ]
+    contexts = _context_docs(snap, alive)
+    shown, matched = _select(contexts, "name", args.filter, args.sort, args.limit, _SORTS)
+    # In a locked snapshot the record names ctx-inspect itself, which held it for the copy.
+    lpid, lepoch, lstart = (0, *snap.locks[0][1:]) if snap.locked else snap.locks[0]
+    spid, _sflags, sstart, sbeat = snap.sweeper
+    return {
+        "schema": SCHEMA,
+        "namespace": r.ns,
+        "snapshot": {
+            "locked": snap.locked,
+            "unlocked_reason": r.unlocked_reason or None,
+            "taken_at": snap.taken_at_wall,
+        },
+        "table": {
+            "path": r.path,
+            "bytes": r.size,
+            "tag": r.tag,
+            "layout_version": L.LAYOUT_VERSION,
+            "mode": f"{snap.mode:04o}",
+            "created": snap.created,
+            "age": _r3(max(0.0, snap.taken_at_wall - snap.created)),
+            "unlinked": bool(snap.flags & L.FLAG_UNLINKED),
+        },
+        "config": dict(snap.config),
+        "usage": {
+            "contexts": len(contexts),
+            "capacity": snap.geo.capacity,
+            "processes": len(procs),
+            "processes_dead": sum(not p["alive"] for p in procs),
+            "max_processes": snap.geo.max_processes,
+            "references": sum(p["references"] for p in procs),
+            "references_dead": sum(p["references"] for p in procs if not p["alive"]),
+        },
+        "lock": {
+            "owner_pid": lpid or None,
+            "owner_alive": alive(lpid, lstart) if lpid else None,
+            "epoch": lepoch,
+        },
+        "sweeper": {
+            "pid": spid or None,
+            "alive": alive(spid, sstart) if spid else None,
+            "last_sweep_ago": _r3(max(0.0, snap.taken_at_mono - sbeat)) if spid and sbeat
+            else None,
+        },
+        "processes": procs,
+        "matched": matched,
+        "contexts": shown,
+    }
+
+
+_LIST_SORTS: dict[str, tuple[Callable[[dict], object], bool]] = {
+    "name": (lambda n: n["namespace"], False),
+    "refs": (lambda n: n["references"] or 0, True),
+    "idle": (lambda n: n["namespace"], False),  # no idle time for a whole namespace
+    "size": (lambda n: n["bytes"] or 0, True),
+    "age": (lambda n: n["age"] or 0.0, True),
+}
+
+# Options for internal reads that must see every context (the listing's counts).
+_ALL = argparse.Namespace(filter=None, sort="name", limit=None)
+
+
+def listing_doc(args: argparse.Namespace) -> dict:
+    """The document of every namespace of this host (--timeout, --filter, --sort and
+    --limit from ``args``)."""
+    tables = table_namespaces()
+    rows = []
+    for ns, d in each_namespace(tables, False,
+                                lambda ns: namespace_doc(read(ns, args.timeout), _ALL)):
+        row: dict = {"namespace": ns, "error": None, "locked": None, "unlocked_reason": None,
+                     "contexts": None,
+                     "references": None, "references_dead": None, "processes": None,
+                     "processes_dead": None, "sweeper": {"pid": None, "alive": None},
+                     "bytes": None, "age": None}
+        if isinstance(d, Fail):
+            row["error"] = d.brief
+            try:
+                row["bytes"] = os.stat(_shm.host_path(_shm.table_name(ns))).st_size
+            except OSError:
+                pass
+        else:
+            u = d["usage"]
+            row.update(
+                locked=d["snapshot"]["locked"],
+                unlocked_reason=d["snapshot"]["unlocked_reason"], contexts=u["contexts"],
+                references=u["references"], references_dead=u["references_dead"],
+                processes=u["processes"], processes_dead=u["processes_dead"],
+                sweeper={"pid": d["sweeper"]["pid"], "alive": d["sweeper"]["alive"]},
+                bytes=d["table"]["bytes"], age=d["table"]["age"],
+            )
+        rows.append(row)
+    shown, matched = _select(rows, "namespace", args.filter, args.sort, args.limit, _LIST_SORTS)
+    return {
+        "schema": SCHEMA,
+        "namespaces": shown,
+        "matched": matched,
+        "tableless": [
+            {"namespace": ns, "objects": objs}
+            for ns, objs in tableless_namespaces(tables).items()
+        ],
+    }
+
+
+# --- what --watch compares between refreshes ---------------------------------------------
+
+
+def holders_key(c: dict) -> tuple:
+    """A context's holders, as compared between refreshes."""
+    return tuple((h["pid"], h["count"], h["alive"]) for h in c["holders"])
+
+
+def namespace_state(d: dict) -> dict:
+    """What --watch compares between refreshes of a namespace view."""
+    return {(c["name"], c["incarnation"]): (c["refs"], holders_key(c)) for c in d["contexts"]}
+
+
+def listing_key(n: dict) -> tuple[int, object]:
+    """A listing row's references, and the rest of it that --watch marks as changed."""
+    return (n["references"] or 0, (n["contexts"], n["processes"], n["sweeper"]["pid"],
+                                   n["error"], n["locked"]))
+
+
+def listing_state(d: dict) -> dict:
+    """What --watch compares between refreshes of the namespace list."""
+    return {n["namespace"]: listing_key(n) for n in d["namespaces"]}

@@ -1,0 +1,661 @@
+"""The operations on context slots, each under the locks it needs: take and give back a
+reference, claim a slot, publish a created context, wait for another process's init,
+close, evict, remove a dead process's half-made context, reclaim a dead process's
+references, recover locks of dead owners.
+
+Which lock each needs is said at each method ("Needs the table lock"); the locks and
+their order are in docs/architecture.md, "Locks and their order". The manager (the
+public API), the cold path, the sweeper and ctx-inspect's garbage collection all act on
+slots only through these.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from time import monotonic
+
+import posix_ipc
+
+from . import _failpoints, _shm
+from . import _layout as L
+from ._config import MemoryContextConfig
+from ._context import _Mapped
+from ._entry import ProcessEntry, reclaim_entry
+from ._errors import (
+    ContextClosedError,
+    ContextError,
+    ContextInUseError,
+    ContextNotFoundError,
+    ForeignObjectError,
+    InvalidConfigError,
+    InvalidContextTypeError,
+    MaxReferencesReachedError,
+    TableFullError,
+)
+from ._lock import RobustLock, wait_and_look
+from ._mappings import Mappings
+from ._proc import identity
+from ._table import Table, name_hash
+
+log = logging.getLogger("shmctx")
+
+__all__ = ["Slots", "check_name"]
+
+
+def check_name(name: object) -> bytes:
+    """``name`` as the UTF-8 bytes the table stores, or ``InvalidContextTypeError``."""
+    if not isinstance(name, str):
+        raise InvalidContextTypeError(f"context name must be a str, not {type(name).__name__}")
+    if not name:
+        raise InvalidContextTypeError("context name must not be empty")
+    if "\0" in name:
+        raise InvalidContextTypeError(f"context name {name!r} contains a NUL character")
+    try:
+        name_b = name.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidContextTypeError(f"context name {name!r} is not valid UTF-8: {e}") from None
+    if len(name_b) > L.NAME_MAX:
+        raise InvalidContextTypeError(
+            f"context name {name[:40]!r}... is {len(name_b)} UTF-8 bytes; the limit is "
+            f"{L.NAME_MAX}"
+        )
+    return name_b
+
+
+class Slots:
+    """The slot operations of one manager: its table, its process entry (whose records
+    every reference change books) and its mappings (which a close makes stale)."""
+
+    def __init__(self, table: Table, entry: ProcessEntry, mappings: Mappings) -> None:
+        self.table = table
+        self.entry = entry
+        self.mappings = mappings
+        self.namespace = table.ns
+        self.max_refs = table.config.max_references
+        # (slot, incarnation) -> the thread running that context's init, in this process
+        self.initialising: dict[tuple[int, int], int] = {}
+
+    def name_of(self, slot: int) -> str:
+        return self.table.slot_name(slot).decode("utf-8", "replace")
+
+    # --- references (under the slot's stripe lock) ---------------------------------
+
+    def add_ref(self, slot: int, so: int, rc: int) -> None:
+        """Count one more reference of ours to ``slot`` (whose refcount was ``rc``):
+        the per-process count first, the derived refcount second (get, steps G3-G4).
+        Needs its stripe lock. The Python hot path does the same inline."""
+        self.entry.count(slot, 1)
+        if _failpoints.armed:
+            _failpoints.hit("acquire.proc_counted")
+        self.table.words.put32(so + L.S_REFCOUNT_OFF, rc + 1)
+
+    def uncount(self, m: _Mapped) -> bool:
+        """Give back one reference of ours to ``m``'s context and stamp its last use
+        (return, steps R3-R5); False if it was closed since (there is nothing to give
+        back). Needs its stripe lock."""
+        t = self.table
+        so = m.off
+        state, rc, inc = L.S_CHECK.unpack_from(t.buf, so)
+        if inc != m.inc or state == L.FREE or not self.entry.count(m.slot, -1):
+            return False
+        if _failpoints.armed:
+            _failpoints.hit("return.proc_counted")
+        w = t.words
+        w.u32[(so + L.S_REFCOUNT_OFF) >> 2] = rc - 1 if rc else 0
+        w.f64[(so + L.S_LAST_USED_OFF) >> 3] = monotonic()
+        return True
+
+    def take_ref(self, name: str, slot: int, inc: int) -> None:
+        """One more reference of ours to the ready context in ``slot``, within
+        ``max_references``. Needs the table lock (so the state cannot move)."""
+        t = self.table
+        so = t.geo.slot_off(slot)
+        with t.stripe_of(slot):
+            rc = L.S_CHECK.unpack_from(t.buf, so)[1]
+            if self.max_refs and rc >= self.max_refs:
+                raise MaxReferencesReachedError(
+                    f"context {name!r} in namespace {self.namespace!r} already holds "
+                    f"{rc} references (max_references={self.max_refs})"
+                )
+            self.add_ref(slot, so, rc)
+
+    def undo_ref(self, slot: int, inc: int) -> None:
+        """Give back a reference counted for a handle that was never made."""
+        t = self.table
+        so = t.geo.slot_off(slot)
+        with t.stripe_of(slot):
+            state, rc, cur = L.S_CHECK.unpack_from(t.buf, so)
+            if cur == inc and state != L.FREE and self.entry.count(slot, -1):
+                t.words.put32(so + L.S_REFCOUNT_OFF, max(0, rc - 1))
+
+    def return_dropped(self) -> None:
+        """Give back the references of handles garbage-collected without being returned
+        (queued by their finalizer, ``MemoryContext.__del__``). Called where this thread
+        holds no lock: at the start of the cold path, a Python get or return and a
+        sweep."""
+        dropped = self.mappings.dropped
+        while dropped:
+            try:
+                m, pid = dropped.pop()
+            except IndexError:
+                return  # another thread took the last one
+            if pid != identity.pid or self.mappings.closed:
+                continue  # inherited over fork: the parent's reference, not ours
+            with m.stripe:
+                self.uncount(m)  # False: closed meanwhile, nothing left to give back
+
+    # --- looking up (under the table lock) -------------------------------------------
+
+    def check_config(self, name: str, f: L.Slot, config: MemoryContextConfig) -> None:
+        problems = []
+        if f.size != config.size:
+            problems.append(f"size: requested {config.size} != existing {f.size}")
+        existing_parent = self.parent_name(f)
+        if config.parent != existing_parent:
+            problems.append(f"parent: requested {config.parent!r} != existing {existing_parent!r}")
+        if problems:
+            raise InvalidConfigError(
+                f"context {name!r} in namespace {self.namespace!r} exists with another "
+                f"configuration: {'; '.join(problems)}"
+            )
+
+    def parent_name(self, f: L.Slot) -> str | None:
+        """Name of the live parent of a slot read with ``read_slot``. Needs the table lock."""
+        parent, parent_inc = f.parent, f.parent_inc
+        if not parent or parent > self.table.geo.capacity:
+            return None
+        pf = self.table.read_slot(parent - 1)
+        if pf.state == L.FREE or pf.incarnation != parent_inc:
+            return None
+        return self.name_of(parent - 1)
+
+    def damaged(self, name: str, slot: int, inc: int, what: str) -> ContextError:
+        """Close the damaged context in ``slot`` (incarnation ``inc``) and return the
+        error that says so. Needs the table lock.
+
+        A segment is only ever unlinked after its slot is freed, and a state byte is only
+        ever one of three values, so a ready slot without its memory, or a slot in no
+        state, is damage from outside: looking again would find it again, forever. It is
+        closed (as ``force`` does: handles become invalid; processes that mapped it keep
+        their mapping until they let go), so that the next get_or_create_context makes
+        the context afresh. Its data is lost either way."""
+        log.warning("namespace %r: context %r is damaged: %s; closing it", self.namespace,
+                    name, what)
+        self.close([slot], force=True)
+        return ContextError(
+            f"context {name!r} in namespace {self.namespace!r} (incarnation {inc}) is "
+            f"damaged: {what}. Its data is lost; it was closed, and get_or_create_context "
+            "creates it afresh"
+        )
+
+    # --- creating -------------------------------------------------------------------
+
+    def claim(self, name: str, name_b: bytes, h: int, cfg: MemoryContextConfig) -> tuple[int, int]:
+        """Claim a slot for a new context in CREATING state, with one reference of ours.
+        Needs the table lock."""
+        t = self.table
+        geo, buf = t.geo, t.buf
+        parent_slot, parent_inc = -1, 0
+        if cfg.parent is not None:
+            try:
+                pb = check_name(cfg.parent)
+            except InvalidContextTypeError as e:
+                raise InvalidConfigError(f"parent of {name!r}: {e}") from None
+            parent_slot = t.find(pb, name_hash(pb))
+            if parent_slot < 0 or L.S_STATE.unpack_from(
+                    buf, geo.slot_off(parent_slot))[0] != L.READY:
+                raise ContextNotFoundError(
+                    f"parent context {cfg.parent!r} of {name!r} does not exist in namespace "
+                    f"{self.namespace!r}"
+                )
+            parent_inc = L.S_CHECK.unpack_from(buf, geo.slot_off(parent_slot))[2]
+        self.entry.reserve()  # the one step that fails in normal use, done before any write
+        # The live count and the free list are derived data: one damaged byte of either
+        # must not make every create evict an unrelated context. Only the slots' own
+        # states decide that the table is full; derived data found to disagree with them
+        # is rebuilt (under the table lock, held here) before anything is evicted.
+        live = t.live_count()
+        if live >= geo.capacity and t.has_free_slot():
+            t.repair_derived(f"the live count ({live}) says the table is full, yet a slot "
+                             "is free")
+        slot = t.pop_free()
+        if slot < 0 and t.has_free_slot():
+            t.repair_derived("the free list is missing slots that are free")
+            # By the slots themselves if the rebuilt list fails too (a stray write from
+            # outside during the rebuild): never evict, or say full, while a slot is free.
+            slot = t.pop_free()
+            if slot < 0:
+                slot = t.first_free_slot()
+        if slot < 0:
+            self.evict_lru(name)
+            slot = t.pop_free()
+            if slot < 0:
+                raise TableFullError(f"namespace {self.namespace!r}: no free slot for {name!r}")
+        inc = t.next_incarnation()
+        so = geo.slot_off(slot)
+        try:
+            with t.stripe_of(slot):
+                # Every field but the state first, the state byte last and alone: a reader
+                # without the lock (the orphan sweep) that sees the slot in use sees its
+                # incarnation too.
+                t.words.store(
+                    so, L.SLOT_ALL, L.FREE, 0, len(name_b), 0, inc, h, cfg.size,
+                    parent_slot + 1, 0, parent_inc, time.time(), monotonic(),
+                    identity.pid, identity.start, 0, 0, 0, name_b,
+                )
+                t.words.put8(so, L.CREATING)
+                if _failpoints.armed:
+                    _failpoints.hit("create.slot_claimed")
+                self.add_ref(slot, so, 0)
+            t.index_insert(slot, h)
+        except BaseException:
+            # Give the slot back rather than leave a CREATING slot that no index entry,
+            # waiter or sweep would ever find while we live.
+            if L.S_STATE.unpack_from(buf, so)[0] == L.FREE:
+                t.push_free(slot)  # failed before it was written
+            else:
+                t.add_live(1)  # close counts it out again
+                self.close([slot], force=True)
+            raise
+        t.add_live(1)
+        if parent_slot >= 0:
+            self._add_child(parent_slot, 1)
+        return slot, inc
+
+    def _add_child(self, parent: int, delta: int) -> None:
+        t = self.table
+        off = t.geo.slot_off(parent) + L.S_CHILDREN_OFF
+        n = L.S_CHILDREN.unpack_from(t.buf, off)[0]
+        t.words.put32(off, max(0, n + delta))
+
+    def evict_lru(self, for_name: str) -> None:
+        """Close the least recently used context with no references and no children, to
+        make room. Needs the table lock."""
+        t = self.table
+        buf, geo = t.buf, t.geo
+        candidates = []
+        for slot in range(geo.capacity):
+            so = geo.slot_off(slot)
+            state, rc, _inc = L.S_CHECK.unpack_from(buf, so)
+            if state == L.READY and rc == 0 and \
+                    not L.S_CHILDREN.unpack_from(buf, so + L.S_CHILDREN_OFF)[0]:
+                candidates.append((L.S_LAST_USED.unpack_from(buf, so + L.S_LAST_USED_OFF)[0],
+                                   slot))
+        for _used, slot in sorted(candidates):
+            name = self.name_of(slot)
+            if self.close([slot], force=False) < 0:  # unless referenced meanwhile
+                log.info("namespace %r full: evicted least recently used context %r",
+                         self.namespace, name)
+                return
+        raise TableFullError(
+            f"namespace {self.namespace!r} is full ({geo.capacity} contexts, all referenced "
+            f"or parents); cannot create {for_name!r}"
+        )
+
+    def publish(self, name: str, slot: int, inc: int, m: _Mapped) -> None:
+        """Make the context this process created in ``slot`` ready, and wake the
+        processes waiting for it. Needs no lock held (takes the stripe lock: publishing
+        changes neither the index nor the free list). ``ContextClosedError`` if it was
+        force-closed meanwhile."""
+        t = self.table
+        so = t.geo.slot_off(slot)
+        with t.stripe_of(slot):
+            state, _rc, cur = L.S_CHECK.unpack_from(t.buf, so)
+            if cur != inc or state != L.CREATING:
+                m.unmap()
+                if m.size:  # made after the force close, so nobody else will unlink it
+                    _shm.unlink_segment(t.segment(slot, inc))
+                raise ContextClosedError(
+                    f"context {name!r} was force-closed while it was being created"
+                )
+            flags = L.S_STATE.unpack_from(t.buf, so)[1]
+            w = t.words
+            w.putf(so + L.S_LAST_USED_OFF, monotonic())
+            w.put8(so + 1, flags & ~L.SLOT_WAITERS)
+            w.put8(so, L.READY)  # a byte of its own: readers without the lock watch it
+            if flags & L.SLOT_WAITERS:
+                _wake_waiters(_shm.init_sem_name(self.namespace, t.tag, inc))
+
+    def abort_create(self, name: str, slot: int, inc: int) -> None:
+        """Remove the context this process failed to create."""
+        t = self.table
+        self.mappings.forget(name)
+        with t.table_lock:
+            f = t.read_slot(slot)
+            if f.state == L.CREATING and f.incarnation == inc:
+                self.close([slot], force=True)
+
+    def register_waiter(self, slot: int, inc: int) -> posix_ipc.Semaphore | None:
+        """Mark ``slot`` as waited on and open its init semaphore; None if it is no longer
+        being created as ``inc``. The creator publishes under the stripe lock alone, so the
+        state is checked again under it."""
+        t = self.table
+        so = t.geo.slot_off(slot)
+        with t.stripe_of(slot):
+            state, flags = L.S_STATE.unpack_from(t.buf, so)
+            if state != L.CREATING or L.S_INC.unpack_from(t.buf, so + L.S_INC_OFF)[0] != inc:
+                return None
+            # Opened before the flag is set: if it cannot be (another user's object is in
+            # the way, no descriptor left), the creator has nothing to post.
+            sem = _shm.open_semaphore(
+                _shm.init_sem_name(self.namespace, t.tag, inc), t.mode,
+                create=True, initial=0, trusted=t.trusted,
+                what=f"the init semaphore of a context in namespace {self.namespace!r}",
+            )
+            # The flags byte alone: the state byte is read without a lock (the orphan
+            # sweep), and must never be seen rewritten.
+            t.words.put8(so + 1, flags | L.SLOT_WAITERS)
+            return sem
+
+    def wait_for_init(self, name: str, slot: int, inc: int, sem: posix_ipc.Semaphore,
+                      deadline: float | None, timeout: float | None) -> None:
+        """Wait until the creation of ``slot``'s context ``inc`` is over (published,
+        removed, or its creator found dead and its half-made context removed)."""
+        t = self.table
+        so = t.geo.slot_off(slot)
+
+        def look() -> bool:
+            """After each lock_timeout of waiting: is the creation over, or its creator
+            dead (then remove the half-made context and look up the name again)?"""
+            f = L.Slot.read(t.buf, so)
+            if f.state != L.CREATING or f.incarnation != inc:
+                return True
+            if not t.liveness.owner_alive(f.creator_pid, f.creator_start):
+                with t.table_lock:
+                    self.remove_dead_creation(slot, inc)
+                return True
+            return False
+
+        try:
+            lt = t.config.lock_timeout
+            if wait_and_look(sem, deadline, lt, lt, look,
+                             f"timed out after {timeout}s waiting for context {name!r} in "
+                             f"namespace {self.namespace!r} to be initialised"):
+                state, _rc, now_inc = L.S_CHECK.unpack_from(t.buf, so)
+                if state != L.CREATING or now_inc != inc:
+                    sem.release()  # pass the baton to the next waiter
+                # Else nobody published or closed it: a stray post (or a damaged slot).
+                # Absorbed here, or every waiter would wake the next at once, forever;
+                # the caller looks again and waits anew.
+        finally:
+            sem.close()
+
+    # --- closing (under the table lock) ---------------------------------------------
+
+    def subtree(self, slot: int) -> list[int]:
+        """``slot`` and its descendants, children before parents. Needs the table lock."""
+        t = self.table
+        off = t.geo.slot_off(slot) + L.S_CHILDREN_OFF
+        if not L.S_CHILDREN.unpack_from(t.buf, off)[0]:
+            return [slot]  # a leaf, the common case: no scan of the table
+        children = t.children()
+        order: list[int] = []
+        stack, seen = [slot], set()
+        while stack:
+            s = stack.pop()
+            if s in seen:
+                continue
+            seen.add(s)
+            order.append(s)
+            stack.extend(children.get(s, ()))
+        return order[::-1]
+
+    def close(self, slots: list[int], *, force: bool, idle_limit: float = 0.0) -> int:
+        """Close the contexts in ``slots`` (a subtree, children first): clear every
+        reference to them, mark them free, remove them from the index and free list, wake
+        their init waiters, unlink their objects. Needs the table lock.
+
+        Unless ``force``, nothing is closed if one of them holds a reference (or, with
+        ``idle_limit``, was returned within that many seconds); that slot is returned,
+        else -1. The check is made with the slots' stripe locks all held (taken in
+        ascending order): the hot path takes references under a stripe lock alone, so a
+        check under the table lock only could close a context referenced a moment later.
+        """
+        t = self.table
+        buf, geo = t.buf, t.geo
+        held: list[RobustLock] = []
+        try:
+            for k in sorted({s % geo.stripes for s in slots}):
+                t.stripe_locks[k].acquire()
+                held.append(t.stripe_locks[k])
+            if not force:
+                now = monotonic()
+                for s in slots:
+                    so = geo.slot_off(s)
+                    last = L.S_LAST_USED.unpack_from(buf, so + L.S_LAST_USED_OFF)[0]
+                    in_use = L.S_CHECK.unpack_from(buf, so)[1]
+                    if in_use or (idle_limit and now - last <= idle_limit):
+                        return s
+            freed = [self._free_slot_state(s) for s in slots]
+        finally:
+            for lock in reversed(held):
+                lock.release()
+        for f in freed:
+            if f is not None:
+                self._free_slot_rest(*f)
+        return -1
+
+    def close_named(self, name: str, name_b: bytes, force: bool) -> None:
+        """``close_context``: close context ``name`` and its children. Needs the table
+        lock."""
+        t = self.table
+        t.check_usable()
+        slot = t.find(name_b, name_hash(name_b))
+        if slot < 0:
+            raise ContextNotFoundError(f"no context {name!r} in namespace {self.namespace!r}")
+        busy = self.close(self.subtree(slot), force=force)
+        if busy >= 0:
+            which = "it" if busy == slot else f"its child {self.name_of(busy)!r}"
+            raise ContextInUseError(
+                f"context {name!r} in namespace {self.namespace!r}: {which} still has "
+                "references; pass force=True to close anyway"
+            )
+
+    def close_all(self) -> None:
+        """Close every context, referenced or not (unlink). Needs the table lock."""
+        t = self.table
+        for slot in range(t.geo.capacity):
+            if L.S_STATE.unpack_from(t.buf, t.geo.slot_off(slot))[0] != L.FREE:
+                self.close([slot], force=True)
+
+    def close_idle(self, slot: int, inc: int, idle_limit: float) -> tuple[list[str], bool]:
+        """Close ``slot``'s context (incarnation ``inc``) and its subtree if the whole
+        subtree is unreferenced and idle for ``idle_limit`` seconds, checked under its
+        stripe locks (a worker may have taken a reference since the sweep planned it).
+        Returns the names of the subtree, children first, and whether it was closed.
+        Needs the table lock."""
+        state, _rc, cur = L.S_CHECK.unpack_from(self.table.buf, self.table.geo.slot_off(slot))
+        if state != L.READY or cur != inc:
+            return [], False
+        tree = self.subtree(slot)
+        names = [self.name_of(s) for s in tree]
+        return names, self.close(tree, force=False, idle_limit=idle_limit) < 0
+
+    def _free_slot_state(self, slot: int) -> tuple[int, int, int, int, int, int] | None:
+        """The part of closing a slot that needs its stripe lock (held by the caller)."""
+        t = self.table
+        buf, geo = t.buf, t.geo
+        so = geo.slot_off(slot)
+        state, flags, _n, rc, inc, h = L.S_HEAD.unpack_from(buf, so)
+        if state == L.FREE:
+            return None
+        size, parent, _nf, parent_inc, _c, _u = L.S_BODY.unpack_from(buf, so + L.S_BODY_OFF)
+        if rc:
+            for p in range(geo.max_processes):
+                if L.P_PID.unpack_from(buf, geo.proc_off(p))[0] == 0:
+                    continue
+                for i, s, _c in t.proc_refs(p):
+                    if s == slot:
+                        t.words.put64(t.ref_off(p, i), 0)
+        w = t.words
+        w.put8(so, L.FREE)
+        w.put8(so + 1, 0)
+        w.put32(so + L.S_REFCOUNT_OFF, 0)
+        if _failpoints.armed:
+            _failpoints.hit("close.state_freed")
+        if flags & L.SLOT_WAITERS:
+            _wake_waiters(_shm.init_sem_name(self.namespace, t.tag, inc))
+        if flags & L.SLOT_LOCK:
+            _shm.unlink_semaphore(_shm.ctx_lock_name(self.namespace, t.tag, inc))
+        return slot, inc, h, size, parent, parent_inc
+
+    def _free_slot_rest(self, slot: int, inc: int, h: int, size: int, parent: int,
+                        parent_inc: int) -> None:
+        """The part of closing a slot that needs only the table lock."""
+        t = self.table
+        buf, geo = t.buf, t.geo
+        t.index_remove(slot, h)
+        if _failpoints.armed:
+            _failpoints.hit("close.index_removed")
+        t.push_free(slot)
+        t.add_live(-1)
+        if parent and parent <= geo.capacity and \
+                L.S_INC.unpack_from(buf, geo.slot_off(parent - 1) + L.S_INC_OFF)[0] == parent_inc:
+            self._add_child(parent - 1, -1)
+        if size:
+            _shm.unlink_segment(t.segment(slot, inc))
+        # This process's own mapping of it leaves the cache (and goes with the last
+        # handle using it).
+        self.mappings.forget(self.name_of(slot), inc)
+
+    # --- dead processes ---------------------------------------------------------------
+
+    def remove_dead_creation(self, slot: int, inc: int) -> bool:
+        """Free ``slot`` if it is still being created as ``inc`` by a process that died.
+        Needs the table lock."""
+        t = self.table
+        f = t.read_slot(slot)
+        if f.state != L.CREATING or f.incarnation != inc or \
+                t.liveness.owner_alive(f.creator_pid, f.creator_start):
+            return False
+        log.warning("namespace %r: context %r: creator pid %d died during init; removing "
+                    "the half-made context", self.namespace, self.name_of(slot),
+                    f.creator_pid)
+        self.close([slot], force=True)
+        return True
+
+    def remove_dead_creations(self) -> None:
+        """``remove_dead_creation`` for every slot a dead process was creating, each
+        under a short hold of the table lock. Needs no lock held."""
+        t = self.table
+        for slot, inc in t.dead_creations():
+            with t.table_lock:
+                self.remove_dead_creation(slot, inc)
+
+    def recover_dead_locks(self) -> int:
+        """Recover every lock of the namespace whose recorded owner is dead. Needs no
+        lock held. Returns how many were recovered."""
+        t = self.table
+        buf, geo = t.buf, t.geo
+        # And those this process left held (an interrupt between taking one and its
+        # try): safe to ask with one held by the caller, whose frame is on its stack.
+        n = sum(lock.recover_if_owner_dead() or lock.recover_leaked()
+                for lock in [t.table_lock, *t.stripe_locks])
+        for slot in range(geo.capacity):
+            so = geo.slot_off(slot)
+            pid, _epoch, start = L.LOCK.unpack_from(buf, so + L.S_LOCK_OFF)
+            state, _rc, inc = L.S_CHECK.unpack_from(buf, so)
+            if state == L.FREE or not pid or t.liveness.owner_alive(pid, start):
+                continue
+            try:
+                sem = _shm.open_semaphore(_shm.ctx_lock_name(self.namespace, t.tag, inc),
+                                          t.mode, False, trusted=t.trusted)
+            except (posix_ipc.ExistentialError, ForeignObjectError):
+                continue  # not ours to post: nothing of ours waits on another user's
+            mappings = self.mappings
+            try:
+                # The lock object owns the semaphore: closed when it goes, right after.
+                m = mappings.mapping(self.name_of(slot), slot, inc, 0, None, None)
+                n += mappings.context_lock(m, sem).recover_if_owner_dead()
+            except ContextClosedError:
+                pass
+        return n
+
+    def reclaim_dead(self, *, locked: bool) -> dict[int, int]:
+        """Reclaim every dead process entry; returns {pid: references released}.
+
+        ``locked``: the caller holds the table lock. Otherwise liveness, which may read
+        /proc, is judged without it, and each dead entry is reclaimed under a short hold
+        after checking it still names the same dead process (a sweep must not stall
+        workers)."""
+        t = self.table
+        out: dict[int, int] = {}
+        dead = t.liveness.dead_entries()
+        if any(head[1] & L.P_LIVE_LOCK for _p, head in dead):
+            self._settle_dead_owners(locked=locked)
+        for proc, head in dead:
+            if locked:
+                self._reclaim_if_same(proc, head, out)
+            else:
+                with t.table_lock:
+                    self._reclaim_if_same(proc, head, out)
+        return out
+
+    def _reclaim_if_same(self, proc: int, head: tuple[int, int, int, float],
+                         out: dict[int, int]) -> None:
+        if not self.table.liveness.still_dead(proc, head):
+            return
+        pid = head[0]
+        n = reclaim_entry(self.table, proc)
+        out[pid] = out.get(pid, 0) + n
+        log.info("namespace %r: reclaimed %d reference(s) of dead pid %d",
+                 self.namespace, n, pid)
+
+    def reclaim_pid(self, pid: int) -> int:
+        """Reclaim the references of ``pid``, refusing (``ContextInUseError``) while it
+        lives. Needs the table lock."""
+        t = self.table
+        entries = [p for p in range(t.geo.max_processes) if t.proc_head(p)[0] == pid]
+        if any(t.liveness.entry_alive(p) for p in entries):
+            raise ContextInUseError(
+                f"pid {pid} is still alive; refusing to reclaim its references "
+                f"in namespace {self.namespace!r}"
+            )
+        if any(t.proc_head(p)[1] & L.P_LIVE_LOCK for p in entries):
+            self._settle_dead_owners(locked=True)  # see there: before the entries go
+        return sum(reclaim_entry(t, p) for p in entries)
+
+    def _settle_dead_owners(self, *, locked: bool) -> None:
+        """Recover the locks and remove the half-made contexts of dead owners, before
+        their process entries are reclaimed. An entry whose kernel lock is gone is the
+        one proof that its process died when a new process got the same pid within the
+        same clock tick (same pid, same start time); once the entry is freed, a lock or a
+        creation that process owned would look owned by the newcomer for as long as it
+        lives. ``locked``: the caller holds the table lock."""
+        self.recover_dead_locks()
+        if locked:
+            for slot, inc in self.table.dead_creations():
+                self.remove_dead_creation(slot, inc)
+        else:
+            self.remove_dead_creations()
+
+    def register(self) -> None:
+        """Register this process's entry, reclaiming dead processes' entries if none is
+        free (``TableFullError`` if all are live)."""
+        t = self.table
+        identity.require()  # others judge this entry's liveness by it
+        with t.table_lock:
+            t.check_usable()
+            if not self.entry.claim():
+                self.reclaim_dead(locked=True)
+                if not self.entry.claim():
+                    raise TableFullError(
+                        f"namespace {self.namespace!r}: all {t.geo.max_processes} process "
+                        "entries are taken by live processes (ContextConfig.max_processes)"
+                    )
+
+
+def _wake_waiters(sem_name: str) -> None:
+    """Post an init semaphore once (each woken waiter passes it on) and unlink its name;
+    waiters that opened it keep their handle."""
+    try:
+        sem = posix_ipc.Semaphore(sem_name)
+    except posix_ipc.ExistentialError:
+        return
+    try:
+        sem.release()
+    finally:
+        sem.close()
+        _shm.unlink_semaphore(sem_name)
+
