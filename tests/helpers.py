@@ -31,9 +31,7 @@ def table_bytes(namespace: str) -> bytes:
 
 def hot_path_of(manager: object) -> str:
     """Which hot path ``manager`` runs: "C" (``_speedups.c``) or "Python"."""
-    # SWITCH to `return manager.hot_path` once the public read-only property
-    # ContextManager.hot_path lands; this is the one place that peeks inside.
-    return "C" if manager._hot is not None else "Python"  # type: ignore[attr-defined]
+    return manager.hot_path
 
 
 def wait_for(condition: Callable[[], T | None], timeout: float = 10.0,

@@ -201,6 +201,12 @@ class ContextManager:
         return self._closed
 
     @property
+    def mode(self) -> int:
+        """The permission bits of every object of the namespace (fixed when its table
+        was created)."""
+        return self._table.mode
+
+    @property
     def hot_path(self) -> str:
         """Which hot path this manager's gets and returns run: ``"C"`` (the compiled
         ``_speedups``) or ``"Python"`` (no compiler at install, or

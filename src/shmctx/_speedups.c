@@ -740,16 +740,19 @@ static PyObject *str__hot;
 static HotPath *
 hot_of(PyObject *manager)
 {
-    PyObject *hot = PyObject_GetAttr(manager, str__hot);
+    /* The manager's own attribute, read from its __dict__ (a generic getattr would
+     * first look the name up along the class's bases, on every call). */
+    PyObject **dictptr = _PyObject_GetDictPtr(manager);
+    if (dictptr == NULL || *dictptr == NULL)
+        return NULL;
+    PyObject *hot = PyDict_GetItemWithError(*dictptr, str__hot);
     if (hot == NULL) {
         PyErr_Clear();
         return NULL;
     }
-    if (Py_TYPE(hot) != &HotPathType || ((HotPath *)hot)->mapped == NULL) {
-        Py_DECREF(hot);
+    if (Py_TYPE(hot) != &HotPathType || ((HotPath *)hot)->mapped == NULL)
         return NULL;
-    }
-    return (HotPath *)hot;
+    return (HotPath *)Py_NewRef(hot);
 }
 
 static PyObject *

@@ -164,7 +164,7 @@ def on_reload(server: Any) -> None:
         # the config or mode the namespace already has changes nothing. No configure()
         # call in the re-read file asks for nothing.
         running: _Settings = {"namespace": m.namespace, "config": m.config,
-                              "mode": m._table.mode}
+                              "mode": m.mode}
         diffs = _differences(reread or {"namespace": None, "config": None, "mode": None},
                              running, running=True)
         if diffs:
