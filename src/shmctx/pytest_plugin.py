@@ -129,7 +129,7 @@ class _Run:
         whole namespace from the host."""
         with self._lock:
             m, self._manager = self._manager, None
-        if m is not None and m._closed:  # a test closed or unlinked it itself
+        if m is not None and m.closed:  # a test closed or unlinked it itself
             m = None
         if not self.owner:
             if m is not None:
