@@ -1,24 +1,19 @@
 """Library defects found by the randomized run of ``test_differential.py`` (while it also
 checked the table's invariants after each run), each reduced to a minimal reproducer.
 
-* Creating a context whose parent exists but is unreferenced, in a full table, evicted
-  that very parent to make room (it was the least recently used context without
+* Creating a context whose parent exists but is unreferenced, in a full table, used to
+  evict that very parent to make room (it was the least recently used context without
   references or children): the new context then took the parent's slot and named a
   parent that no longer exists, which ``check()`` reports as damage.
 """
 
 from __future__ import annotations
 
-import pytest
-
 from shmctx import ContextConfig, MemoryContextConfig
 
 CFG = ContextConfig(capacity=2, cleanup_interval=0, lock_timeout=0.2)
 
 
-@pytest.mark.xfail(raises=AssertionError, strict=True, reason=(
-    "known defect: the eviction that makes room for a new context may evict the parent "
-    "that context names. Remove this marker once the parent is spared."))
 def test_making_room_for_a_child_does_not_evict_its_parent(managers):
     m = managers()
     m.return_context(m.get_or_create_context("parent")[0])  # the least recently used

@@ -228,7 +228,7 @@ class Slots:
             if slot < 0:
                 slot = t.first_free_slot()
         if slot < 0:
-            self.evict_lru(name)
+            self.evict_lru(name, spare=parent_slot)
             slot = t.pop_free()
             if slot < 0:
                 raise TableFullError(f"namespace {self.namespace!r}: no free slot for {name!r}")
@@ -269,16 +269,17 @@ class Slots:
         n = L.S_CHILDREN.unpack_from(t.buf, off)[0]
         t.words.put32(off, max(0, n + delta))
 
-    def evict_lru(self, for_name: str) -> None:
+    def evict_lru(self, for_name: str, spare: int = -1) -> None:
         """Close the least recently used context with no references and no children, to
-        make room. Needs the table lock."""
+        make room; never slot ``spare`` (the parent the new context names, which would
+        otherwise go as the new context takes its place). Needs the table lock."""
         t = self.table
         buf, geo = t.buf, t.geo
         candidates = []
         for slot in range(geo.capacity):
             so = geo.slot_off(slot)
             state, rc, _inc = L.S_CHECK.unpack_from(buf, so)
-            if state == L.READY and rc == 0 and \
+            if state == L.READY and rc == 0 and slot != spare and \
                     not L.S_CHILDREN.unpack_from(buf, so + L.S_CHILDREN_OFF)[0]:
                 candidates.append((L.S_LAST_USED.unpack_from(buf, so + L.S_LAST_USED_OFF)[0],
                                    slot))
