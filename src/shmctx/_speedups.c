@@ -1,9 +1,11 @@
 /* shmctx._speedups: the hot path in C, as a shortcut in front of the Python one.
  *
- * HotPath.get_or_create_context / get_context / return_context either complete the whole
- * operation exactly as ContextManager._get_fast and ContextManager.return_context do
- * (same writes, same order, same lock protocol as _lock.RobustLock.acquire/release), or
- * do nothing observable and call the Python method, which has the full semantics: a
+ * ContextManager.get_or_create_context / get_context / return_context are ``front``
+ * descriptors (below): for a manager that chose this hot path they run HotPath's try_get
+ * or try_return, which follow the numbered protocol of _hotpath.py (steps G0-G8,
+ * R0-R6, L1-L3, cited at each step here, the same writes in the same order as
+ * PyHotPath and _lock.RobustLock), or change nothing in the table but a stripe lock's
+ * epoch (see test_differential.py) and call the Python method, which has the full semantics: a
  * busy stripe lock (spinning, waiting, taking over from a dead owner), a stale mapping,
  * the reference limit, a missing reference record, armed failpoints, any error. So
  * every decision beyond the common case stays in Python, in one place.
@@ -255,42 +257,44 @@ new_handle(HotPath *self, PyObject *m)
     return h;
 }
 
-/* ContextManager._get_fast. New handle; NULL without an error: defer to Python. */
+/* Get, steps G0-G8 of the protocol in _hotpath.py (PyHotPath.try_get does the same in
+ * Python). New handle; NULL without an error: defer to Python. */
 static PyObject *
 try_get(HotPath *self, PyObject *name)
 {
     if (!self->enabled || !PyUnicode_CheckExact(name) || failpoints_armed(self) ||
-        PyList_GET_SIZE(self->dropped)) {  /* Python gives dropped references back first */
+        PyList_GET_SIZE(self->dropped)) {  /* G0: Python gives dropped references back first */
         PyErr_Clear();
         return NULL;
     }
-    PyObject *m = PyDict_GetItemWithError(self->mapped, name);
+    PyObject *m = PyDict_GetItemWithError(self->mapped, name);  /* G1 */
     if (m == NULL) {
         PyErr_Clear();
         return NULL;
     }
     Py_INCREF(m);
     Where w;
-    /* The handle is made first: once the counts are written nothing may fail. Making it
-     * may run a collection (see lock_try), so the slot is located after it. */
+    /* G2: the handle is made first: once the counts are written nothing may fail. Making
+     * it may run a collection (see lock_try), so the slot is located after it. G3: the
+     * stripe lock. */
     PyObject *h = new_handle(self, m);
     if (h == NULL || !locate(self, m, &w) || !lock_try(self, w.stripe))
         goto defer;
     char *so = (char *)self->table.buf + w.slot_off;
     char *ref = (char *)self->table.buf + w.ref_off;
-    uint32_t rc = rd32(so + SHMCTX_SLOT_REFCOUNT_OFF);
+    uint32_t rc = rd32(so + SHMCTX_SLOT_REFCOUNT_OFF);  /* G4 */
     if (rd64(so + SHMCTX_SLOT_INCARNATION_OFF) != w.inc ||
         (unsigned char)so[SHMCTX_SLOT_STATE_OFF] != SHMCTX_READY ||
         (self->max_refs && rc >= self->max_refs) || rd32(ref + SHMCTX_REF_SLOT_OFF) != w.sp1) {
         lock_release(self, w.stripe);
         goto defer;
     }
-    /* Per-process count first, then the refcount: the order _add_ref keeps, so that a
-     * death in between is repaired from the per-process records. */
+    /* G5 the per-process count first, G6 then the refcount: the order Slots.add_ref
+     * keeps, so that a death in between is repaired from the per-process records. */
     wr32(ref + SHMCTX_REF_COUNT_OFF, rd32(ref + SHMCTX_REF_COUNT_OFF) + 1);
     wr32(so + SHMCTX_SLOT_REFCOUNT_OFF, rc + 1);
-    lock_release(self, w.stripe);
-    /* Now it stands for the reference. Setting a slot runs no Python code, so nothing
+    lock_release(self, w.stripe);  /* G7 */
+    /* G8: now it stands for the reference. Setting a slot runs no Python code, so nothing
      * (no signal handler, no other thread) can come between the count and this. */
     descr_set(self->d_returned, h, Py_False);
     Py_DECREF(m);
@@ -326,12 +330,13 @@ hot_arguments(PyObject *const *args, size_t nargsf, PyObject *kwnames)
     return 1;
 }
 
-/* ContextManager.return_context's common case. 1 done, 0 defer, -1 error. */
+/* Return, steps R0-R5 of the protocol in _hotpath.py (PyHotPath.try_return in Python;
+ * R6, the view, is finish_return). 1 done, 0 defer. */
 static int
 try_return(HotPath *self, PyObject *ctx)
 {
     if (!self->enabled || (PyObject *)Py_TYPE(ctx) != self->handle_type ||
-        failpoints_armed(self) || PyList_GET_SIZE(self->dropped)) {
+        failpoints_armed(self) || PyList_GET_SIZE(self->dropped)) {  /* R0 */
         PyErr_Clear();
         return 0;
     }
@@ -343,14 +348,14 @@ try_return(HotPath *self, PyObject *ctx)
         (returned = descr_get(self->d_returned, ctx)) == NULL ||
         (m = descr_get(self->d_mapped, ctx)) == NULL)
         goto out;
-    if (manager != self->manager || returned != Py_False ||
+    if (manager != self->manager || returned != Py_False ||  /* R1 */
         PyObject_RichCompareBool(pid, self->pid_obj, Py_EQ) != 1 || !locate(self, m, &w))
         goto out;
-    if (!lock_try(self, w.stripe))
+    if (!lock_try(self, w.stripe))  /* R2 */
         goto out;
     char *so = (char *)self->table.buf + w.slot_off;
     char *ref = (char *)self->table.buf + w.ref_off;
-    uint32_t count = rd32(ref + SHMCTX_REF_COUNT_OFF);
+    uint32_t count = rd32(ref + SHMCTX_REF_COUNT_OFF);  /* R3, then R4: marked returned */
     if (rd64(so + SHMCTX_SLOT_INCARNATION_OFF) != w.inc ||
         (unsigned char)so[SHMCTX_SLOT_STATE_OFF] == SHMCTX_FREE ||
         rd32(ref + SHMCTX_REF_SLOT_OFF) != w.sp1 || count == 0 ||
@@ -362,7 +367,7 @@ try_return(HotPath *self, PyObject *ctx)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     double now = (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-    wr32(ref + SHMCTX_REF_COUNT_OFF, count - 1);
+    wr32(ref + SHMCTX_REF_COUNT_OFF, count - 1);  /* R5 */
     wr32(so + SHMCTX_SLOT_REFCOUNT_OFF, rc ? rc - 1 : 0);
     memcpy(so + SHMCTX_SLOT_LAST_USED_OFF, &now, SHMCTX_SLOT_LAST_USED_SIZE);
     lock_release(self, w.stripe);
