@@ -105,11 +105,15 @@ ns, how = sys.argv[1], sys.argv[2]
 CFG = ContextConfig(lock_timeout=0.2, cleanup_interval=0, max_references=0)
 go_r, go_w = os.pipe()
 done_r, done_w = os.pipe()
+forked_r, forked_w = os.pipe()
 P = os.fork()
 if P == 0:  # pid 2: registers, forks a child that never registers, dies
     m = ContextManager(CFG, namespace=ns, sweeper=False)
     c, _ = m.get_or_create_context("c", MemoryContextConfig(size=4096))
     if os.fork() == 0:  # pid 3, the child: outlives P
+        # Its at-fork handler has run by now: the child let go of P's description of
+        # the table file, so P's entry lock goes with P (else P would look alive).
+        os.write(forked_w, b"x")
         os.read(go_r, 1)
         with open("/proc/sys/kernel/ns_last_pid", "w") as f:
             f.write("1")  # the next pid is 2 again: P's
@@ -124,6 +128,7 @@ if P == 0:  # pid 2: registers, forks a child that never registers, dies
         os.waitpid(G, 0)
         os.write(done_w, b"x")
         os._exit(0)
+    os.read(forked_r, 1)
     os._exit(0)  # P dies holding its entry and its reference
 os.waitpid(P, 0)
 x = ContextManager(CFG, namespace=ns, sweeper=False)
