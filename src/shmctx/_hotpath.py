@@ -38,14 +38,15 @@ Get, ``try_get(name)`` (a handle, or None: the cold path decides)::
     G8  Mark the handle as standing for the reference. Nothing that can run Python
         code (a signal handler, another thread) comes between G6 and G8.
 
-Return, ``try_return(ctx)`` (True: done; False: the manager's full path decides,
-which raises the error for a handle that cannot be returned)::
+Return, ``try_return(ctx)`` (True: done; False: the handle is not one this manager can
+return now, and the manager raises the error that says why)::
 
     R0  As G0.
     R1  The handle is this owner's, was got by this pid, and stands for a reference.
     R2  Take the slot's stripe lock (L1-L2).
     R3  The slot still holds the handle's incarnation, not FREE, and this process's
-        count for it is above 0: else release, defer.
+        count for it is above 0: else C releases and defers; Python (after R4, as the
+        whole definition) raises ``ContextClosedError``.
     R4  Mark the handle returned, before the counts: an interrupt may then leak this
         one reference, but never give it back twice (here and by its finalizer).
     R5  Count -1, refcount -1 (not below 0), last_used = CLOCK_MONOTONIC now.
@@ -77,6 +78,7 @@ from ._context import (
     release_view,
     returnable,
 )
+from ._errors import ContextClosedError
 from ._proc import identity
 from ._slots import Slots
 
@@ -196,11 +198,13 @@ class PyHotPath:
         lock = m.stripe
         lock.acquire()  # R2
         try:
-            state, _rc, inc = L.S_CHECK.unpack_from(self.buf, m.off)  # R3
-            if inc != m.inc or state == L.FREE or not self.entry.holds(m.slot) or \
-                    not mark_returned(ctx):  # R4
+            if not mark_returned(ctx):  # R4 (another thread returned it meanwhile)
                 return False
-            self.slots.uncount(m)  # R5
+            if not self.slots.uncount(m):  # R3 and R5 in one read of the slot
+                raise ContextClosedError(
+                    f"context {m.name!r} (incarnation {m.inc}) was closed, swept or "
+                    "re-created since this handle was acquired"
+                )
         finally:
             lock.release()  # R6
         release_view(ctx)

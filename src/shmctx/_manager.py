@@ -33,9 +33,7 @@ from ._context import (
     SweepReport,
     check_returnable,
     mapping_of,
-    mark_returned,
     owner_of,
-    release_view,
     returned,
 )
 from ._entry import ProcessEntry, abandoned
@@ -331,23 +329,11 @@ class ContextManager:
             if isinstance(ctx, MemoryContext) and not self._closed and \
                     self._py.try_return(ctx):
                 return
-            # Not the common case: say what is wrong with it, or return it the long way.
-            m = check_returnable(ctx, self._mappings, identity.pid)
+            # Not one this manager can return now: say why.
+            check_returnable(ctx, self._mappings, identity.pid)
             if self._closed:
                 self._raise_closed()
-            lock = m.stripe
-            lock.acquire()
-            try:
-                if not mark_returned(ctx):
-                    raise ContextError(f"context {ctx.name!r}: this handle was already returned")
-                if not self._slots.uncount(m):
-                    raise ContextClosedError(
-                        f"context {ctx.name!r} (incarnation {m.inc}) was closed, swept or "
-                        "re-created since this handle was acquired"
-                    )
-            finally:
-                lock.release()
-            release_view(ctx)
+            raise ContextError(f"context {ctx.name!r}: this handle was already returned")
         except BaseException:
             self._recover_leaked_locks()
             raise

@@ -237,10 +237,8 @@ class Mappings:
         self._lock = threading.Lock()
         for m in self.mapped.values():
             m.lock = None
-        # The lock registry follows the mappings: no lock object of the parent's is
-        # handed out in the child unless a mapping still has it.
-        self._locks = weakref.WeakValueDictionary(
-            {m.inc: m.lock for m in self.mapped.values() if m.lock is not None})
+        # No lock object of the parent's is handed out in the child: each is made anew.
+        self._locks = weakref.WeakValueDictionary()
 
     def unmap_all(self) -> None:
         """The manager is closing: unmap every mapping now."""
