@@ -1,4 +1,5 @@
-"""Single-process semantics of the public API, exactly as issue 2 states them.
+"""Single-process semantics of the public API, exactly as its docstrings and the "API"
+section of README.md state them.
 
 Cross-process behaviour is in ``test_multiprocess.py``; bad input, damaged tables,
 permissions and name safety are in ``test_badinput.py``.
@@ -589,7 +590,8 @@ def test_every_call_after_close_raises(managers):
 
 
 def test_validate_context_after_close_raises(managers):
-    """Issue 2: "Any other call after close -> ContextManagerClosedError"."""
+    """After ``close()``, every other call raises ``ContextManagerClosedError``,
+    ``validate_context`` included."""
     m = managers()
     ctx, _ = m.get_or_create_context("x")
     m.close()
@@ -642,8 +644,9 @@ def test_unlink_removes_everything(managers, ns):
 
 
 def test_unlink_is_not_blocked_by_this_process(managers, ns):
-    """Issue 2: unlink raises ContextInUseError "while another live process holds
-    references"; a second manager of this same process is not another process."""
+    """``unlink`` raises ``ContextInUseError`` "while another live process holds
+    references" (its docstring); a second manager of this same process is not another
+    process."""
     m, other = managers(), managers()
     _a, _ = m.get_or_create_context("a", MemoryContextConfig(size=64))
     c = other.get_context("a")

@@ -26,7 +26,7 @@ def test_interrupt_between_cold_reference_and_handle_leaks_nothing(managers):
     real_map = m._mappings.map
 
     def interrupted_map(*args, **kwargs):
-        # Ctrl-C arriving as _map starts (shm_open, mmap: Python calls, where Python
+        # Ctrl-C arriving as Mappings.map starts (shm_open, mmap: Python calls, where Python
         # runs signal handlers), after the reference was counted.
         m._mappings.map = real_map
         raise KeyboardInterrupt

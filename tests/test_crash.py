@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import random
 import signal
 import subprocess
@@ -61,6 +62,8 @@ def _die_at(ns: str, spec: str, scenario: str) -> None:
         m.get_or_create_context("new", MEM)
     elif scenario == "create_init":
         m.get_or_create_context("new", MEM, init=lambda c: c.buf.__setitem__(0, 1))
+    elif scenario == "create_object":
+        m.get_or_create_object("new", lambda: {"b": pickle.PickleBuffer(bytearray(SIZE))})
     elif scenario == "get":
         m.get_context("held")
     elif scenario == "get_return":
@@ -122,6 +125,8 @@ SCENARIOS = {
     "create.slot_claimed": "create",
     "create.segment_made": "create",
     "create.in_init": "create_init",
+    "create.in_factory": "create_object",
+    "create.object_packed": "create_object",
     "acquire.proc_counted": "get",
     "return.proc_counted": "get_return",
     "close.state_freed": "close",
@@ -278,7 +283,7 @@ def test_reused_pid_does_not_inherit_references(ns):
             L.P_HEAD.pack_into(t.buf, off, p.pid, 0, start_time(p.pid) - 1000, time.time())
             with t.stripe_of(slot):
                 so = t.geo.slot_off(slot)
-                rc = L.S_REFCOUNT.unpack_from(t.buf, so + L.S_REFCOUNT_OFF)[0]
+                rc = L.SLOT["refcount"].read(t.buf, so)
                 L.S_REFCOUNT.pack_into(t.buf, so + L.S_REFCOUNT_OFF, rc + 3)
         report = m.sweep()
         assert report.reclaimed == {p.pid: 3}
@@ -407,7 +412,7 @@ def test_creator_dying_in_init_lets_a_waiter_create_afresh(ns, mp_ctx):
         waiter.start()
         slot = next(s.slot for s in m._snapshot().slots if s.name == "slow")
         so = m._table.geo.slot_off(slot)
-        wait_for(lambda: L.S_STATE.unpack_from(m._table.buf, so)[1] & L.SLOT_WAITERS,
+        wait_for(lambda: L.SLOT["flags"].read(m._table.buf, so) & L.SLOT_WAITERS,
                  what="the waiter to wait on the init")
         go.set()
         assert results.get(timeout=60) == (False, "second")
@@ -424,7 +429,7 @@ def test_creator_dying_in_init_lets_a_waiter_create_afresh(ns, mp_ctx):
 
 def _lead_then_wait(ns: str, led) -> None:
     m = ContextManager(namespace=ns, sweeper=True)
-    wait_for(lambda: m._table.sweeper()[0] == os.getpid(), what="leading")
+    wait_for(lambda: m._table.sweeper().sweeper_pid == os.getpid(), what="leading")
     led.set()
     threading.Event().wait(60)
 
@@ -438,12 +443,12 @@ def test_dead_sweeper_leader_is_replaced(ns, mp_ctx):
         p.start()
         assert led.wait(30)
         standby = ContextManager(namespace=ns, sweeper=True)
-        assert m._table.sweeper()[0] == p.pid  # a live leader is never displaced
+        assert m._table.sweeper().sweeper_pid == p.pid  # a live leader is never displaced
         p.kill()
         p.join(30)
-        wait_for(lambda: m._table.sweeper()[0] == os.getpid(), what="the standby to lead")
+        wait_for(lambda: m._table.sweeper().sweeper_pid == os.getpid(), what="the standby to lead")
         standby.close()
-        assert m._table.sweeper()[0] == 0
+        assert m._table.sweeper().sweeper_pid == 0
     finally:
         m.unlink(force=True)
 
@@ -516,7 +521,7 @@ def test_scribbled_slot_is_reported_and_others_stay_usable(ns, seed):
             L.S_REFCOUNT.pack_into(m._table.buf, so + L.S_REFCOUNT_OFF, 0xFFFF0000)
         else:  # a wrong hash
             L.S_HEAD.pack_into(m._table.buf, so, L.READY, 0, len(victim), 0,
-                               L.S_INC.unpack_from(m._table.buf, so + L.S_INC_OFF)[0],
+                               L.SLOT["incarnation"].read(m._table.buf, so),
                                rng.getrandbits(64))
         assert m.check(), "damage went unnoticed"
         for n in names:
@@ -553,7 +558,7 @@ def test_ctx_supervisor_takes_lead_reclaims_and_unlinks(ns, mp_ctx):
                            stderr=subprocess.PIPE, text=True)
     try:
         assert run(_take_ref_and_exit, ns, 2) == 0
-        wait_for(lambda: m._table.sweeper()[0] == sup.pid, what="the supervisor to lead")
+        wait_for(lambda: m._table.sweeper().sweeper_pid == sup.pid, what="the supervisor to lead")
         wait_for(lambda: {i.name: i.refcount for i in m.contexts()}["held"] == 1,
                  what="the supervisor to reclaim the dead holder")
         sup.send_signal(signal.SIGTERM)

@@ -2,8 +2,9 @@
 in no state, damaged derived header data (live count, free list), and readers that read
 shared fields without the lock while they are being written.
 
-Every lookup that old code would repeat forever runs in a forked child with a deadline,
-so a regression fails the test instead of hanging the suite.
+Every lookup that could repeat forever (damage that a lookup keeps finding again) runs in
+a forked child with a deadline, so a regression fails the test instead of hanging the
+suite.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from helpers import wait_for
 
 from shmctx import ContextConfig, ContextError, ContextManager, MemoryContextConfig, _shm
 from shmctx import _layout as L
+from shmctx._context import mapping_of
 from shmctx._lock import LOCK
 from shmctx._sweeper import in_use_incarnations
 
@@ -44,7 +46,7 @@ def _run(q, ns: str, fn) -> None:
 def in_child(ns: str, fn, deadline: float = 10.0):
     """``fn(manager)`` in a forked child with its own manager on ``ns``; its result, or
     ("error", type name, message). Fails if the child is still busy after ``deadline``
-    seconds (then it is killed): the old code looped there forever."""
+    seconds (then it is killed): a lookup that loops on damage never ends by itself."""
     q = _FORK.Queue()
     p = _FORK.Process(target=_run, args=(q, ns, fn))
     p.start()
@@ -152,8 +154,8 @@ def test_a_stray_post_of_an_init_semaphore_does_not_spin_its_waiters(managers):
     p.start()
     try:
         assert creating.wait(10)
-        inc = L.S_INC.unpack_from(m._buf, m._geo.slot_off(m._table.find(b"slow", _hash(b"slow")))
-                                  + L.S_INC_OFF)[0]
+        so = m._geo.slot_off(m._table.find(b"slow", _hash(b"slow")))
+        inc = L.SLOT["incarnation"].read(m._buf, so)
         sem_name = _shm.init_sem_name(m.namespace, m._table.tag, inc)
 
         def wait_and_measure(c: ContextManager):
@@ -251,33 +253,57 @@ def test_a_really_full_table_still_evicts_the_least_recently_used(managers):
 
 def _race(ns: str, writer, reader, seconds: float = 1.0):
     """``writer(manager, stop)`` in a forked child while ``reader(manager)`` runs here
-    until it returns a finding (returned) or ``seconds`` pass (None)."""
+    until it returns a finding (returned) or ``seconds`` pass (None).
+
+    The writer makes a pass before it looks at ``stop`` (a child slow to start still
+    writes), and returns how many passes it made. The race fails the test unless the
+    writer made some and ended without an exception: a writer that dies on its first
+    pass leaves the reader racing nothing, and the test would pass whatever the code
+    does."""
     stop = _FORK.Event()
     started = _FORK.Event()
+    results, result_end = _FORK.Pipe(duplex=False)
 
     def child() -> None:
-        c = ContextManager(namespace=ns, sweeper=False)
         try:
-            started.set()
-            writer(c, stop)
-        finally:
-            c.close()
+            c = ContextManager(namespace=ns, sweeper=False)
+            try:
+                started.set()
+                out = ("ok", writer(c, stop))
+            finally:
+                c.close()
+        except BaseException:
+            out = ("error", traceback.format_exc())
+        started.set()  # a writer that failed early must not keep the parent waiting
+        result_end.send(out)
 
+    m = ContextManager(namespace=ns, sweeper=False)  # first: if it fails, no writer runs on
     p = _FORK.Process(target=child)
     p.start()
-    m = ContextManager(namespace=ns, sweeper=False)
+    result_end.close()  # the child's end: recv() then sees the child gone, if it is
+    found = None
     try:
         assert started.wait(10)
         end = time.monotonic() + seconds
-        while time.monotonic() < end:
+        while not found and time.monotonic() < end:
             found = reader(m)
-            if found:
-                return found
-        return None
     finally:
         stop.set()
+        ended = results.poll(10)
         p.join(10)
+        if p.is_alive():
+            p.kill()
+            p.join()
         m.close()
+    assert ended, "the writer was still busy 10 s after it was told to stop"
+    try:
+        out = results.recv()
+    except EOFError:
+        pytest.fail(f"the writer died without a word (exit code {p.exitcode})")
+    assert out[0] == "ok", f"the writer failed, so nothing raced the reader:\n{out[1]}"
+    assert isinstance(out[1], int) and out[1] > 0, f"the writer made no pass: {out[1]!r}"
+    assert p.exitcode == 0, p.exitcode
+    return found or None
 
 
 def test_the_orphan_sweep_never_reads_a_live_slot_as_free(managers):
@@ -288,15 +314,26 @@ def test_the_orphan_sweep_never_reads_a_live_slot_as_free(managers):
     _make(m, "x")
     inc = m._mapped["x"].inc
 
-    def writer(c: ContextManager, stop) -> None:
+    def writer(c: ContextManager, stop) -> int:
         ctx = c.get_context("x")
-        while not stop.is_set():
+        mapped = mapping_of(ctx)
+        passes = 0
+        while True:
             for _ in range(200):
-                # Make ctx.lock anew: that sets the flag in the slot's state byte pair.
-                ctx._mapped.lock = None
-                getattr(c, "_locks", {}).pop(ctx._mapped.inc, None)
-                c._context_lock(ctx)
+                # Make ctx.lock anew: that writes the lock flag into the flags byte, beside
+                # the state byte the sweep reads. This process keeps one lock object per
+                # incarnation (on the mapping, and in a registry that hands it to a newer
+                # mapping of the same context): both must let go of it, or ctx.lock
+                # returns it again and writes nothing.
+                old = mapped.lock
+                mapped.lock = None
+                c._mappings._locks.pop(mapped.inc, None)
+                assert ctx.lock is not old, "ctx.lock was not made anew"
+                passes += 1
+            if stop.is_set():
+                break
         c.return_context(ctx)
+        return passes
 
     geo = m._geo
     assert _race(m.namespace, writer, lambda r: inc not in in_use_incarnations(r._buf, geo)) \
@@ -314,12 +351,16 @@ def test_a_lock_owner_record_is_never_seen_half_written(managers):
     buf = m._buf
     from shmctx._proc import identity
 
-    def writer(c: ContextManager, stop) -> None:
+    def writer(c: ContextManager, stop) -> int:
         lk = c._table.stripe_locks[0]
-        while not stop.is_set():
+        passes = 0
+        while True:
             for _ in range(500):
                 lk.acquire()
                 lk.release()
+            passes += 1
+            if stop.is_set():
+                return passes
 
     starts: dict[int, int] = {identity.pid: identity.start}
 
@@ -348,12 +389,16 @@ def test_store_copies_without_clearing_first(managers):
     a = (1, 2, 3, 4, 5.0, 6.0)
     b = (7, 8, 9, 10, 11.0, 12.0)
 
-    def writer(c: ContextManager, stop) -> None:
+    def writer(c: ContextManager, stop) -> int:
         cw = c._words
-        while not stop.is_set():
+        passes = 0
+        while True:
             for _ in range(1000):
                 cw.store(off, st, *a)
                 cw.store(off, st, *b)
+            passes += 1
+            if stop.is_set():
+                return passes
 
     w.store(off, st, *a)
     good = {st.pack(*a), st.pack(*b)}

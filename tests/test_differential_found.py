@@ -1,7 +1,7 @@
 """Library defects found by the randomized run of ``test_differential.py`` (while it also
 checked the table's invariants after each run), each reduced to a minimal reproducer.
 
-* Creating a context whose parent exists but is unreferenced, in a full table, used to
+* Creating a context whose parent exists but is unreferenced, in a full table, could
   evict that very parent to make room (it was the least recently used context without
   references or children): the new context then took the parent's slot and named a
   parent that no longer exists, which ``check()`` reports as damage.

@@ -196,7 +196,7 @@ def test_fork_inside_ctx_lock_child_does_not_release_the_parents_hold(managers):
             os._exit(code)
         assert _wait_child(pid) == 7
         assert lock.sem.value == 0  # still held: by the parent only
-        assert lock.owner()[0] == os.getpid()
+        assert lock.owner().pid == os.getpid()
     assert lock.sem.value == 1
     m.return_context(ctx)
 
@@ -401,7 +401,7 @@ def test_a_lock_left_held_is_recovered_as_the_exception_leaves_the_call(managers
     _leave_held(stripe)
     with pytest.raises(ContextError):
         m.close_context("no-such-context")  # the exception leaves the call here
-    assert stripe.owner()[0] == 0 and stripe.sem.value == 1
+    assert stripe.owner().pid == 0 and stripe.sem.value == 1
     assert _run(_get_and_return, m.namespace, "c") == 0  # another process gets through
     m.return_context(ctx)
     assert m.check() == []
@@ -420,8 +420,8 @@ def test_a_lock_left_held_by_a_thread_that_ended_is_recovered_by_the_sweep(manag
     t = threading.Thread(target=stripe.acquire)  # takes it and ends without releasing
     t.start()
     t.join()
-    assert stripe.owner()[0] == os.getpid()
+    assert stripe.owner().pid == os.getpid()
     assert m.sweep().locks_recovered >= 1
-    assert stripe.owner()[0] == 0 and stripe.sem.value == 1
+    assert stripe.owner().pid == 0 and stripe.sem.value == 1
     m.return_context(ctx)
     assert m.check() == []

@@ -3,8 +3,8 @@
 this process but the hold's bookkeeping does not (the lock is released as the exception
 leaves, or every other process would wait for a live owner without end); and a fork
 descendant that inherits a manager and gets a dead ancestor's pid (it never gives back or
-books into the entry a live process registered since). Found by a third review; every
-child is a real process, the pid reuse real, in a pid namespace."""
+books into the entry a live process registered since). Every child is a real process,
+the pid reuse real, in a pid namespace."""
 
 from __future__ import annotations
 
@@ -136,12 +136,12 @@ x.reclaim(P)  # P's entry is free again...
 y = ContextManager(CFG, namespace=ns, sweeper=False)  # ...and Y, alive, registers in it
 h = y.get_context("c")
 t = y._table
-before = (t.proc_head(y._proc)[0], sorted(c for _i, _s, c in t.proc_refs(y._proc)),
-          L.S_CHECK.unpack_from(t.buf, y._geo.slot_off(0))[1])
+before = (t.proc_head(y._proc).pid, sorted(c for _i, _s, c in t.proc_refs(y._proc)),
+          L.SLOT["refcount"].read(t.buf, y._geo.slot_off(0)))
 os.write(go_w, b"x")
 os.read(done_r, 1)
-after = (t.proc_head(y._proc)[0], sorted(c for _i, _s, c in t.proc_refs(y._proc)),
-         L.S_CHECK.unpack_from(t.buf, y._geo.slot_off(0))[1])
+after = (t.proc_head(y._proc).pid, sorted(c for _i, _s, c in t.proc_refs(y._proc)),
+         L.SLOT["refcount"].read(t.buf, y._geo.slot_off(0)))
 print(before, after)
 x.unlink(force=True)
 sys.exit(0 if before == after else 1)

@@ -341,7 +341,7 @@ def test_wedged_lock_still_shows_the_table_unlocked(ns, mp_ctx):
         assert check.returncode == 1
         assert f"{ns}: table lock: held by dead pid {p.pid}" in check.stdout.splitlines()
         # Read-only: nobody took the lock over, the dead owner is still recorded.
-        assert m._table.table_lock.owner()[0] == p.pid
+        assert m._table.table_lock.owner().pid == p.pid
         # The repair path does take a dead owner's lock over, within --timeout.
         gc = cli(ns, "--gc", "--yes", *QUICK)
         assert gc.returncode == 0, gc.stderr
@@ -357,7 +357,7 @@ def test_check_exit_codes(ns):
         held = m.get_context("alpha")
         r = cli(ns, "--check")
         assert (r.returncode, r.stdout) == (0, f"{ns}: sound\n")
-        assert m._table.table_lock.owner()[0] == 0  # the copy's hold of the lock is over
+        assert m._table.table_lock.owner().pid == 0  # the copy's hold of the lock is over
         slot = held._mapped.slot
         so = m._geo.slot_off(slot)
         L.S_REFCOUNT.pack_into(m._buf, so + L.S_REFCOUNT_OFF, 7)  # scribble a derived count
@@ -538,8 +538,8 @@ def test_colour_only_on_a_terminal_and_never_with_no_color(ns, mp_ctx):
 
 # --- hostile tables: ctx-inspect is bounded by its own timeout and the file's size -----
 
-_LT_OFF = L.H_FIXED_OFF + 56  # lock_timeout in the header (see _layout's header table)
-_STRIPES_OFF, _TOTAL_OFF = L.H_FIXED_OFF + 16, L.H_FIXED_OFF + 24
+_LT_OFF = L.HEADER.off("lock_timeout")
+_STRIPES_OFF, _TOTAL_OFF = L.HEADER.off("stripes"), L.HEADER.off("total_size")
 
 
 def _hold_table_lock(ns: str, ready, release) -> None:
@@ -610,7 +610,8 @@ def _hostile(index_size: int | None = None, stripes: int | None = None,
     agree with the geometry the patched header describes."""
     def patch(data: bytes) -> tuple[bytes, int]:
         out = bytearray(data)
-        cap, n_stripes, procs = struct.unpack_from("<III", out, L.H_FIXED_OFF + 12)
+        head = L.Header.read(out)
+        cap, n_stripes, procs = head.capacity, head.stripes, head.max_processes
         if index_size is not None:
             L.H_INDEX_SIZE.pack_into(out, L.H_INDEX_SIZE_OFF, index_size)
         if stripes is not None:
@@ -619,7 +620,7 @@ def _hostile(index_size: int | None = None, stripes: int | None = None,
             struct.pack_into("<d", out, _LT_OFF, lock_timeout)
         if not fit:
             return bytes(out), len(out)
-        index = L.H_INDEX_SIZE.unpack_from(out, L.H_INDEX_SIZE_OFF)[0]
+        index = L.HEADER["index_size"].read(out, 0)
         total = L.Geometry(cap, procs, stripes or n_stripes, index).total
         struct.pack_into("<Q", out, _TOTAL_OFF, total)
         return bytes(out), total
@@ -799,8 +800,11 @@ def test_many_contexts_cost_time_in_proportion_to_them(ns):
         for i in range(n):
             name = f"c{i}".encode()
             h = name_hash(name)
-            L.SLOT_ALL.pack_into(m._buf, geo.slot_off(i), L.READY, 0, len(name), 0, i + 1, h,
-                                 0, (i + 1) % n + 1, 0, n + 7, 0.0, 0.0, 0, 0, 0, 0, 0, name)
+            L.SLOT_ALL.pack_into(m._buf, geo.slot_off(i), *L.Slot(
+                state=L.READY, flags=0, name_len=len(name), refcount=0, incarnation=i + 1,
+                name_hash=h, size=0, parent=(i + 1) % n + 1, next_free=0, parent_inc=n + 7,
+                created=0.0, last_used=0.0, creator_pid=0, children=0, creator_start=0,
+                lock_pid=0, lock_epoch=0, lock_start=0, name=name, kind=L.KIND_BYTES))
             pos = h & mask  # the index's own placement (linear probing), so it is sound
             while L.INDEX_ENTRY.unpack_from(m._buf, geo.index_entry_off(pos))[0]:
                 pos = (pos + 1) & mask

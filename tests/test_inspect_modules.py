@@ -106,7 +106,7 @@ def lock(ns):
 def test_try_acquire_unless_takes_a_free_lock_at_once_even_with_no_time(lock):
     asked = []
     assert lock.try_acquire_unless(0.0, lambda: asked.append(1) or True, 0.01)
-    assert lock.owner()[0] == identity.pid and asked == []
+    assert lock.owner().pid == identity.pid and asked == []
     lock.release()
 
 
@@ -132,7 +132,7 @@ def test_try_acquire_unless_waits_for_the_release_and_ends_at_its_timeout(lock):
         return False
 
     assert lock.try_acquire_unless(DEADLINE, release_at_first_look, 0.01)
-    assert lock.owner()[0] == identity.pid
+    assert lock.owner().pid == identity.pid
     lock.release()
 
 
@@ -156,7 +156,7 @@ def test_attach_registers_nothing_and_retire_removes_only_when_not_kept(ns):
 
         def keep(why: str):
             def ask() -> str:
-                seen.append(t.table_lock.owner()[0])  # asked under the table lock
+                seen.append(t.table_lock.owner().pid)  # asked under the table lock
                 return why
             return ask
 
@@ -173,7 +173,7 @@ def test_attach_registers_nothing_and_retire_removes_only_when_not_kept(ns):
         assert t.retire(1.0, keep("")) == ""
         assert seen == [identity.pid] * 2
         assert t.flags() & L.FLAG_UNLINKED  # marked before its names went
-        assert _shm.namespace_objects(ns) == [] and t.table_lock.owner()[0] == 0
+        assert _shm.namespace_objects(ns) == [] and t.table_lock.owner().pid == 0
     finally:
         t.close()
     m = ContextManager(CFG, namespace=ns, sweeper=False)  # a new table in its place

@@ -1,9 +1,8 @@
 """Interrupts and re-entrance around the locks: Ctrl-C as a lock is taken or a handle made,
 a signal handler or a finalizer calling shmctx inside a critical section of the frame it
 interrupted, threads that ``threading`` does not list, ``ctx.lock.acquire(timeout)`` while
-a live process keeps the stripe lock. (Found by an adversarial review of the recovery of
-locks left held and of dropped handles.) Every child is a real process and every signal
-is really sent."""
+a live process keeps the stripe lock. These probe the recovery of locks left held and of
+dropped handles. Every child is a real process and every signal is really sent."""
 
 from __future__ import annotations
 
@@ -51,17 +50,17 @@ def _interrupt_after_next_acquire(lock: RobustLock) -> None:
 
 
 def _left_held(lock: RobustLock) -> bool:
-    return lock.owner()[0] != 0 or lock.sem.value == 0
+    return lock.owner().pid != 0 or lock.sem.value == 0
 
 
-# --- 1. recovery as the exception leaves the call: not on every public entry ----------
+# --- 1. recovery as the exception leaves the call, on every public entry --------------
 
 def test_get_or_create_context_recovers_a_lock_an_interrupt_left_held(managers):
     """Ctrl-C right after the cold path of ``get_or_create_context`` takes the table
-    lock leaves it held by this (live) process, which every other process then waits
-    for without end. ``get_context`` recovers such a lock as the exception leaves it
-    (``_recover_leaked_locks`` in its ``except BaseException``);
-    ``get_or_create_context`` (and with it ``context()``) has no such handler."""
+    lock leaves it held by this (live) process, which every other process would then
+    wait for without end. Every public method, ``get_or_create_context`` (and with it
+    ``context()``) included, recovers such a lock as the exception leaves it
+    (``_recover_leaked_locks`` in its ``except BaseException``)."""
     m = managers(CFG)
     table_lock = m._table.table_lock
     _interrupt_after_next_acquire(table_lock)
@@ -73,12 +72,11 @@ def test_get_or_create_context_recovers_a_lock_an_interrupt_left_held(managers):
 @pytest.mark.parametrize("lock_made", [False, True], ids=["first-ctx.lock", "ctx.lock-made"])
 def test_ctx_put_recovers_a_stripe_lock_an_interrupt_left_held(managers, lock_made):
     """``ctx.put`` takes the slot's stripe lock twice: on first use of ``ctx.lock``, to
-    create its semaphore (``ContextManager._context_lock``: ``with m.stripe``), and in
-    every acquisition, to record the owner (``ContextLock._own``: ``with self.guard``).
+    create its semaphore (``Mappings.lock_of``: ``with m.stripe``), and in every
+    acquisition, to record the owner (``ContextLock._own``: ``with self.guard``).
     Ctrl-C as the stripe lock is taken leaves it held by this live process: every other
-    process's get or return of any context of that stripe then waits for ever. Neither
-    ``MemoryContext.lock``, ``ContextLock.acquire`` nor ``put`` recovers it as the
-    exception leaves."""
+    process's get or return of any context of that stripe would then wait for ever, so
+    the lock must be recovered as the exception leaves ``ctx.lock`` or ``put``."""
     m = managers(CFG)
     ctx, _ = m.get_or_create_context("c", MEM)
     stripe = ctx._mapped.stripe
@@ -95,12 +93,12 @@ def test_ctx_put_recovers_a_stripe_lock_an_interrupt_left_held(managers, lock_ma
         m.return_context(ctx)
 
 
-# --- 2. a handle that stands for a reference before it is counted ----------------------
+# --- 2. a handle stands for no reference before it is counted --------------------------
 
 class _HandleInterruptedAsMade(MemoryContext):
     """A ``MemoryContext`` whose construction is followed by a real SIGINT, handled the
     moment ``__init__`` is done: what Ctrl-C arriving as ``MemoryContext(...)`` returns
-    in ``_get_fast`` does, before ``handle._returned = True``."""
+    in ``PyHotPath.try_get`` does, before the reference is counted."""
 
     __slots__ = ()
 
@@ -111,17 +109,18 @@ class _HandleInterruptedAsMade(MemoryContext):
 
 def test_interrupt_as_the_python_hot_path_makes_its_handle_takes_no_reference_away(
         managers, monkeypatch):
-    """``_get_fast`` makes its handle with ``MemoryContext(...)``, whose ``__init__``
-    marks it as holding a reference (``_returned = False``), and only then marks it
-    returned. Ctrl-C between the two drops a handle that claims a reference never
-    counted: its finalizer queues it, and ``_return_dropped`` takes away the reference
-    of another handle of this process. That handle's return then fails, and the
-    context shows no reference while it is held (an idle sweep may close it)."""
+    """``PyHotPath.try_get`` makes its handle (``MemoryContext(...)``) before it counts
+    the reference, marked as standing for none until it is counted (step G2). Were it
+    made as holding one, Ctrl-C between the two would drop a handle that claims a
+    reference never counted: its finalizer would queue it, and
+    ``Slots.return_dropped`` would take away the reference of another handle of this
+    process. That handle's return would then fail, and the context would show no
+    reference while it is held (an idle sweep could close it)."""
     m = managers(CFG)
     held, _ = m.get_or_create_context("c", MEM)  # one real reference
     monkeypatch.setattr(hotpath_module, "MemoryContext", _HandleInterruptedAsMade)
     with pytest.raises(KeyboardInterrupt):
-        m.get_context("c", timeout=5)  # a timeout: the Python path (_get_fast)
+        m.get_context("c", timeout=5)  # a timeout: the Python path (PyHotPath.try_get)
     monkeypatch.undo()
     m.sweep()  # gives queued dropped handles back
     assert {i.name: i.holders for i in m.contexts()}["c"] == {os.getpid(): 1}
@@ -129,7 +128,7 @@ def test_interrupt_as_the_python_hot_path_makes_its_handle_takes_no_reference_aw
     assert m.check() == []
 
 
-# --- 3. the heal path robs a lock its own thread holds further up the stack ------------
+# --- 3. recovery never robs a lock its own thread holds further up the stack -----------
 
 def _signal_inside(monkeypatch, site: str, handler, call, stripe: RobustLock):
     """Run ``call`` on the Python path (armed failpoints make the C path defer to it)
@@ -161,11 +160,12 @@ def test_shmctx_call_from_a_signal_handler_does_not_rob_the_interrupted_hold(
         managers, monkeypatch):
     """A signal handler (or a ``__del__`` run by a collection) runs between two
     bytecodes of the Python hot path, inside its stripe lock. If a shmctx call in it
-    raises (here ``ContextNotFoundError``, caught by the handler), ``_recover_leaked_
-    locks`` finds the stripe lock recorded as this process's and held by this very
-    thread, takes it for one an interrupt left held, and releases it; the interrupted
-    frame then releases it again. The semaphore ends at 2: two holders at once, for
-    every process, for good."""
+    raises (here ``ContextNotFoundError``, caught by the handler),
+    ``_recover_leaked_locks`` finds the stripe lock recorded as this process's and held
+    by this very thread. Taking it for one an interrupt left held and releasing it would
+    let the interrupted frame release it again: the semaphore would end at 2, two
+    holders at once, for every process, for good. The frame that took it is still on
+    the stack, so it must be left alone."""
     m = managers(CFG)
     ctx, _ = m.get_or_create_context("c", MEM)
     m.return_context(ctx)
@@ -187,10 +187,11 @@ def test_signal_handler_returning_a_handle_does_not_rob_the_interrupted_hold(
         managers, monkeypatch):
     """The same re-entrance without any exception: a signal handler returns a handle of
     the context whose stripe lock the interrupted hot path holds. Its wait looks at the
-    owner after 10 ms (``_after_timeout``), finds it recorded as this process and the
-    holder thread the waiter itself (``leaked``), and takes the lock over from its own
-    interrupted frame, which then releases it a second time: the semaphore ends at 2.
-    (Before the change it waited for itself for ever; it must do neither, but say so.)"""
+    owner after 10 ms (``_after_timeout``) and finds it recorded as this process, with
+    the waiter itself as the holder thread (``leaked``). Taking the lock over from its
+    own interrupted frame would let that frame release it a second time (the semaphore
+    would end at 2); waiting would wait for itself for ever. It must do neither, but say
+    so."""
     m = managers(CFG)
     ctx, _ = m.get_or_create_context("c", MEM)
     extra = m.get_context("c")
@@ -210,15 +211,15 @@ def test_signal_handler_returning_a_handle_does_not_rob_the_interrupted_hold(
     assert value == 1, f"stripe semaphore at {value} after one hold: mutual exclusion lost"
 
 
-# --- 4. "the holder thread has ended": only threads threading knows about ---------------
+# --- 4. a holder thread that threading does not list has not ended ---------------------
 
 def test_ctx_lock_held_by_a_thread_threading_does_not_list_is_not_taken_over(managers):
-    """``RobustLock.leaked`` takes a holder thread missing from
-    ``threading.enumerate()`` for one that ended, and a waiter of this process then takes
-    the lock over. Threads started with ``_thread.start_new_thread`` (or by C code, an
-    embedding application, a native library's callbacks) are alive yet not listed: a
-    second thread's ``ctx.lock.acquire`` robs such a thread inside its ``with ctx.lock``
-    after 10 ms."""
+    """``RobustLock.leaked`` must not take a holder thread missing from
+    ``threading.enumerate()`` for one that ended (a waiter of this process would then
+    take the lock over). Threads started with ``_thread.start_new_thread`` (or by C
+    code, an embedding application, a native library's callbacks) are alive yet not
+    listed: a second thread's ``ctx.lock.acquire`` must not rob such a thread inside its
+    ``with ctx.lock``."""
     m = managers(CFG)
     ctx, _ = m.get_or_create_context("c", MEM)
     lock = ctx.lock
@@ -264,10 +265,10 @@ def _hold_stripe_until_told(ns: str, name: str, held, go) -> None:
 
 def test_ctx_lock_acquire_timeout_holds_while_a_live_process_keeps_the_stripe(managers):
     """``ContextLock.acquire(timeout)`` gets a free ``ctx.lock`` semaphore at once, then
-    records its owner under the slot's stripe lock (``_own``: ``with self.guard``), with
-    no timeout. While a live process keeps that stripe lock (a process stopped in a
-    debugger, or descheduled on a loaded host), ``acquire(timeout=0.3)`` waits for it
-    without end instead of raising ``TimeoutError`` after 0.3 s."""
+    records its owner under the slot's stripe lock (``_own``: ``with self.guard``).
+    While a live process keeps that stripe lock (a process stopped in a debugger, or
+    descheduled on a loaded host), ``acquire(timeout=0.3)`` must raise ``TimeoutError``
+    after 0.3 s, not wait for the stripe lock without end."""
     m = managers(CFG)
     ctx, _ = m.get_or_create_context("c", MEM)
     lock = ctx.lock

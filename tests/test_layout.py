@@ -13,13 +13,14 @@ import pytest
 
 from shmctx import ContextConfig, ContextManager, MemoryContextConfig, TableFormatError, _shm
 from shmctx import _layout as L
+from shmctx._config import DEFAULT_CAPACITY, DEFAULT_MAX_PROCESSES
 from shmctx._table import header_problem
 
 ROOT = Path(__file__).resolve().parent.parent
 
 # Every layout version with the fingerprint of its declarations. A change to the
 # declarations changes the fingerprint; this table makes it come with a new version.
-KNOWN_LAYOUTS = {3: 0xC75D51F957A189B8}
+KNOWN_LAYOUTS = {3: 0xC75D51F957A189B8, 4: 0xBBC3462FA2B1B653}
 
 
 def test_a_changed_layout_comes_with_a_new_version():
@@ -43,7 +44,8 @@ def test_the_byte_tables_of_the_architecture_doc_are_the_declarations():
     doc = (ROOT / "docs" / "architecture.md").read_text()
     block = L.markdown_block(doc)
     assert block, "docs/architecture.md lost its layout-table markers"
-    assert block == L.markdown(), "docs/architecture.md's layout tables are stale: run " \
+    default = L.Geometry(DEFAULT_CAPACITY, DEFAULT_MAX_PROCESSES)
+    assert block == L.markdown(default), "docs/architecture.md's layout tables are stale: run " \
         "tools/gen_layout.py"
     # Every field of every record is in it, at its offset.
     for rec in L.RECORDS:
@@ -55,7 +57,7 @@ def test_the_byte_tables_of_the_architecture_doc_are_the_declarations():
 # --- the fingerprint ----------------------------------------------------------------
 
 def _declared(rec: L.Record) -> list[L.Field]:
-    return [L.Field(p.name, p.type, p.comment, p.apart) for p in rec.fields]
+    return [L.Field(p.name, p.type, p.comment) for p in rec.fields]
 
 
 def _fingerprint_with(key: str, fields: list[L.Field]) -> int:
@@ -152,7 +154,7 @@ def _hot_path(table: bytearray) -> object:
     from shmctx import _speedups
 
     return _speedups.HotPath(
-        manager=None, table=table, sem_names=["/shmctx-test-no-such-semaphore"], max_refs=0,
+        owner=None, table=table, sem_names=["/shmctx-test-no-such-semaphore"], max_refs=0,
         mapped={}, handle_type=object, handle_fields=tuple(_Field() for _ in range(5)),
         failpoints={}, dropped=[])
 
@@ -211,7 +213,8 @@ def test_the_named_records_read_what_the_structs_read(ns):
     assert (fa.state, fa.size, fa.refcount, fa.parent) == (L.READY, 4096, 1, 0)
     assert (fb.refcount, fb.parent, fb.parent_inc) == (2, sa + 1, fa.incarnation)
     assert fa.lock_pid != 0 and fb.lock_pid == 0  # alpha's ctx.lock was held
-    assert L.SLOT["children"].read(data, geo.slot_off(sa)) == 1
+    assert (fa.children, fb.children) == (1, 0)
+    assert fa.children == L.SLOT["children"].read(data, geo.slot_off(sa))
     procs = [L.ProcHead.read(data, geo.proc_off(p)) for p in range(geo.max_processes)]
     assert [tuple(p) for p in procs] == \
         [L.P_HEAD.unpack_from(data, geo.proc_off(p)) for p in range(geo.max_processes)]

@@ -464,12 +464,12 @@ def test_dropped_sweeper_gives_up_the_lead_and_its_thread_ends(managers, ns):
                              max_processes=16)
     keep = managers(lead_cfg)  # no sweeper thread of its own
     dropped = ContextManager(lead_cfg, namespace=ns, sweeper=True)
-    wait_for(lambda: keep._table.sweeper()[0] == os.getpid(), 10, "the sweeper to lead")
+    wait_for(lambda: keep._table.sweeper().sweeper_pid == os.getpid(), 10, "the sweeper to lead")
     thread = dropped._sweeper
     wait_for(lambda: ref_only(thread), 10, "the sweeper thread to wait between rounds")
     del dropped
     gc.collect()
-    wait_for(lambda: keep._table.sweeper()[0] == 0, 10, "the sweep lead to be given up")
+    wait_for(lambda: keep._table.sweeper().sweeper_pid == 0, 10, "the sweep lead to be given up")
     thread.join(10)
     assert not thread.is_alive(), "the dropped manager's sweeper thread lives on"
     wait_for(lambda: len(entries(keep)) == 1, 10, "the dropped manager's entry to be freed")

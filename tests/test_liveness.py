@@ -58,11 +58,11 @@ def test_an_entry_is_locked_exactly_while_registered(managers):
     description sees it held; closing frees the entry, then the lock."""
     a, b = managers(CFG), managers(CFG)
     pa = a._proc
-    assert a._table.proc_head(pa)[1] & L.P_LIVE_LOCK
+    assert a._table.proc_head(pa).flags & L.P_LIVE_LOCK
     assert _kernel_says_held(b._table.arbiter.fd, pa)
     assert a._table.liveness.entry_alive(pa) and b._table.liveness.entry_alive(pa)
     a.close()
-    assert b._table.proc_head(pa)[0] == 0
+    assert b._table.proc_head(pa).pid == 0
     assert not _kernel_says_held(b._table.arbiter.fd, pa)
 
 
@@ -139,7 +139,7 @@ def _register_without_a_lock(ns: str, out) -> None:
         os.close(fd)
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     held = m.get_context("c")
-    out.send((m._table.proc_head(m._proc)[1], seen))
+    out.send((m._table.proc_head(m._proc).flags, seen))
     signal.pause()
     m.return_context(held)
 
@@ -339,10 +339,10 @@ def test_a_dead_entry_condemns_its_owner_although_the_pid_runs_again(managers):
             L.P_HEAD.pack_into(t.buf, off, pid, L.P_LIVE_LOCK, start, time.time())
             with t.stripe_of(slot):
                 so = t.geo.slot_off(slot)
-                rc = L.S_REFCOUNT.unpack_from(t.buf, so + L.S_REFCOUNT_OFF)[0]
+                rc = L.SLOT["refcount"].read(t.buf, so)
                 L.S_REFCOUNT.pack_into(t.buf, so + L.S_REFCOUNT_OFF, rc + 2)
         lock.sem.acquire(0)  # the dead process's hold: taken, owner recorded
-        epoch = L.LOCK.unpack_from(t.buf, lock.off)[1]
+        epoch = lock.owner().epoch
         L.LOCK.pack_into(t.buf, lock.off, pid, epoch + 1, start)
 
         began = time.monotonic()

@@ -4,8 +4,8 @@ frame that returned or is suspended (``acquire()`` in a helper, a class's ``__en
 ``contextmanager`` generator, a coroutine across an ``await``) is never taken over by
 another thread of the process; two recoveries of the same left-held lock never rob the
 next holder; ``ctx.lock.try_acquire()`` is a hold like ``acquire()``; a manager dropped as
-the interpreter exits leaves no lock held. (Found by a second adversarial review.) Real
-threads and processes; every wait is for a real condition.
+the interpreter exits leaves no lock held. Real threads and processes; every wait is for
+a real condition.
 """
 
 from __future__ import annotations
@@ -92,9 +92,9 @@ def test_ctx_lock_held_by_a_live_thread_outside_the_frame_that_took_it_is_not_ro
         managers, hold):
     """Thread A holds ``ctx.lock`` in one of the shapes above, alive and inside its
     critical section. Thread B (the test's) waits for the lock with a timeout: it must
-    time out. Before the fix B took it over at its first look, as "left held by an
-    interrupt", because the frame that took it is not on A's stack (and A's release then
-    raised RuntimeError)."""
+    time out. The frame that took the lock is not on A's stack, yet taking that for
+    "left held by an interrupt" would let B take the lock over at its first look (and
+    A's release would then raise RuntimeError)."""
     m = managers(CFG)
     ctx, _ = m.get_or_create_context("c", MEM)
     holding, done = threading.Event(), threading.Event()
@@ -195,7 +195,7 @@ def test_recovering_a_leak_twice_at_once_never_robs_the_next_holder(managers):
         sweeper.join(10)
         if holder.ident is not None:
             holder.join(10)
-    assert lock.owner()[0] == 0 and lock.sem.value == 1
+    assert lock.owner().pid == 0 and lock.sem.value == 1
 
 
 _DROP_AT_EXIT = r"""
@@ -216,9 +216,9 @@ def hit(name):
         inside.set()
         while threading.main_thread().is_alive():
             time.sleep(0.001)
-        # A little more, only so that a daemon give-back would lose the race to the
-        # interpreter's finalization for sure (the old code); the fixed code's exit
-        # waits for this thread whatever the timing.
+        # A little more, only so that a daemon give-back thread would lose the race to
+        # the interpreter's finalization for sure; the give-back thread is not a daemon,
+        # so the exit waits for it whatever the timing.
         time.sleep(0.002)
 
 _failpoints.hit = hit
@@ -230,26 +230,26 @@ assert inside.wait(10)
 
 
 def test_a_manager_dropped_as_the_script_ends_leaves_no_lock_held(ns, managers):
-    """The give-back of a manager collected without ``close()`` ran on a *daemon*
-    thread (it no longer does). Dropped as a script ends (its last lines, or a function
-    returning just before exit), that thread was still giving back when the interpreter
-    finalized,
-    which freezes daemon threads wherever they are: the process exits holding the table
-    lock (and a stripe lock) and with its entry half given back. Every other process
-    then sees a crash, takes the locks over from a dead owner and repairs, or, if the
-    freeze fell between taking a semaphore and recording its owner, waits two
-    lock_timeouts for the table lock first. Measured without the hook below: the table
-    lock is left so in about 1 of 20 such exits under SHMCTX_PURE_PYTHON=1, and the
-    entry is never given back before the exit. The hook (a failpoint of the child) only
-    makes the give-back slow enough that the race is always lost. A real process and a
-    real interpreter exit."""
+    """The give-back of a manager collected without ``close()`` runs on a thread of its
+    own, which must not be a *daemon* thread. Dropped as a script ends (its last lines,
+    or a function returning just before exit), a daemon give-back would still be giving
+    back when the interpreter finalized, which freezes daemon threads wherever they
+    are: the process would exit holding the table lock (and a stripe lock) and with its
+    entry half given back. Every other process would then see a crash, take the locks
+    over from a dead owner and repair, or, if the freeze fell between taking a semaphore
+    and recording its owner, wait two lock_timeouts for the table lock first. With a
+    daemon give-back and without the hook below, the table lock was left so in about 1
+    of 20 such exits under SHMCTX_PURE_PYTHON=1, and the entry never given back before
+    the exit. The hook (a failpoint of the child) only makes the give-back slow enough
+    that a daemon thread would always lose the race. A real process and a real
+    interpreter exit."""
     keeper = managers(CFG)
     r = subprocess.run([sys.executable, "-c", _DROP_AT_EXIT, ns], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     t = keeper._table
-    left = {lk.what: (lk.owner()[0], lk.sem.value) for lk in (t.table_lock, *t.stripe_locks)
-            if (lk.owner()[0], lk.sem.value) != (0, 1)}
+    left = {lk.what: (lk.owner().pid, lk.sem.value) for lk in (t.table_lock, *t.stripe_locks)
+            if (lk.owner().pid, lk.sem.value) != (0, 1)}
     before = recoveries()
     keeper.sweep()  # repairs whatever the exit left, and reclaims the entry if need be
     assert not left, f"the exit left locks held: {left}"
@@ -257,14 +257,15 @@ def test_a_manager_dropped_as_the_script_ends_leaves_no_lock_held(ns, managers):
 
 
 def test_ctx_lock_try_acquire_is_a_hold_like_acquire(managers):
-    """``ctx.lock`` inherits ``RobustLock.try_acquire``, which records the owner (through
-    ``ContextLock._own``, under the stripe lock) but does not mark the calling thread as
-    the holder (``_mark_held``). So a successful ``ctx.lock.try_acquire()`` could not be
-    released (RuntimeError: "released by a thread that does not hold it"), was not
-    re-entrant (``ctx.put`` in the same thread raised ContextError claiming a signal
-    handler or a finalizer), and, the record naming a live process, left the context's
-    lock held for every process for as long as this one lived. A real second thread
-    checks that the lock is free afterwards."""
+    """``ContextLock.try_acquire`` must mark the calling thread as the holder
+    (``_mark_held``), as ``acquire`` does, not only record the owner (which
+    ``RobustLock.try_acquire`` does, through ``ContextLock._own``, under the stripe
+    lock). Otherwise a successful ``ctx.lock.try_acquire()`` could not be released
+    (RuntimeError: "released by a thread that does not hold it"), would not be
+    re-entrant (``ctx.put`` in the same thread would raise ContextError claiming a
+    signal handler or a finalizer), and, the record naming a live process, would leave
+    the context's lock held for every process for as long as this one lived. A real
+    second thread checks that the lock is free afterwards."""
     m = managers(CFG)
     ctx, _ = m.get_or_create_context("c", MEM)
     assert ctx.lock.try_acquire()
@@ -277,5 +278,5 @@ def test_ctx_lock_try_acquire_is_a_hold_like_acquire(managers):
     th.start()
     th.join(10)
     assert got == [True]
-    assert ctx.lock.owner()[0] != 0  # the other thread, which has ended, holds it
+    assert ctx.lock.owner().pid != 0  # the other thread, which has ended, holds it
     m.return_context(ctx)

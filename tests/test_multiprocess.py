@@ -1,4 +1,4 @@
-"""Cross-process behaviour of issue 2, in real separate processes, under both the
+"""Cross-process behaviour of the public API, in real separate processes, under both the
 ``fork`` and the ``spawn`` start method.
 
 Worker bodies are module-level functions (``spawn`` pickles them by name). Every worker

@@ -107,7 +107,8 @@ def assert_names_stranger(e: BaseException, who: pwd.struct_passwd) -> None:
 def test_a_namespace_a_stranger_created_is_refused_unless_trusted(ns, stranger):
     """The stranger pre-creates the namespace (mode 0666, a valid table, a context with a
     value and a ctx.lock). Root attaching to it is refused with an error naming the owner
-    and the table; it used to attach silently and read the stranger's values as its own.
+    and the table (without the owner check it would attach silently and read the
+    stranger's values as its own).
     With trusted_uids naming the stranger, the deliberate sharing works."""
     planted = as_stranger(stranger, plant, ns)
     assert all(os.stat(os.path.join(_shm.SHM_DIR, e)).st_uid == stranger.pw_uid
@@ -187,9 +188,8 @@ def precreate(names: list[tuple[str, str]]) -> list[str]:
 
 def _next_claim(m: ContextManager) -> tuple[int, int]:
     """(slot, incarnation) the next context created in ``m``'s namespace will get."""
-    buf = m._table.buf
-    inc = L.H_NEXT_INC.unpack_from(buf, L.H_NEXT_INC_OFF)[0]
-    return L.H_FREE_HEAD.unpack_from(buf, L.H_FREE_HEAD_OFF)[0] - 1, inc
+    head = L.Header.read(m._table.buf)
+    return head.free_head - 1, head.next_incarnation
 
 
 def test_names_a_stranger_plants_in_our_namespace_are_refused_never_opened(managers, stranger):
@@ -258,8 +258,7 @@ def test_names_a_stranger_plants_in_our_namespace_are_refused_never_opened(manag
 
 def test_a_stale_semaphore_is_replaced_only_if_it_is_ours(ns, stranger):
     """Creating a table's semaphores replaces a stale one of our own of the same name,
-    but another user's is refused and left in place (it used to be unlinked and
-    replaced)."""
+    but another user's is refused and left in place, never unlinked and replaced."""
     name = f"/{_shm.PREFIX}{ns}@probe"
     path = as_stranger(stranger, precreate, [("sem", name)])[0]
     try:

@@ -69,8 +69,8 @@ def in_private_shm(ns: str, body: str, size: str = "1m") -> dict:
 def test_creating_a_namespace_on_a_full_dev_shm_is_a_clear_error_leaving_nothing(ns):
     """No room at all, room for less than the table, room for the table but not its
     semaphores: each time a ContextError naming ENOSPC and the bytes needed and free, and
-    nothing left behind (no staging table, no semaphore, no glibc temporary). The table
-    used to be created sparse and filled in through the mapping: SIGBUS."""
+    nothing left behind (no staging table, no semaphore, no glibc temporary). A table
+    created sparse and filled in through its mapping would die of SIGBUS instead."""
     out = in_private_shm(ns, '''
         table = L.Geometry(1024, 256).total
         results = []
@@ -274,9 +274,9 @@ def test_descriptor_limit_while_attaching_is_emfile_and_leaks_nothing(new_ns, pu
     """At every descriptor budget from none to enough, attaching a namespace, creating
     one, mapping a context for the first time, creating a context and opening its
     ctx.lock each either work or raise OSError(EMFILE) naming the limit; nothing is
-    leaked: no descriptor, no reference, no object. (Attaching used to raise
-    BufferError from the cleanup and leak two descriptors; a failed first mapping kept
-    its reference; posix_ipc's EMFILE came without an errno.)"""
+    leaked: no descriptor, no reference, no object. (What it catches: a failed attach
+    whose cleanup raises BufferError and leaks two descriptors; a failed first mapping
+    that keeps its reference; posix_ipc's EMFILE without an errno.)"""
     ns = new_ns()
     env = {"SHMCTX_PURE_PYTHON": "1"} if pure else {}
     proc = subprocess.run([sys.executable, "-c", EMFILE_SCRIPT, ns], capture_output=True,

@@ -96,7 +96,7 @@ THREADS_MAX = 3
 OPS = ("get_or_create", "return", "get", "lock+put", "close", "force close", "fork")
 FAULTS = ("timers", "sigint", "threads", "fork", "scribble")
 SIZE = 512
-# Exit statuses of a forked child (see _fork_child).
+# Exit statuses of a forked child (see fork_child).
 CHILD_OK, CHILD_ERROR, CHILD_STALL = 0, 2, 3
 CHILD_WATCHDOG = 20  # seconds: a child still running then is hung; SIGALRM ends it
 # glibc's sem_open(O_CREAT) builds a semaphore in a temporary /dev/shm/sem.XXXXXX and then

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from shmctx import _layout as L  # noqa: E402
+from shmctx._config import DEFAULT_CAPACITY, DEFAULT_MAX_PROCESSES  # noqa: E402
 
 HEADER = ROOT / "src" / "shmctx" / "_layout.h"
 DOC = ROOT / "docs" / "architecture.md"
@@ -29,7 +30,8 @@ def main() -> int:
         print(f"{DOC}: no block between {L.MARKDOWN_BEGIN!r} and {L.MARKDOWN_END!r}",
               file=sys.stderr)
         return 1
-    DOC.write_text(text.replace(old, L.markdown()))
+    default = L.Geometry(DEFAULT_CAPACITY, DEFAULT_MAX_PROCESSES)
+    DOC.write_text(text.replace(old, L.markdown(default)))
     print(f"wrote {HEADER.relative_to(ROOT)} and the layout tables of "
           f"{DOC.relative_to(ROOT)} (fingerprint {L.FINGERPRINT:016x})")
     return 0

@@ -15,10 +15,10 @@ from time import monotonic
 
 import posix_ipc
 
-from . import _failpoints, _shm
+from . import _failpoints, _payload, _shm
 from . import _layout as L
 from ._config import MemoryContextConfig
-from ._context import MemoryContext, mark_counted
+from ._context import MemoryContext, check_spec, mark_counted
 from ._entry import holding
 from ._errors import (
     ContextError,
@@ -50,7 +50,11 @@ class ColdPath:
         init: Callable[[MemoryContext], object] | None,
         create: bool,
         timeout: float | None,
+        factory: Callable[[], object] | None = None,
     ) -> tuple[MemoryContext, bool]:
+        """A handle on ``name`` and whether it existed. ``factory``: the context holds
+        the object it returns (``get_or_create_object``), made by this process if the
+        context does not exist (``config`` and ``init`` are then None)."""
         slots, t = self.slots, self.table
         slots.entry.ensure(self.register)
         slots.return_dropped()
@@ -80,13 +84,18 @@ class ColdPath:
                     slot = t.find(name_b, h)
                     if slot >= 0:
                         f = t.read_slot(slot)
-                        state, inc, size = f.state, f.incarnation, f.size
+                        state, inc, size, kind = f.state, f.incarnation, f.size, f.kind
                         if state not in (L.CREATING, L.READY):
                             raise slots.damaged(name, slot, inc,
                                                 f"its slot {slot} holds state {state}, not a state")
-                        if config is not None:
-                            slots.check_config(name, f, config)
                         if state == L.READY:
+                            # Checked once it is ready, not while it is being created:
+                            # a dead creator's context is removed by the wait below and
+                            # then made afresh with this config.
+                            if config is not None:
+                                slots.check_config(name, f, config)
+                            if factory is not None and kind != L.KIND_OBJECT:
+                                raise _payload.kind_error(name, kind, L.KIND_OBJECT)
                             parent_name = slots.parent_name(f)
                             try:
                                 slots.take_ref(name, slot, inc)
@@ -110,16 +119,19 @@ class ColdPath:
                         if not create:
                             raise ContextNotFoundError(f"no context {name!r} in namespace {ns!r}")
                         cfg = config or MemoryContextConfig()
-                        slot, inc = slots.claim(name, name_b, h, cfg)
+                        kind = L.KIND_OBJECT if factory is not None else cfg.kind
+                        slot, inc = slots.claim(name, name_b, h, cfg, kind)
                         size = cfg.size
                         created = True
                 if wait is not None:
                     slots.wait_for_init(name, *wait, deadline, timeout)
                     continue
                 if created:
-                    return self._finish_create(name, slot, inc, cfg, init), False
+                    return self._finish_create(name, slot, inc, cfg, init, factory), False
                 try:
-                    m = self.mappings.map(name, slot, inc, size, parent_name)
+                    m = self.mappings.map(name, slot, inc, size, parent_name, kind)
+                    if config is not None:
+                        check_spec(m, config)  # raised: the reference is given back below
                     handle = MemoryContext(self.mappings, m, identity.pid, False)
                 except posix_ipc.ExistentialError:
                     counted = None  # first: an interrupt now leaks it, never gives it twice
@@ -146,12 +158,26 @@ class ColdPath:
                 raise
 
     def _finish_create(self, name: str, slot: int, inc: int, cfg: MemoryContextConfig,
-                       init: Callable[[MemoryContext], object] | None) -> MemoryContext:
-        """Make the memory of the context just claimed, run ``init``, publish it."""
+                       init: Callable[[MemoryContext], object] | None,
+                       factory: Callable[[], object] | None) -> MemoryContext:
+        """Make the memory of the context just claimed, run ``init``, publish it. With
+        ``factory``, the memory holds what it returns, pickled: its size is known only
+        then, so the memory is made after it runs (the others wait all the same)."""
         slots, t, mappings = self.slots, self.table, self.mappings
         size = cfg.size
+        kind = L.KIND_OBJECT if factory is not None else cfg.kind
         creator = identity.pid
         try:
+            packed = None
+            if factory is not None:
+                if _failpoints.armed:
+                    _failpoints.hit("create.in_factory")
+                obj = self._run_once(name, slot, inc, creator, factory)
+                packed = _payload.pack_object(obj, f"context {name!r}")
+                del obj  # the pickled buffers keep what they need until written
+                size = packed.size
+                if _failpoints.armed:
+                    _failpoints.hit("create.object_packed")
             mm = None
             if size:
                 mm = _shm.create_segment(
@@ -161,24 +187,19 @@ class ColdPath:
                 )
             if _failpoints.armed:
                 _failpoints.hit("create.segment_made")
-            m = mappings.mapping(name, slot, inc, size, mm, cfg.parent)
+            m = mappings.mapping(name, slot, inc, size, mm, cfg.parent, kind)
+            # The payload before init, and before anyone else can map it.
+            if packed is not None:
+                packed.write(m.view)
+            elif kind == L.KIND_ARRAY:
+                meta, n = _payload.array_meta(cfg.shape, cfg.dtype)
+                _payload.write_header(m.view, kind, meta, n)
             handle = MemoryContext(mappings, m, identity.pid)
             if init is not None:
                 mappings.keep(m)
                 if _failpoints.armed:
                     _failpoints.hit("create.in_init")
-                slots.initialising[(slot, inc)] = threading.get_ident()
-                try:
-                    init(handle)
-                finally:
-                    slots.initialising.pop((slot, inc), None)
-                if identity.pid != creator:
-                    # init forked and this is the child, back from init: the context is
-                    # its parent's to publish (or remove), not ours.
-                    raise ContextError(
-                        f"context {name!r}: pid {identity.pid} was forked inside its init "
-                        f"by pid {creator}, which creates it; the child cannot publish it"
-                    )
+                self._run_once(name, slot, inc, creator, lambda: init(handle))
         except BaseException:
             if identity.pid == creator:  # a forked child leaves the slot to its parent
                 slots.abort_create(name, slot, inc)
@@ -187,3 +208,22 @@ class ColdPath:
         mappings.keep(m)
         mappings.added()
         return handle
+
+    def _run_once(self, name: str, slot: int, inc: int, creator: int,
+                  fn: Callable[[], object]) -> object:
+        """Run the user's ``init`` or factory of the context this thread creates: a get
+        of the same context from inside it is an error, not a wait for itself."""
+        slots = self.slots
+        slots.initialising[(slot, inc)] = threading.get_ident()
+        try:
+            result = fn()
+        finally:
+            slots.initialising.pop((slot, inc), None)
+        if identity.pid != creator:
+            # It forked and this is the child, back from it: the context is its parent's
+            # to publish (or remove), not ours.
+            raise ContextError(
+                f"context {name!r}: pid {identity.pid} was forked inside its init "
+                f"by pid {creator}, which creates it; the child cannot publish it"
+            )
+        return result

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from datetime import timedelta
-from typing import Union
+from typing import Any, Union
 
+from . import _layout as L
+from . import _payload
 from ._errors import InvalidConfigError
 
 __all__ = [
@@ -123,10 +126,16 @@ class ContextConfig:
 @dataclass(frozen=True)
 class MemoryContextConfig:
     """Per-context settings: ``size`` bytes of shared memory (0 = metadata only) and
-    an optional ``parent`` context whose closing also closes this one."""
+    an optional ``parent`` context whose closing also closes this one.
+
+    An array context (``for_array``) also records its ``shape`` and ``dtype``; its
+    ``size`` is computed from them (the array plus a 64-byte-aligned header).
+    """
 
     size: int = 0
     parent: str | None = None
+    shape: tuple[int, ...] | None = None
+    dtype: Any = None  # a numpy.dtype, for an array context
 
     def __post_init__(self) -> None:
         if isinstance(self.size, bool) or not isinstance(self.size, int):
@@ -137,3 +146,36 @@ class MemoryContextConfig:
             raise InvalidConfigError(
                 f"parent must be a context name or None, not {type(self.parent).__name__}"
             )
+        if self.shape is None and self.dtype is None:
+            return
+        if self.shape is None or self.dtype is None:
+            raise InvalidConfigError("an array context needs both shape and dtype "
+                                     "(MemoryContextConfig.for_array)")
+        shape, dt = _payload.shape_of(self.shape), _payload.dtype_of(self.dtype)
+        size, _n = _payload.array_layout(shape, dt)
+        if self.size not in (0, size):
+            raise InvalidConfigError(
+                f"size {self.size} does not match shape {shape} and dtype {dt} ({size} "
+                "bytes with the header): leave size out of an array config")
+        # Normalized, so that two configs of one array compare equal.
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "dtype", dt)
+        object.__setattr__(self, "size", size)
+
+    @classmethod
+    def for_array(cls, shape: int | Sequence[int], dtype: Any,
+                  parent: str | None = None) -> MemoryContextConfig:
+        """The config of a context holding one NumPy array of ``shape`` and ``dtype``
+        (any dtype with a fixed item size, structured ones included; C order; the data
+        64-byte aligned). Read it with ``ctx.array()``.
+
+        >>> cfg = MemoryContextConfig.for_array((1000, 64), "float32")
+        >>> ctx, _ = m.get_or_create_context("emb", cfg,
+        ...                                  init=lambda c: c.array(writeable=True).fill(0))
+        """
+        return cls(parent=parent, shape=shape, dtype=dtype)  # type: ignore[arg-type]
+
+    @property
+    def kind(self) -> int:
+        """What the context's memory holds (``_layout.KIND_*``)."""
+        return L.KIND_BYTES if self.shape is None else L.KIND_ARRAY

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import mmap
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack
 
-from ._errors import ContextClosedError, ContextError
+from . import _layout as L
+from . import _payload
+from ._errors import (
+    ContextClosedError,
+    ContextError,
+    InvalidConfigError,
+    InvalidContextTypeError,
+)
 from ._lock import ContextLock
 
 if TYPE_CHECKING:
+    from ._config import MemoryContextConfig
     from ._lock import RobustLock
 
 __all__ = ["MemoryContext", "ContextInfo", "SweepReport"]
@@ -44,10 +53,10 @@ _NO_VALUE = object()
 class _Mapped:
     """This process's mapping of one context incarnation, shared by its handles.
 
-    The manager's cache (``ContextManager._mapped``) keeps it after its handles are
+    The manager's cache (``Mappings.mapped``) keeps it after its handles are
     returned, so the next get of the same context maps nothing, but only while the
     context is open and, among those this process holds no reference to, only the
-    most recently used (``ContextManager._prune_mappings``). Out of the cache it lives
+    most recently used (``Mappings.prune``). Out of the cache it lives
     exactly as long as something of this process still uses it: a handle (returned or
     not), a buffer exported from it (``ctx.buf``, a numpy array over it), a thread in
     ``put``. With the last of them it goes, by reference counting: the memory is
@@ -58,10 +67,11 @@ class _Mapped:
     """
 
     __slots__ = ("name", "slot", "inc", "size", "mm", "view", "lock", "parent", "off", "stripe",
-                 "hot")
+                 "hot", "kind", "payload")
 
     def __init__(self, name: str, slot: int, inc: int, size: int, mm: mmap.mmap | None,
-                 parent: str | None, off: int, stripe: RobustLock, stripe_index: int):
+                 parent: str | None, off: int, stripe: RobustLock, stripe_index: int,
+                 kind: int = L.KIND_BYTES):
         self.name = name
         self.slot = slot
         self.inc = inc
@@ -76,6 +86,8 @@ class _Mapped:
         self.stripe = stripe
         # The same, as the C hot path (_speedups.c) reads it: one attribute, plain ints.
         self.hot = (off, stripe_index, inc, slot)
+        self.kind = kind  # what the memory holds: the slot's kind, L.KIND_*
+        self.payload: _payload.Payload | None = None  # read once, by payload_of
 
     def unmap(self) -> None:
         """Unmap now (the manager is closing, or a creation failed): handles still
@@ -90,6 +102,40 @@ class _Mapped:
             pass  # the user still exports it (numpy, a slice): it unmaps when they let go
 
 
+def payload_of(m: _Mapped) -> _payload.Payload:
+    """The payload of a typed context's mapping, read from its memory once."""
+    p = m.payload
+    if p is None:
+        try:
+            p = _payload.read(m.view, m.kind)
+        except ContextError as e:
+            raise ContextError(f"context {m.name!r} (incarnation {m.inc}): {e}") from None
+        m.payload = p
+    return p
+
+
+def data_of(m: _Mapped) -> memoryview:
+    """A new view of the context's data: all of its memory for a bytes context, the
+    payload's data for a typed one."""
+    if m.kind == L.KIND_BYTES:
+        return m.view[:]
+    p = payload_of(m)
+    return m.view[p.data_off:p.data_off + p.data_len]
+
+
+def check_spec(m: _Mapped, config: MemoryContextConfig) -> None:
+    """``InvalidConfigError`` naming both if the array ``config`` asks for is not the
+    one mapping ``m`` holds (same kind already checked against the slot)."""
+    if config.kind != L.KIND_ARRAY:
+        return
+    shape, dt = payload_of(m).array_spec()
+    if shape != config.shape or dt != config.dtype:
+        raise InvalidConfigError(
+            f"context {m.name!r} exists with another array: requested "
+            f"{_payload.describe(config.shape, config.dtype)} != existing "
+            f"{_payload.describe(shape, dt)}")
+
+
 class _MappedLock(ContextLock):
     """``ctx.lock`` of one context incarnation in this process; it owns its semaphore
     and closes it when the last reference to it goes.
@@ -101,7 +147,7 @@ class _MappedLock(ContextLock):
     lock acquired with ``acquire()`` and held without any reference is kept referenced
     by its mapping: the cache keeps a mapping whose lock a thread of this process holds.
 
-    The manager finds a live one by incarnation (``ContextManager._locks``, a weak
+    The manager finds a live one by incarnation (``Mappings.lock_of``, through a weak
     registry), so a context mapped again while an older lock object of it is still in
     use here gets that same object: one lock object per context incarnation and
     manager, which the lock's re-entrancy needs (two objects would each let the same
@@ -157,16 +203,65 @@ class MemoryContext:
         return self._mapped.inc
 
     @property
+    def kind(self) -> str:
+        """What the context holds: ``"bytes"`` (``buf``, ``put``/``get``), ``"array"``
+        (``array()``) or ``"object"`` (``load()``)."""
+        return _payload.KIND_NAMES[self._mapped.kind]
+
+    @property
     def buf(self) -> memoryview:
-        """The context's memory, the same bytes in every process (zero-copy).
+        """The context's memory, the same bytes in every process (zero-copy). For an
+        array context, the array's bytes; for an object context, the pickled object and
+        its buffers.
 
         Raises ``ContextClosedError`` once the handle was returned or the context was
         closed; the view itself is released when the handle is returned.
         """
         self._ensure_valid()
         if self._view is None:
-            self._view = self._mapped.view[:]
+            self._view = data_of(self._mapped)
         return self._view
+
+    def array(self, writeable: bool = False) -> Any:
+        """The context's NumPy array (``MemoryContextConfig.for_array``), over the
+        shared memory itself: nothing is copied, and every process sees the same
+        elements. Read-only unless ``writeable``.
+
+        The array stays valid after ``return_context`` (it keeps the memory mapped in
+        this process until it is garbage collected), but once the handle is returned
+        nothing stops the context from being closed and another version from taking
+        its name: return the handle when you are done with the array.
+        ``InvalidContextTypeError`` if the context holds no array.
+
+        >>> emb = ctx.array()          # emb.flags.writeable is False
+        >>> ctx.array(writeable=True)[0] = 1.0
+        """
+        self._ensure_valid()
+        m = self._mapped
+        if m.kind != L.KIND_ARRAY:
+            raise _payload.kind_error(self.name, m.kind, L.KIND_ARRAY)
+        try:
+            return _payload.array_view(data_of(m), payload_of(m), writeable)
+        except ContextError as e:
+            raise ContextError(f"context {self.name!r}: {e}") from None
+
+    def load(self) -> Any:
+        """The object stored with ``ContextManager.get_or_create_object``, rebuilt from
+        the shared memory: its large buffers (NumPy arrays, ``pickle.PickleBuffer``s)
+        are read-only views of that memory, not copies; the rest is unpickled anew on
+        each call. ``InvalidContextTypeError`` if the context holds no object.
+
+        Unpickling runs code chosen by whoever wrote the context: load only from a
+        namespace whose writers you trust (by default only your own user can open it).
+        """
+        self._ensure_valid()
+        m = self._mapped
+        if m.kind != L.KIND_OBJECT:
+            raise _payload.kind_error(self.name, m.kind, L.KIND_OBJECT)
+        try:
+            return _payload.load_object(data_of(m), payload_of(m))
+        except ContextError as e:
+            raise ContextError(f"context {self.name!r}: {e}") from None
 
     @property
     def lock(self) -> ContextLock:
@@ -184,6 +279,7 @@ class MemoryContext:
         ``TypeError``; in both cases nothing is written. ``put`` and ``buf`` share the same
         bytes: use one or the other on a context.
         """
+        self._bytes_only("put")
         try:
             data = msgpack.packb(obj, use_bin_type=True)
         except (TypeError, ValueError, OverflowError) as e:
@@ -205,6 +301,7 @@ class MemoryContext:
 
     def get(self, default: Any = None) -> Any:
         """The value last stored with ``put``, or ``default`` if there is none."""
+        self._bytes_only("get")
         if self.size < _VALUE_HEAD.size:
             self._ensure_valid()
             return default
@@ -226,6 +323,12 @@ class MemoryContext:
         # (_speedups.c, handle_finalize): this one costs as much as a get/return pair.
         if getattr(self, "_returned", True) is False:  # True too if never fully made
             self._owner.dropped.append((self._mapped, self._pid))
+
+    def _bytes_only(self, what: str) -> None:
+        if self._mapped.kind != L.KIND_BYTES:
+            raise InvalidContextTypeError(
+                f"context {self.name!r} holds {self.kind}: {what}() stores msgpack values "
+                "in a bytes context only")
 
     def _ensure_valid(self) -> None:
         if self._returned:
@@ -264,7 +367,7 @@ class MemoryContext:
 # make and return handles: the fields stay the handle's own.
 
 def mark_counted(h: MemoryContext) -> None:
-    """``h`` now stands for the reference counted for it (get, step G5)."""
+    """``h`` now stands for the reference counted for it (get, step G8)."""
     h._returned = False
 
 
@@ -308,7 +411,7 @@ def check_returnable(h: object, owner: HandleOwner, pid: int) -> _Mapped:
 
 
 def mark_returned(h: MemoryContext) -> bool:
-    """Mark ``h`` returned (return, step R3); False if it was already. Under the stripe
+    """Mark ``h`` returned (return, step R4); False if it was already. Under the stripe
     lock: marked before the counts change, so a return interrupted part way (Ctrl-C)
     may leak this one reference, but never give it back twice (once by the caller,
     once by the handle's finalizer), which would take away another handle's."""
@@ -318,9 +421,9 @@ def mark_returned(h: MemoryContext) -> bool:
     return True
 
 
-def release_view(h: MemoryContext) -> None:
-    """Let go of the view ``h.buf`` handed out (return, last step)."""
-    h._release_view()
+# Let go of the view ``h.buf`` handed out (return, last step): the method itself, so
+# that the hot path makes one call here, not two.
+release_view: Callable[[MemoryContext], None] = MemoryContext._release_view
 
 
 @dataclass(frozen=True)
@@ -341,6 +444,7 @@ class ContextInfo:
     idle: float
     incarnation: int
     parent: str | None
+    kind: str = "bytes"  # what it holds: "bytes", "array" or "object"
 
 
 @dataclass

@@ -211,7 +211,7 @@ class ProcessEntry:
         # And the entry must still name this very process: a descendant that got a dead
         # ancestor's pid must not give back the entry another process registered since.
         head = self.table.proc_head(proc)
-        return proc if (head[0], head[2]) == (identity.pid, identity.start) else -1
+        return proc if (head.pid, head.start) == (identity.pid, identity.start) else -1
 
     def give_back(self, deadline: float | None = None) -> None:
         """Give back this process's entry as a manager leaves (``close()``, or collected

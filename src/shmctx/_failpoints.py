@@ -28,6 +28,8 @@ SITES = (
     "create.slot_claimed",
     "create.segment_made",
     "create.in_init",
+    "create.in_factory",
+    "create.object_packed",
     "close.state_freed",
     "close.index_removed",
     "reclaim.ref_cleared",

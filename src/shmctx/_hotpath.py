@@ -27,7 +27,11 @@ Get, ``try_get(name)`` (a handle, or None: the cold path decides)::
     G2  Make the handle, marked as standing for no reference: once the counts are
         written nothing may fail, and an interrupt after G5 must not lose the only
         object that can give the reference back (its finalizer does, once G8 marks it).
-    G3  Take the slot's stripe lock (L1-L2).
+    G3  Take the slot's stripe lock (L1-L2). C first makes G4's test once without the
+        lock, and defers at once if it fails: a get C cannot complete then takes the
+        lock only in the Python method it defers to, as often as on the Python path
+        (the lock's epoch counts takes, and must end equal on both). Only the test
+        under the lock decides.
     G4  Read state, refcount and incarnation in one read: another incarnation, not
         READY, or refcount at ``max_references``: release, defer.
     G5  This process's count for the slot +1 (its reference record: the primary
@@ -43,7 +47,7 @@ return now, and the manager raises the error that says why)::
 
     R0  As G0.
     R1  The handle is this owner's, was got by this pid, and stands for a reference.
-    R2  Take the slot's stripe lock (L1-L2).
+    R2  Take the slot's stripe lock (L1-L2); C makes R3's test once before, as at G3.
     R3  The slot still holds the handle's incarnation, not FREE, and this process's
         count for it is above 0: else C releases and defers; Python (after R4, as the
         whole definition) raises ``ContextClosedError``.
@@ -155,7 +159,7 @@ def choose(slots: Slots) -> Any:
 class PyHotPath:
     """The protocol above, in Python, for one manager."""
 
-    __slots__ = ("slots", "mappings", "entry", "words", "buf", "max_refs")
+    __slots__ = ("slots", "mappings", "entry", "words", "buf", "max_refs", "uncount")
 
     def __init__(self, slots: Slots) -> None:
         self.slots = slots
@@ -164,6 +168,7 @@ class PyHotPath:
         self.words = slots.table.words
         self.buf = slots.table.buf
         self.max_refs = slots.max_refs
+        self.uncount = slots.uncount  # bound once: a return looks up nothing it need not
 
     def try_get(self, name: str) -> MemoryContext | None:
         mappings = self.mappings
@@ -200,7 +205,7 @@ class PyHotPath:
         try:
             if not mark_returned(ctx):  # R4 (another thread returned it meanwhile)
                 return False
-            if not self.slots.uncount(m):  # R3 and R5 in one read of the slot
+            if not self.uncount(m):  # R3 and R5 in one read of the slot
                 raise ContextClosedError(
                     f"context {m.name!r} (incarnation {m.inc}) was closed, swept or "
                     "re-created since this handle was acquired"

@@ -7,10 +7,10 @@
 #ifndef SHMCTX_LAYOUT_H
 #define SHMCTX_LAYOUT_H
 
-#define SHMCTX_LAYOUT_VERSION                    3
+#define SHMCTX_LAYOUT_VERSION                    4
 /* BLAKE2b-64 of the declarations; every table stores the one of its creator at
  * SHMCTX_HEADER_FINGERPRINT_OFF. */
-#define SHMCTX_LAYOUT_FINGERPRINT                0xc75d51f957a189b8ULL
+#define SHMCTX_LAYOUT_FINGERPRINT                0xbbc3462fa2b1b653ULL
 
 /* Header (256 bytes) */
 #define SHMCTX_HEADER_SIZE                       256
@@ -143,6 +143,21 @@
 #define SHMCTX_SLOT_LOCK_START_SIZE              8
 #define SHMCTX_SLOT_NAME_OFF                     96      /* bytes[128] */
 #define SHMCTX_SLOT_NAME_SIZE                    128
+#define SHMCTX_SLOT_KIND_OFF                     224     /* u8 */
+#define SHMCTX_SLOT_KIND_SIZE                    1
+
+/* Payload header (64 bytes) */
+#define SHMCTX_PAYLOAD_SIZE                      64
+#define SHMCTX_PAYLOAD_MAGIC_OFF                 0       /* bytes[8] */
+#define SHMCTX_PAYLOAD_MAGIC_SIZE                8
+#define SHMCTX_PAYLOAD_KIND_OFF                  8       /* u8 */
+#define SHMCTX_PAYLOAD_KIND_SIZE                 1
+#define SHMCTX_PAYLOAD_META_LEN_OFF              12      /* u32 */
+#define SHMCTX_PAYLOAD_META_LEN_SIZE             4
+#define SHMCTX_PAYLOAD_DATA_OFF_OFF              16      /* u64 */
+#define SHMCTX_PAYLOAD_DATA_OFF_SIZE             8
+#define SHMCTX_PAYLOAD_DATA_LEN_OFF              24      /* u64 */
+#define SHMCTX_PAYLOAD_DATA_LEN_SIZE             8
 
 /* Regions and the values stored in the table */
 #define SHMCTX_LOCKS_OFF                         256     /* lock record k: LOCKS_OFF + LOCK_STRIDE * k */
@@ -158,5 +173,9 @@
 #define SHMCTX_SLOT_LOCK                         2
 #define SHMCTX_P_LIVE_LOCK                       1
 #define SHMCTX_FLAG_UNLINKED                     1
+#define SHMCTX_KIND_BYTES                        0
+#define SHMCTX_KIND_ARRAY                        1
+#define SHMCTX_KIND_OBJECT                       2
+#define SHMCTX_PAYLOAD_ALIGN                     64
 
 #endif /* SHMCTX_LAYOUT_H */

@@ -15,7 +15,7 @@ offset follows from the fields before it. Everything else comes from those decla
   ``S_REFCOUNT_OFF``, ...: the "derived" sections after the declarations), and each
   field's own offset and struct (``SLOT["name_hash"].off``, ``.st``, ``.read(buf, off)``);
 * named records, ``Header``, ``LockRecord``, ``ProcHead``, ``Ref`` and ``Slot``
-  (``typing.NamedTuple``s with ``read(buf, off)``), so that no caller indexes a slot's 18
+  (``typing.NamedTuple``s with ``read(buf, off)``), so that no caller indexes a slot's 19
   fields by number;
 * ``FINGERPRINT``, a BLAKE2b digest of the declarations (record and field names, types,
   offsets, sizes, the region constants and ``LAYOUT_VERSION``). Each table stores the
@@ -39,14 +39,14 @@ write the same line; the name index; the process entries; the context slots.
 Name index: ``index_size`` u32 entries, each ``slot + 1`` or 0. A name hashes (BLAKE2b, 8
 bytes, the same in every process, unlike ``hash()``) to ``hash & (index_size - 1)``;
 collisions probe linearly; deletion shifts back the following entries, so there are no
-tombstones. The index is derived data: ``repair`` rebuilds it from the slots.
+tombstones. The index is derived data: ``Table.repair_table`` rebuilds it from the slots.
 
-References are recorded per process (in the process entries, LMDB's reader table is the
-model) rather than per slot so that any number of processes can share one context (a
-gunicorn master with 100 workers); the price is that one process holds references to at
-most ``REFS_PER_PROCESS`` distinct contexts at once. The per-process counts are the
+References are recorded per process (in the process entries, as the LMDB database keeps
+one record per reader) rather than per slot so that any number of processes can share
+one context (a gunicorn master with 100 workers); the price is that one process holds
+references to at most ``REFS_PER_PROCESS`` distinct contexts at once. The per-process counts are the
 primary record; a slot's ``refcount`` is their sum, kept for the hot path and recomputed
-by ``repair``.
+by ``Table.repair_table`` and ``Table.repair_stripe``.
 
 Slot state machine (every transition under the slot's stripe lock; all but publish also
 under the table lock, since publish changes neither the index nor the free list)::
@@ -77,8 +77,8 @@ owner's start time. Hence no ``pack_into`` on the table; every write goes throug
   x86-64 keeps stores in program order and loads in program order, so a reader that sees
   the publishing field sees everything written before it.
 
-Reads without the lock (as LMDB documents its reader table): each field, who reads it
-without holding the lock that guards it, and the worst a stale or in-between value does.
+Reads without the lock: each field, who reads it without holding the lock that guards
+it, and the worst a stale or in-between value does.
 
 * Lock record (owner pid, epoch, start). Read by waiters after a timed-out wait
   (``_lock``), by the sweeper's recovery of dead owners and by snapshots. The pid is
@@ -86,15 +86,15 @@ without holding the lock that guards it, and the worst a stale or in-between val
   owner" or a whole owner. Worst case: a stale record costs one more wait; a takeover
   re-reads pid and epoch under the arbiter before it acts.
 * Slot state and incarnation. Read by the orphan sweep (``_sweeper``), the planning of
-  the idle sweep, the dead-creation scan and the damage scan, ``_wait_for_init``,
+  the idle sweep, the dead-creation scan and the damage scan, ``Slots.wait_for_init``,
   ``validate_context``, ``ctx.lock``'s check that its context lives, and the dead-lock
   recovery. A live slot read as free would let the orphan sweep unlink that context's
   memory and ``ctx.lock`` semaphore: so the state byte is written only by single-byte
   stores, never rewritten when only the flags change, and at claim written after the
   incarnation. Worst case otherwise: a plan that the locks' re-check discards.
-* Slot refcount and last_used. Read by the idle-sweep planning, ``_evict_lru`` (table
-  lock only) and snapshots. Worst case: a candidate too many or too few, as ``_close``
-  re-checks under the stripe locks.
+* Slot refcount and last_used. Read by the idle-sweep planning, ``Slots.evict_lru``
+  (table lock only) and snapshots. Worst case: a candidate too many or too few, as
+  ``Slots.close`` re-checks under the stripe locks.
 * Reference records (slot + 1, count). Read by ``unlink`` (table lock only) and by the
   snapshots of ``check``, ``contexts`` and ctx-inspect; a count changes by a single store
   of the count alone. Worst case: a snapshot that disagrees for an instant with the
@@ -123,7 +123,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-LAYOUT_VERSION = 3  # bump (with the last byte of MAGIC) on any change of the declarations
+LAYOUT_VERSION = 4  # bump (with the last byte of MAGIC) on any change of the declarations
 MAGIC = b"SHMCTX\x00" + bytes([LAYOUT_VERSION])
 LOCK_STRIDE = 64  # one cache line per table/stripe lock record
 REGION_ALIGN = 64  # every region starts on a cache line
@@ -144,6 +144,14 @@ SLOT_LOCK = 2
 # Process-entry flags.
 P_LIVE_LOCK = 1
 
+# What a context's memory holds (the slot's ``kind``): the user's bytes, or a payload
+# (_payload.py) with a NumPy array or a pickled object in it.
+KIND_BYTES = 0
+KIND_ARRAY = 1
+KIND_OBJECT = 2
+PAYLOAD_ALIGN = 64  # the payload's data, and each buffer in it, start at a multiple
+PAYLOAD_MAGIC = b"shmctxP1"
+
 # Header flags.
 FLAG_UNLINKED = 1
 
@@ -153,7 +161,8 @@ CONSTANTS = {
     "REFS_PER_PROCESS": REFS_PER_PROCESS, "PAGE": PAGE, "MAX_STRIPES": MAX_STRIPES,
     "FREE": FREE, "CREATING": CREATING, "READY": READY,
     "SLOT_WAITERS": SLOT_WAITERS, "SLOT_LOCK": SLOT_LOCK, "P_LIVE_LOCK": P_LIVE_LOCK,
-    "FLAG_UNLINKED": FLAG_UNLINKED,
+    "FLAG_UNLINKED": FLAG_UNLINKED, "KIND_BYTES": KIND_BYTES, "KIND_ARRAY": KIND_ARRAY,
+    "KIND_OBJECT": KIND_OBJECT, "PAYLOAD_ALIGN": PAYLOAD_ALIGN,
 }
 
 
@@ -169,15 +178,11 @@ _SCALARS: dict[str, tuple[str, int, type]] = {
 
 @dataclass(frozen=True)
 class Field:
-    """One field as declared: ``name``, ``type`` (see ``_SCALARS``), ``comment``.
-
-    ``apart``: left out of the record's whole-record struct and named tuple (written as
-    zero by it), because it is kept by its own single stores."""
+    """One field as declared: ``name``, ``type`` (see ``_SCALARS``), ``comment``."""
 
     name: str
     type: str
     comment: str
-    apart: bool = False
 
 
 @dataclass(frozen=True)
@@ -187,7 +192,6 @@ class Placed:
     name: str
     type: str
     comment: str
-    apart: bool
     off: int  # from the start of the record
     size: int
     code: str  # struct format of the field, without byte order
@@ -236,7 +240,7 @@ class Record:
             n, code = _measure(f.type, known)
             if f.type in _SCALARS and off % n:
                 raise ValueError(f"{key}.{f.name}: {f.type} at offset {off} is not aligned")
-            placed.append(Placed(f.name, f.type, f.comment, f.apart, off, n, code))
+            placed.append(Placed(f.name, f.type, f.comment, off, n, code))
             off += n
         widest = max((p.size for p in placed if p.type in _SCALARS), default=1)
         if off != size or size % widest:
@@ -245,8 +249,8 @@ class Record:
         self._named = {p.name: p for p in placed if not p.pad}
         if len(self._named) != sum(not p.pad for p in placed):
             raise ValueError(f"record {key}: a field name is declared twice")
-        # The whole record: every field but the reserved ones and those kept apart.
-        self.struct = self.pick(*(p.name for p in placed if not p.pad and not p.apart))
+        # The whole record: every field but the reserved ones.
+        self.struct = self.pick(*(p.name for p in placed if not p.pad))
         known[key] = self
 
     def __getitem__(self, name: str) -> Placed:
@@ -276,12 +280,11 @@ class Record:
     def named(self, cls_name: str, first: str | None = None,
               last: str | None = None) -> type[typing.NamedTuple]:
         """A ``typing.NamedTuple`` of the record's fields (or of those from ``first`` to
-        ``last``), but the reserved ones and those kept apart, with ``read(buf, off)``:
-        the fields of the record that starts at ``off``."""
+        ``last``), but the reserved ones, with ``read(buf, off)``: the fields of the
+        record that starts at ``off``."""
         lo = self.off(first) if first else 0
         hi = self.off(last) if last else self.size
-        names = [p.name for p in self.fields
-                 if not p.pad and not p.apart and lo <= p.off <= hi]
+        names = [p.name for p in self.fields if not p.pad and lo <= p.off <= hi]
         st = self.pick(*names)
         start = self._named[names[0]].off
         base = typing.NamedTuple(cls_name, [(n, _python_type(self._named[n].type))
@@ -401,14 +404,29 @@ SLOT = Record("slot", "Context slot", 256, [
           "same clock in every process of the host"),
     Field("creator_pid", "u32", "process running init (meaningful while CREATING)"),
     Field("children", "u32", "live contexts whose parent this is (derived; lets closing a "
-          "leaf skip the scan for children). Kept by single stores of its own: left out "
-          "of Slot and SLOT_ALL, which write it as zero when the slot is claimed",
-          apart=True),
+          "leaf skip the scan for children); changed only under the table lock"),
     Field("creator_start", "u64", "creator's start time"),
     *_embedded(LOCK_RECORD, "lock_", "owner record of ctx.lock"),
     Field("name", "bytes[128]", "the name, UTF-8"),
-    Field("reserved", "pad[32]", "zero"),
+    Field("kind", "u8", "what the memory holds: KIND_BYTES 0 (the user's bytes), "
+          "KIND_ARRAY 1 or KIND_OBJECT 2 (a payload, PAYLOAD below); set when the slot is "
+          "claimed. A payload's own bytes are never trusted to say so"),
+    Field("reserved", "pad[31]", "zero"),
 ])
+
+PAYLOAD = Record("payload", "Payload header", 64, [
+    Field("magic", "bytes[8]", 'PAYLOAD_MAGIC, b"shmctxP1"; written after the metadata '
+          "(an object's data too), so a half-written header has none"),
+    Field("kind", "u8", "KIND_ARRAY or KIND_OBJECT: must equal the slot's kind"),
+    Field("pad", "pad[3]", "zero"),
+    Field("meta_len", "u32", "bytes of msgpack metadata right after this header"),
+    Field("data_off", "u64", "offset of the data from the start of the memory: a multiple "
+          "of PAYLOAD_ALIGN, past the metadata"),
+    Field("data_len", "u64", "bytes of data (the array; or the pickle stream and its "
+          "buffers, each PAYLOAD_ALIGN-aligned)"),
+    Field("reserved", "pad[32]", "zero"),
+], about="at offset 0 of the memory of a context whose kind is not KIND_BYTES; not in the "
+   "table")
 
 # --- derived: named records ---------------------------------------------------------
 
@@ -416,7 +434,9 @@ Header = HEADER.named("Header")
 LockRecord = LOCK_RECORD.named("LockRecord")
 Ref = REF_RECORD.named("Ref")
 ProcHead = PROC.named("ProcHead", "pid", "attached")
+Sweeper = HEADER.named("Sweeper", "sweeper_pid", "sweeper_beat")  # the header's sweeper fields
 Slot = SLOT.named("Slot")
+Payload = PAYLOAD.named("Payload")
 
 # --- derived: the names the other modules use ---------------------------------------
 
@@ -465,7 +485,7 @@ S_LAST_USED_OFF, S_LAST_USED = SLOT.off("last_used"), SLOT["last_used"].st
 S_CHILDREN_OFF, S_CHILDREN = SLOT.off("children"), SLOT["children"].st
 S_LOCK_OFF = SLOT.off("lock_pid")
 S_NAME_OFF = SLOT.off("name")
-SLOT_ALL = SLOT.struct  # every field of Slot, in its order; children written as zero
+SLOT_ALL = SLOT.struct  # every field of Slot, in its order
 
 # Records start on 8-byte boundaries (regions on REGION_ALIGN ones), so the alignment of
 # each field within its record (checked by Record) holds in the table.
@@ -480,7 +500,7 @@ if sys.byteorder != "little" or struct.calcsize("=I") != 4 or struct.calcsize("=
 
 # --- the fingerprint ----------------------------------------------------------------
 
-RECORDS = (HEADER, LOCK_RECORD, INDEX_ENTRY_RECORD, REF_RECORD, PROC, SLOT)
+RECORDS = (HEADER, LOCK_RECORD, INDEX_ENTRY_RECORD, REF_RECORD, PROC, SLOT, PAYLOAD)
 
 
 def describe(records: Sequence[Record] = RECORDS, version: int = LAYOUT_VERSION,
@@ -670,12 +690,10 @@ def _define(name: str, value: str, comment: str = "") -> str:
     return f"{line:<56} /* {comment} */" if comment else line
 
 
-def markdown() -> str:
+def markdown(default: Geometry) -> str:
     """The byte tables of docs/architecture.md ("The table, byte by byte"), between
-    ``MARKDOWN_BEGIN`` and ``MARKDOWN_END``."""
-    from ._config import DEFAULT_CAPACITY, DEFAULT_MAX_PROCESSES
-
-    default = Geometry(DEFAULT_CAPACITY, DEFAULT_MAX_PROCESSES)
+    ``MARKDOWN_BEGIN`` and ``MARKDOWN_END``; ``default``: the geometry of the default
+    configuration (given by the caller: the configuration depends on this module)."""
     entry = INDEX_ENTRY.size
     x = "\N{MULTIPLICATION SIGN}"
     out = [
@@ -698,7 +716,7 @@ def markdown() -> str:
         f"{SLOT_SIZE} bytes per slot plus at most {4 * entry} bytes of index per slot, plus "
         f"the header, the lock records and {PROC_SIZE} bytes per process entry.",
     ]
-    for rec in (HEADER, LOCK_RECORD, INDEX_ENTRY_RECORD, PROC, REF_RECORD, SLOT):
+    for rec in (HEADER, LOCK_RECORD, INDEX_ENTRY_RECORD, PROC, REF_RECORD, SLOT, PAYLOAD):
         about = f": {rec.about}" if rec.about else ""
         out += ["", f"**{rec.title} ({rec.size} bytes)**{about}", "",
                 "| off | size | type | field | meaning |", "|---:|---:|---|---|---|"]
@@ -726,14 +744,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
         description="Print what is generated from the table's layout declarations.")
     what = ap.add_mutually_exclusive_group(required=True)
     what.add_argument("--c-header", action="store_true", help="_layout.h for _speedups.c")
-    what.add_argument("--markdown", action="store_true",
-                      help="the byte tables of docs/architecture.md")
     what.add_argument("--fingerprint", action="store_true", help="FINGERPRINT, in hex")
     args = ap.parse_args(argv)
     if args.c_header:
         sys.stdout.write(c_header())
-    elif args.markdown:
-        sys.stdout.write(markdown())
     else:
         print(f"{FINGERPRINT:016x}")
     return 0

@@ -2,8 +2,9 @@
 
 A (pid, start time) pair names a process (``_proc``), but judging it needs ``/proc``,
 which ``hidepid=`` hides from other users, and start times count clock ticks (10 ms), so
-a pid reused within one tick looks like the same process. So, as LMDB does for its reader
-table, every process entry is also backed by a kernel lock: the process that registers
+a pid reused within one tick looks like the same process. So every process entry is also
+backed by a kernel lock (as in LMDB, an embedded database whose readers each hold a
+byte-range lock that tells a live reader from a dead one): the process that registers
 entry ``p`` holds an OFD write lock (``F_OFD_SETLK``) on byte ``ENTRY_BASE + p`` of the
 table file, through its own open file description (the one ``_lock.Arbiter`` opened for
 this manager). The kernel drops that lock when the last descriptor of the description
@@ -32,10 +33,10 @@ process closing that entry meanwhile shows as changed, never as a dead entry; a 
 that closed it and registered it again in between would show a new ``attached`` time.
 
 A child forked by ``os.fork`` closes its copy of the parent's description at once (the
-at-fork handler of ``_lock.Arbiter``) and registers its own entry; ``exec`` closes it
-(``O_CLOEXEC``). A child forked behind Python's back (C code calling ``fork()`` and going
-on without ``exec``) keeps the parent's entry looking alive as long as it runs: a leak
-until it exits, never a live process taken for dead.
+manager's at-fork handler calls ``_lock.Arbiter.reset_after_fork``) and registers its own
+entry; ``exec`` closes it (``O_CLOEXEC``). A child forked behind Python's back (C code
+calling ``fork()`` and going on without ``exec``) keeps the parent's entry looking alive
+as long as it runs: a leak until it exits, never a live process taken for dead.
 
 All of this is for slow paths only (a sweep, a wait that timed out, registering,
 ``reclaim``, ``unlink``); the hot path never asks.

@@ -76,7 +76,7 @@ import posix_ipc
 
 from . import _failpoints
 from ._errors import ContextError
-from ._layout import LOCK, Words
+from ._layout import LOCK, LockRecord, Words
 from ._proc import identity, is_alive
 
 log = logging.getLogger("shmctx.lock")
@@ -413,9 +413,10 @@ class RobustLock:
         arbiter = self.arbiter
         return is_alive(pid, start) if arbiter is None else arbiter.owner_alive(pid, start)
 
-    def owner(self) -> tuple[int, int, int]:
-        """(pid, epoch, start) as recorded now; pid 0 when no owner is recorded."""
-        return LOCK.unpack_from(self.buf, self.off)
+    def owner(self) -> LockRecord:
+        """The owner record (pid, epoch, start) as it is now; pid 0 when no owner is
+        recorded."""
+        return LockRecord.read(self.buf, self.off)
 
     def _acquire_slow(self, timeout: float | None, frame: object) -> None:
         deadline = None if timeout is None else monotonic() + timeout
@@ -623,7 +624,7 @@ class ContextLock(RobustLock):
     def _drop_hold(self) -> None:
         """Clear the owner record (if it is still this context's and ours) and post."""
         with self.guard:
-            if self.is_current() and LOCK.unpack_from(self.buf, self.off)[0] == identity.pid:
+            if self.is_current() and self.owner().pid == identity.pid:
                 self.w32[self.i32] = 0
             self.holder = 0
             self.frame = None
@@ -644,7 +645,7 @@ class ContextLock(RobustLock):
                        frame: object) -> tuple[int, int] | None:
         if not self.is_current():
             raise self.closed_error()
-        if LOCK.unpack_from(self.buf, self.off)[0] == 0:
+        if self.owner().pid == 0:
             # Between sem_wait and recording itself, a holder of this lock waits for the
             # stripe lock and writes the record under it (``_own``). So "no owner
             # recorded" means something only once the stripe lock has been free: take it

@@ -21,9 +21,8 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from sys import _getframe
-from typing import Any
 
-from . import _hotpath, _shm
+from . import _hotpath, _payload, _shm
 from . import _layout as L
 from ._coldpath import ColdPath
 from ._config import ContextConfig, MemoryContextConfig
@@ -32,6 +31,7 @@ from ._context import (
     MemoryContext,
     SweepReport,
     check_returnable,
+    check_spec,
     mapping_of,
     owner_of,
     returned,
@@ -122,9 +122,13 @@ class ContextManager:
     own does it, since the collection may run where a lock it needs is held).
     """
 
-    # Safe defaults, so that close() and the finalizers work on a half-made manager.
+    # ``_hot`` is a slot, not a dict entry: the C hot path in front of the get and
+    # return methods reads it at a fixed offset on every call (_speedups.c, hot_of).
+    __slots__ = ("_hot", "__dict__", "__weakref__")
+
+    # Safe defaults, so that close() and the finalizers work on a half-made manager
+    # (``_hot``, a slot, can have no class-level default: __init__ sets it first).
     _closed = True
-    _hot: Any = None
     _sweeper: threading.Thread | None = None
 
     def __init__(
@@ -136,6 +140,7 @@ class ContextManager:
         mode: int | None = None,
         trusted_uids: Iterable[int] | None = None,
     ) -> None:
+        self._hot = None
         _shm.check_namespace(namespace)
         trusted = _check_uids(trusted_uids)
         if config is not None and not isinstance(config, ContextConfig):
@@ -282,6 +287,48 @@ class ContextManager:
             self._recover_leaked_locks()
             raise
 
+    def get_or_create_object(
+        self,
+        name: str,
+        factory: Callable[[], object],
+        *,
+        timeout: float | None = None,
+    ) -> tuple[MemoryContext, bool]:
+        """Take a reference to context ``name``, which holds a Python object; if there
+        is none, create it with what ``factory()`` returns. Returns ``(ctx, existed)``;
+        ``ctx.load()`` gives the object.
+
+        ``factory`` runs in exactly one process: the others wait for it, at most
+        ``timeout`` seconds (then ``TimeoutError``), as for ``init``. Its result is
+        pickled (protocol 5) with its large buffers (NumPy arrays, ``PickleBuffer``s)
+        out of band, each laid in the context's memory 64-byte aligned, so that
+        ``load()`` in every process rebuilds the object over one shared copy of them.
+        An object that cannot be pickled raises ``TypeError``; if ``factory`` raises,
+        the exception propagates. Either way nothing is left behind.
+        ``InvalidContextTypeError`` if ``name`` exists and holds no object.
+
+        >>> ctx, _ = m.get_or_create_object("model", lambda: {"w": numpy.ones(10**6)})
+        >>> model = ctx.load()    # model["w"] is a read-only view of the shared memory
+        """
+        try:
+            if self._closed:
+                self._raise_closed()
+            name_b = check_name(name)
+            if not callable(factory):
+                raise TypeError(f"factory must be a callable taking no argument, not "
+                                f"{factory!r}")
+            _check_timeout(timeout)
+            m = self._mappings.get(name)
+            if m is not None and m.kind == L.KIND_OBJECT:
+                handle = self._py.try_get(name)
+                if handle is not None:
+                    return handle, True
+            self._check_open()
+            return self._cold.get(name, name_b, None, None, True, timeout, factory)
+        except BaseException:
+            self._recover_leaked_locks()
+            raise
+
     @front
     def get_context(self, name: str, *, timeout: float | None = None) -> MemoryContext:
         """Take a reference to the existing context ``name`` (``ContextNotFoundError`` if
@@ -382,6 +429,7 @@ class ContextManager:
                     idle=max(0.0, snap.taken_at_mono - s.last_used),
                     incarnation=s.incarnation,
                     parent=snap.parent_name(s),
+                    kind=_payload.KIND_NAMES.get(s.kind, f"invalid({s.kind})"),
                 ))
             return sorted(out, key=lambda i: i.name)
         except BaseException:
@@ -459,7 +507,7 @@ class ContextManager:
                 if not force:
                     busy = {}
                     for p in range(t.geo.max_processes):
-                        pid = t.proc_head(p)[0]
+                        pid = t.proc_head(p).pid
                         if not pid or pid == identity.pid:  # our own other managers do not count
                             continue
                         n = sum(c for _i, _s, c in t.proc_refs(p))
@@ -492,7 +540,17 @@ class ContextManager:
 
     def _matches(self, name: str, config: MemoryContextConfig) -> bool:
         m = self._mappings.get(name)
-        return m is not None and m.size == config.size and m.parent == config.parent
+        if m is None or m.kind != config.kind or m.parent != config.parent:
+            return False
+        if config.kind == L.KIND_ARRAY:
+            # The cached mapping may be of an incarnation closed since: a mismatch is
+            # judged by the cold path, against the context that has the name now.
+            try:
+                check_spec(m, config)
+            except ContextError:
+                return False
+            return True
+        return m.size == config.size
 
     def _register(self) -> None:
         """Register this process's entry, then turn the hot path on for it."""

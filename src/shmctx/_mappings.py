@@ -142,13 +142,14 @@ class Mappings:
         return self.mapped.get(name)
 
     def mapping(self, name: str, slot: int, inc: int, size: int, mm: mmap.mmap | None,
-                parent: str | None) -> _Mapped:
+                parent: str | None, kind: int = L.KIND_BYTES) -> _Mapped:
         """A new mapping object (not cached) of ``slot``'s context ``inc``."""
         geo = self.table.geo
         return _Mapped(name, slot, inc, size, mm, parent, geo.slot_off(slot),
-                       self.table.stripe_of(slot), slot % geo.stripes)
+                       self.table.stripe_of(slot), slot % geo.stripes, kind)
 
-    def map(self, name: str, slot: int, inc: int, size: int, parent: str | None) -> _Mapped:
+    def map(self, name: str, slot: int, inc: int, size: int, parent: str | None,
+            kind: int = L.KIND_BYTES) -> _Mapped:
         """This process's mapping of ``slot``'s context ``inc``, mapped now unless the
         cache has it. ``posix_ipc.ExistentialError`` if its memory is gone."""
         t = self.table
@@ -160,7 +161,7 @@ class Mappings:
                 t.segment(slot, inc), trusted=t.trusted,
                 what=f"the memory of context {name!r} in namespace {self.namespace!r}",
             ) if size else None
-            new = self.mapping(name, slot, inc, size, mm, parent)
+            new = self.mapping(name, slot, inc, size, mm, parent, kind)
             # An older incarnation's mapping leaves the cache: that context was closed,
             # and its mapping goes with the last handle of this process using it.
             self.mapped[name] = new

@@ -17,7 +17,7 @@ from time import monotonic
 
 import posix_ipc
 
-from . import _failpoints, _shm
+from . import _failpoints, _payload, _shm
 from . import _layout as L
 from ._config import MemoryContextConfig
 from ._context import _Mapped
@@ -83,7 +83,7 @@ class Slots:
 
     def add_ref(self, slot: int, so: int, rc: int) -> None:
         """Count one more reference of ours to ``slot`` (whose refcount was ``rc``):
-        the per-process count first, the derived refcount second (get, steps G3-G4).
+        the per-process count first, the derived refcount second (get, steps G5-G6).
         Needs its stripe lock. The Python hot path does the same inline."""
         self.entry.count(slot, 1)
         if _failpoints.armed:
@@ -112,7 +112,7 @@ class Slots:
         t = self.table
         so = t.geo.slot_off(slot)
         with t.stripe_of(slot):
-            rc = L.S_CHECK.unpack_from(t.buf, so)[1]
+            rc = L.SLOT["refcount"].read(t.buf, so)
             if self.max_refs and rc >= self.max_refs:
                 raise MaxReferencesReachedError(
                     f"context {name!r} in namespace {self.namespace!r} already holds "
@@ -148,8 +148,14 @@ class Slots:
     # --- looking up (under the table lock) -------------------------------------------
 
     def check_config(self, name: str, f: L.Slot, config: MemoryContextConfig) -> None:
+        """``InvalidConfigError`` if ``config`` is not the existing context's. An array's
+        shape and dtype are in its memory, not in the slot: compared once it is mapped
+        (``ColdPath``), and its size, which follows from them, not here."""
         problems = []
-        if f.size != config.size:
+        if f.kind != config.kind:
+            problems.append(f"type: requested {_payload.KIND_NAMES[config.kind]} != existing "
+                            f"{_payload.KIND_NAMES.get(f.kind, f.kind)}")
+        elif f.kind != L.KIND_ARRAY and f.size != config.size:
             problems.append(f"size: requested {config.size} != existing {f.size}")
         existing_parent = self.parent_name(f)
         if config.parent != existing_parent:
@@ -191,9 +197,10 @@ class Slots:
 
     # --- creating -------------------------------------------------------------------
 
-    def claim(self, name: str, name_b: bytes, h: int, cfg: MemoryContextConfig) -> tuple[int, int]:
-        """Claim a slot for a new context in CREATING state, with one reference of ours.
-        Needs the table lock."""
+    def claim(self, name: str, name_b: bytes, h: int, cfg: MemoryContextConfig,
+              kind: int) -> tuple[int, int]:
+        """Claim a slot for a new context in CREATING state, with one reference of ours;
+        ``kind`` says what its memory will hold. Needs the table lock."""
         t = self.table
         geo, buf = t.geo, t.buf
         parent_slot, parent_inc = -1, 0
@@ -203,13 +210,13 @@ class Slots:
             except InvalidContextTypeError as e:
                 raise InvalidConfigError(f"parent of {name!r}: {e}") from None
             parent_slot = t.find(pb, name_hash(pb))
-            if parent_slot < 0 or L.S_STATE.unpack_from(
-                    buf, geo.slot_off(parent_slot))[0] != L.READY:
+            if parent_slot < 0 or \
+                    L.SLOT["state"].read(buf, geo.slot_off(parent_slot)) != L.READY:
                 raise ContextNotFoundError(
                     f"parent context {cfg.parent!r} of {name!r} does not exist in namespace "
                     f"{self.namespace!r}"
                 )
-            parent_inc = L.S_CHECK.unpack_from(buf, geo.slot_off(parent_slot))[2]
+            parent_inc = L.SLOT["incarnation"].read(buf, geo.slot_off(parent_slot))
         self.entry.reserve()  # the one step that fails in normal use, done before any write
         # The live count and the free list are derived data: one damaged byte of either
         # must not make every create evict an unrelated context. Only the slots' own
@@ -239,11 +246,14 @@ class Slots:
                 # Every field but the state first, the state byte last and alone: a reader
                 # without the lock (the orphan sweep) that sees the slot in use sees its
                 # incarnation too.
-                t.words.store(
-                    so, L.SLOT_ALL, L.FREE, 0, len(name_b), 0, inc, h, cfg.size,
-                    parent_slot + 1, 0, parent_inc, time.time(), monotonic(),
-                    identity.pid, identity.start, 0, 0, 0, name_b,
-                )
+                t.words.store(so, L.SLOT_ALL, *L.Slot(
+                    state=L.FREE, flags=0, name_len=len(name_b), refcount=0,
+                    incarnation=inc, name_hash=h, size=cfg.size, parent=parent_slot + 1,
+                    next_free=0, parent_inc=parent_inc, created=time.time(),
+                    last_used=monotonic(), creator_pid=identity.pid, children=0,
+                    creator_start=identity.start, lock_pid=0, lock_epoch=0, lock_start=0,
+                    name=name_b, kind=kind,
+                ))
                 t.words.put8(so, L.CREATING)
                 if _failpoints.armed:
                     _failpoints.hit("create.slot_claimed")
@@ -252,7 +262,7 @@ class Slots:
         except BaseException:
             # Give the slot back rather than leave a CREATING slot that no index entry,
             # waiter or sweep would ever find while we live.
-            if L.S_STATE.unpack_from(buf, so)[0] == L.FREE:
+            if L.SLOT["state"].read(buf, so) == L.FREE:
                 t.push_free(slot)  # failed before it was written
             else:
                 t.add_live(1)  # close counts it out again
@@ -298,7 +308,8 @@ class Slots:
         """Make the context this process created in ``slot`` ready, and wake the
         processes waiting for it. Needs no lock held (takes the stripe lock: publishing
         changes neither the index nor the free list). ``ContextClosedError`` if it was
-        force-closed meanwhile."""
+        force-closed meanwhile. The slot's size becomes ``m.size``: an object's is known
+        only once it is pickled, after the claim."""
         t = self.table
         so = t.geo.slot_off(slot)
         with t.stripe_of(slot):
@@ -310,8 +321,11 @@ class Slots:
                 raise ContextClosedError(
                     f"context {name!r} was force-closed while it was being created"
                 )
-            flags = L.S_STATE.unpack_from(t.buf, so)[1]
+            flags = L.SLOT["flags"].read(t.buf, so)
             w = t.words
+            # Before the state: a process that sees READY (under the table lock, or
+            # none) reads the size it maps after it.
+            w.put64(so + L.SLOT.off("size"), m.size)
             w.putf(so + L.S_LAST_USED_OFF, monotonic())
             w.put8(so + 1, flags & ~L.SLOT_WAITERS)
             w.put8(so, L.READY)  # a byte of its own: readers without the lock watch it
@@ -425,7 +439,7 @@ class Slots:
                 for s in slots:
                     so = geo.slot_off(s)
                     last = L.S_LAST_USED.unpack_from(buf, so + L.S_LAST_USED_OFF)[0]
-                    in_use = L.S_CHECK.unpack_from(buf, so)[1]
+                    in_use = L.SLOT["refcount"].read(buf, so)
                     if in_use or (idle_limit and now - last <= idle_limit):
                         return s
             freed = [self._free_slot_state(s) for s in slots]
@@ -457,7 +471,7 @@ class Slots:
         """Close every context, referenced or not (unlink). Needs the table lock."""
         t = self.table
         for slot in range(t.geo.capacity):
-            if L.S_STATE.unpack_from(t.buf, t.geo.slot_off(slot))[0] != L.FREE:
+            if L.SLOT["state"].read(t.buf, t.geo.slot_off(slot)) != L.FREE:
                 self.close([slot], force=True)
 
     def close_idle(self, slot: int, inc: int, idle_limit: float) -> tuple[list[str], bool]:
@@ -583,7 +597,7 @@ class Slots:
         t = self.table
         out: dict[int, int] = {}
         dead = t.liveness.dead_entries()
-        if any(head[1] & L.P_LIVE_LOCK for _p, head in dead):
+        if any(head.flags & L.P_LIVE_LOCK for _p, head in dead):
             self._settle_dead_owners(locked=locked)
         for proc, head in dead:
             if locked:
@@ -593,11 +607,10 @@ class Slots:
                     self._reclaim_if_same(proc, head, out)
         return out
 
-    def _reclaim_if_same(self, proc: int, head: tuple[int, int, int, float],
-                         out: dict[int, int]) -> None:
+    def _reclaim_if_same(self, proc: int, head: L.ProcHead, out: dict[int, int]) -> None:
         if not self.table.liveness.still_dead(proc, head):
             return
-        pid = head[0]
+        pid = head.pid
         n = reclaim_entry(self.table, proc)
         out[pid] = out.get(pid, 0) + n
         log.info("namespace %r: reclaimed %d reference(s) of dead pid %d",
@@ -607,13 +620,13 @@ class Slots:
         """Reclaim the references of ``pid``, refusing (``ContextInUseError``) while it
         lives. Needs the table lock."""
         t = self.table
-        entries = [p for p in range(t.geo.max_processes) if t.proc_head(p)[0] == pid]
+        entries = [p for p in range(t.geo.max_processes) if t.proc_head(p).pid == pid]
         if any(t.liveness.entry_alive(p) for p in entries):
             raise ContextInUseError(
                 f"pid {pid} is still alive; refusing to reclaim its references "
                 f"in namespace {self.namespace!r}"
             )
-        if any(t.proc_head(p)[1] & L.P_LIVE_LOCK for p in entries):
+        if any(t.proc_head(p).flags & L.P_LIVE_LOCK for p in entries):
             self._settle_dead_owners(locked=True)  # see there: before the entries go
         return sum(reclaim_entry(t, p) for p in entries)
 

@@ -36,6 +36,7 @@ class SlotView:
     creator_start: int
     lock_owner: tuple[int, int, int]
     children: int
+    kind: int  # L.KIND_*
     holders: dict[int, int] = field(default_factory=dict)  # pid -> count
     holder_starts: dict[int, int] = field(default_factory=dict)  # pid -> start
 
@@ -62,7 +63,7 @@ class Snapshot:
     flags: int
     table_id: int
     sweeper: tuple[int, int, int, float]
-    locks: list[tuple[int, int, int]]
+    locks: list[L.LockRecord]
     index: list[int]
     procs: list[ProcView]
     slots: list[SlotView]  # every non-free slot, and free slots that carry garbage
@@ -106,9 +107,10 @@ def decode(data: bytes, locked: bool = True) -> Snapshot:
         ph = L.ProcHead.read(data, geo.proc_off(p))
         if not ph.pid:
             continue
+        # Every reference record in one read: a flat tuple of (slot + 1, count) pairs.
         flat = L.P_REFS.unpack_from(data, geo.proc_off(p) + L.REFS_OFF)
-        refs = [(flat[2 * i] - 1, flat[2 * i + 1]) for i in range(L.REFS_PER_PROCESS)
-                if flat[2 * i] and flat[2 * i + 1]]
+        refs = [(sp1 - 1, count)
+                for sp1, count in zip(flat[0::2], flat[1::2], strict=True) if sp1 and count]
         procs.append(ProcView(p, ph.pid, ph.start, ph.attached, refs))
         for s, c in refs:
             h = holders.setdefault(s, {})
@@ -129,7 +131,7 @@ def decode(data: bytes, locked: bool = True) -> Snapshot:
         slots.append(SlotView(
             s, f.state, f.flags, name, ok, f.refcount, f.incarnation, f.name_hash, f.size,
             f.parent - 1, f.parent_inc, f.created, f.last_used, f.creator_pid, f.creator_start,
-            (f.lock_pid, f.lock_epoch, f.lock_start), L.SLOT["children"].read(data, off),
+            (f.lock_pid, f.lock_epoch, f.lock_start), f.children, f.kind,
             holders.get(s, {}), starts.get(s, {}),
         ))
     return Snapshot(
@@ -179,6 +181,8 @@ def violations(snap: Snapshot, tag: str | None = None) -> list[str]:
         label = f"slot {s.slot} ({s.name!r})"
         if not s.name_ok:
             out.append(f"{label}: name and name hash disagree, or the name is not UTF-8")
+        if s.kind not in (L.KIND_BYTES, L.KIND_ARRAY, L.KIND_OBJECT):
+            out.append(f"{label}: impossible kind {s.kind}")
         if s.name in live_names:
             out.append(f"{label}: duplicate live name, also in slot {live_names[s.name]}")
         live_names.setdefault(s.name, s.slot)

@@ -66,10 +66,10 @@ typedef struct {
     Py_ssize_t refs_off;
     PyObject *pid_obj;
     PyObject *refidx;   /* dict: slot -> index of this process's reference record */
-    PyObject *mapped;   /* the manager's dict: name -> _Mapped */
-    PyObject *manager;
+    PyObject *mapped;   /* Mappings.mapped: name -> _Mapped */
+    PyObject *owner;    /* the handles' owner: the Mappings object (``_context.HandleOwner``) */
     PyObject *handle_type;
-    PyObject *d_manager, *d_mapped, *d_pid, *d_returned, *d_view; /* slot descriptors */
+    PyObject *d_owner, *d_mapped, *d_pid, *d_returned, *d_view; /* slot descriptors */
     PyObject *failpoints; /* _failpoints module dict: the "armed" flag */
     PyObject *dropped;    /* the owner's list of handles dropped unreturned */
 } HotPath;
@@ -246,7 +246,7 @@ new_handle(HotPath *self, PyObject *m)
     PyObject *h = tp->tp_alloc(tp, 0);
     if (h == NULL)
         return NULL;
-    if (descr_set(self->d_manager, h, self->manager) < 0 ||
+    if (descr_set(self->d_owner, h, self->owner) < 0 ||
         descr_set(self->d_mapped, h, m) < 0 ||
         descr_set(self->d_pid, h, self->pid_obj) < 0 ||
         descr_set(self->d_returned, h, Py_True) < 0 ||
@@ -255,6 +255,17 @@ new_handle(HotPath *self, PyObject *m)
         return NULL;
     }
     return h;
+}
+
+/* Step G4's test: another incarnation, not READY, the reference limit reached, or no
+ * reference record of this process for the slot (Python claims one; C defers). */
+static int
+get_defers(HotPath *self, const char *so, const char *ref, const Where *w)
+{
+    uint32_t rc = rd32(so + SHMCTX_SLOT_REFCOUNT_OFF);
+    return rd64(so + SHMCTX_SLOT_INCARNATION_OFF) != w->inc ||
+           (unsigned char)so[SHMCTX_SLOT_STATE_OFF] != SHMCTX_READY ||
+           (self->max_refs && rc >= self->max_refs) || rd32(ref + SHMCTX_REF_SLOT_OFF) != w->sp1;
 }
 
 /* Get, steps G0-G8 of the protocol in _hotpath.py (PyHotPath.try_get does the same in
@@ -278,14 +289,18 @@ try_get(HotPath *self, PyObject *name)
      * it may run a collection (see lock_try), so the slot is located after it. G3: the
      * stripe lock. */
     PyObject *h = new_handle(self, m);
-    if (h == NULL || !locate(self, m, &w) || !lock_try(self, w.stripe))
+    if (h == NULL || !locate(self, m, &w))
         goto defer;
     char *so = (char *)self->table.buf + w.slot_off;
     char *ref = (char *)self->table.buf + w.ref_off;
+    /* G4 read once before G3 as well, without the lock: a case that will defer defers
+     * before taking the stripe lock, so that the Python method it defers to takes that
+     * lock as often as the Python path does (the lock's epoch, which counts takes, then
+     * ends equal on both). Only the read under the lock decides. */
+    if (get_defers(self, so, ref, &w) || !lock_try(self, w.stripe))
+        goto defer;
     uint32_t rc = rd32(so + SHMCTX_SLOT_REFCOUNT_OFF);  /* G4 */
-    if (rd64(so + SHMCTX_SLOT_INCARNATION_OFF) != w.inc ||
-        (unsigned char)so[SHMCTX_SLOT_STATE_OFF] != SHMCTX_READY ||
-        (self->max_refs && rc >= self->max_refs) || rd32(ref + SHMCTX_REF_SLOT_OFF) != w.sp1) {
+    if (get_defers(self, so, ref, &w)) {
         lock_release(self, w.stripe);
         goto defer;
     }
@@ -330,6 +345,16 @@ hot_arguments(PyObject *const *args, size_t nargsf, PyObject *kwnames)
     return 1;
 }
 
+/* Step R3's test: another incarnation or FREE (closed since), or no count of this
+ * process to give back. */
+static int
+return_defers(const char *so, const char *ref, const Where *w)
+{
+    return rd64(so + SHMCTX_SLOT_INCARNATION_OFF) != w->inc ||
+           (unsigned char)so[SHMCTX_SLOT_STATE_OFF] == SHMCTX_FREE ||
+           rd32(ref + SHMCTX_REF_SLOT_OFF) != w->sp1 || rd32(ref + SHMCTX_REF_COUNT_OFF) == 0;
+}
+
 /* Return, steps R0-R5 of the protocol in _hotpath.py (PyHotPath.try_return in Python;
  * R6, the view, is finish_return). 1 done, 0 defer. */
 static int
@@ -340,26 +365,24 @@ try_return(HotPath *self, PyObject *ctx)
         PyErr_Clear();
         return 0;
     }
-    PyObject *manager = NULL, *pid = NULL, *returned = NULL, *m = NULL;
+    PyObject *owner = NULL, *pid = NULL, *returned = NULL, *m = NULL;
     int done = 0;
     Where w;
-    if ((manager = descr_get(self->d_manager, ctx)) == NULL ||
+    if ((owner = descr_get(self->d_owner, ctx)) == NULL ||
         (pid = descr_get(self->d_pid, ctx)) == NULL ||
         (returned = descr_get(self->d_returned, ctx)) == NULL ||
         (m = descr_get(self->d_mapped, ctx)) == NULL)
         goto out;
-    if (manager != self->manager || returned != Py_False ||  /* R1 */
+    if (owner != self->owner || returned != Py_False ||  /* R1 */
         PyObject_RichCompareBool(pid, self->pid_obj, Py_EQ) != 1 || !locate(self, m, &w))
-        goto out;
-    if (!lock_try(self, w.stripe))  /* R2 */
         goto out;
     char *so = (char *)self->table.buf + w.slot_off;
     char *ref = (char *)self->table.buf + w.ref_off;
+    /* R3 read once before R2 as well, without the lock, for the reason given at G4. */
+    if (return_defers(so, ref, &w) || !lock_try(self, w.stripe))  /* R2 */
+        goto out;
     uint32_t count = rd32(ref + SHMCTX_REF_COUNT_OFF);  /* R3, then R4: marked returned */
-    if (rd64(so + SHMCTX_SLOT_INCARNATION_OFF) != w.inc ||
-        (unsigned char)so[SHMCTX_SLOT_STATE_OFF] == SHMCTX_FREE ||
-        rd32(ref + SHMCTX_REF_SLOT_OFF) != w.sp1 || count == 0 ||
-        descr_set(self->d_returned, ctx, Py_True) < 0) {
+    if (return_defers(so, ref, &w) || descr_set(self->d_returned, ctx, Py_True) < 0) {
         lock_release(self, w.stripe);
         goto out;
     }
@@ -374,7 +397,7 @@ try_return(HotPath *self, PyObject *ctx)
     done = 1;
 out:
     PyErr_Clear();
-    Py_XDECREF(manager);
+    Py_XDECREF(owner);
     Py_XDECREF(pid);
     Py_XDECREF(returned);
     Py_XDECREF(m);
@@ -446,17 +469,17 @@ static int
 HotPath_init(HotPath *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {
-        "manager", "table", "sem_names", "max_refs", "mapped", "handle_type",
+        "owner", "table", "sem_names", "max_refs", "mapped", "handle_type",
         "handle_fields", "failpoints", "dropped", NULL};
-    PyObject *manager, *table, *names, *mapped, *htype, *fp, *dropped;
+    PyObject *owner, *table, *names, *mapped, *htype, *fp, *dropped;
     PyObject *fields[5];
     unsigned int max_refs;
-    if (self->have_buffer || self->manager != NULL) {
+    if (self->have_buffer || self->owner != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "HotPath is initialised once");
         return -1;
     }
     if (!PyArg_ParseTupleAndKeywords(
-            args, kwds, "OOO!IO!O!(OOOOO)O!O!", kwlist, &manager, &table,
+            args, kwds, "OOO!IO!O!(OOOOO)O!O!", kwlist, &owner, &table,
             &PyList_Type, &names, &max_refs, &PyDict_Type, &mapped, &PyType_Type, &htype,
             &fields[0], &fields[1], &fields[2], &fields[3], &fields[4],
             &PyDict_Type, &fp, &PyList_Type, &dropped))
@@ -468,13 +491,13 @@ HotPath_init(HotPath *self, PyObject *args, PyObject *kwds)
             return -1;
         }
     }
-    self->d_manager = Py_NewRef(fields[0]);
+    self->d_owner = Py_NewRef(fields[0]);
     self->d_mapped = Py_NewRef(fields[1]);
     self->d_pid = Py_NewRef(fields[2]);
     self->d_returned = Py_NewRef(fields[3]);
     self->d_view = Py_NewRef(fields[4]);
     self->max_refs = max_refs;
-    self->manager = Py_NewRef(manager);
+    self->owner = Py_NewRef(owner);
     self->mapped = Py_NewRef(mapped);
     self->handle_type = Py_NewRef(htype);
     self->failpoints = Py_NewRef(fp);
@@ -559,9 +582,9 @@ HotPath_traverse(HotPath *self, visitproc visit, void *arg)
     Py_VISIT(self->pid_obj);
     Py_VISIT(self->refidx);
     Py_VISIT(self->mapped);
-    Py_VISIT(self->manager);
+    Py_VISIT(self->owner);
     Py_VISIT(self->handle_type);
-    Py_VISIT(self->d_manager);
+    Py_VISIT(self->d_owner);
     Py_VISIT(self->d_mapped);
     Py_VISIT(self->d_pid);
     Py_VISIT(self->d_returned);
@@ -578,9 +601,9 @@ HotPath_clear(HotPath *self)
     Py_CLEAR(self->pid_obj);
     Py_CLEAR(self->refidx);
     Py_CLEAR(self->mapped);
-    Py_CLEAR(self->manager);
+    Py_CLEAR(self->owner);
     Py_CLEAR(self->handle_type);
-    Py_CLEAR(self->d_manager);
+    Py_CLEAR(self->d_owner);
     Py_CLEAR(self->d_mapped);
     Py_CLEAR(self->d_pid);
     Py_CLEAR(self->d_returned);
@@ -659,9 +682,9 @@ static PyTypeObject HotPathType = {
 /* MemoryContext.__del__ in C (the same logic; that one runs without this module). A
  * Python __del__ costs about as much as a whole get/return pair here, and every handle
  * is finalized, so install_finalizer puts this function in the type's tp_finalize slot
- * instead. An unreturned handle queues (mapping, pid) on its manager's ``_dropped``
- * list, which the manager works off where no lock is held (_return_dropped). */
-static PyObject *fin_returned, *fin_manager, *fin_mapped, *fin_pid;
+ * instead. An unreturned handle queues (mapping, pid) on its owner's ``dropped``
+ * list (Mappings.dropped), which Slots.return_dropped works off where no lock is held. */
+static PyObject *fin_returned, *fin_owner, *fin_mapped, *fin_pid;
 
 static Py_ssize_t fin_returned_offset = -1;
 
@@ -677,10 +700,10 @@ handle_finalize(PyObject *h)
     PyErr_Fetch(&type, &value, &tb);
     PyObject *returned = descr_get(fin_returned, h);
     if (returned == Py_False) {
-        PyObject *manager = descr_get(fin_manager, h);
+        PyObject *owner = descr_get(fin_owner, h);
         PyObject *mapped = descr_get(fin_mapped, h);
         PyObject *pid = descr_get(fin_pid, h);
-        PyObject *dropped = manager ? PyObject_GetAttr(manager, str_dropped) : NULL;
+        PyObject *dropped = owner ? PyObject_GetAttr(owner, str_dropped) : NULL;
         PyObject *item = mapped && pid ? PyTuple_Pack(2, mapped, pid) : NULL;
         if (dropped == NULL || item == NULL || !PyList_Check(dropped) ||
             PyList_Append(dropped, item) < 0)
@@ -689,7 +712,7 @@ handle_finalize(PyObject *h)
         Py_XDECREF(dropped);
         Py_XDECREF(pid);
         Py_XDECREF(mapped);
-        Py_XDECREF(manager);
+        Py_XDECREF(owner);
     }
     Py_XDECREF(returned);
     PyErr_Clear();  /* a handle never fully made has no _returned: nothing to give back */
@@ -719,7 +742,7 @@ install_finalizer(PyObject *module, PyObject *args)
             fin_returned_offset = member->offset;
     }
     Py_XSETREF(fin_returned, Py_NewRef(f[0]));
-    Py_XSETREF(fin_manager, Py_NewRef(f[1]));
+    Py_XSETREF(fin_owner, Py_NewRef(f[1]));
     Py_XSETREF(fin_mapped, Py_NewRef(f[2]));
     Py_XSETREF(fin_pid, Py_NewRef(f[3]));
     tp->tp_finalize = handle_finalize;
@@ -736,26 +759,51 @@ typedef struct {
     PyObject *func;
     int kind;
     vectorcallfunc vectorcall;
+    /* Where a manager of class ``type`` keeps ``_hot``: the byte offset of that slot
+     * (ContextManager declares ``__slots__ = ("_hot", ...)``), or -1 if the class has
+     * no such slot (a subclass that made ``_hot`` something else: the Python path
+     * serves it). Learned on the first call with an instance of a class, so that each
+     * call reads one pointer instead of looking a name up in a dict. */
+    PyTypeObject *type;
+    Py_ssize_t hot_offset;
 } Front;
 
 enum { FRONT_GET_OR_CREATE, FRONT_GET, FRONT_RETURN };
 
 static PyObject *str__hot;
 
-static HotPath *
-hot_of(PyObject *manager)
+/* Learn where instances of ``tp`` keep ``_hot``. Runs Python code (the class's
+ * attribute lookup), so both fields are written only after it, together. */
+static void
+front_learn(Front *self, PyTypeObject *tp)
 {
-    /* The manager's own attribute, read from its __dict__ (a generic getattr would
-     * first look the name up along the class's bases, on every call). */
-    PyObject **dictptr = _PyObject_GetDictPtr(manager);
-    if (dictptr == NULL || *dictptr == NULL)
-        return NULL;
-    PyObject *hot = PyDict_GetItemWithError(*dictptr, str__hot);
-    if (hot == NULL) {
+    Py_ssize_t offset = -1;
+    PyObject *d = PyObject_GetAttr((PyObject *)tp, str__hot);
+    if (d == NULL)
         PyErr_Clear();
+    /* A slot of this class or of a base: its descriptor's offset is valid for every
+     * instance of tp (a member descriptor borrowed from an unrelated class is not). */
+    else if (Py_TYPE(d) == &PyMemberDescr_Type &&
+             ((PyMemberDescrObject *)d)->d_member->type == T_OBJECT_EX &&
+             PyType_IsSubtype(tp, PyDescr_TYPE(d)))
+        offset = ((PyMemberDescrObject *)d)->d_member->offset;
+    Py_XDECREF(d);
+    PyTypeObject *old = self->type;
+    self->type = (PyTypeObject *)Py_NewRef(tp);
+    self->hot_offset = offset;
+    Py_XDECREF(old);  /* last: letting go of a class may run code that calls us */
+}
+
+static HotPath *
+hot_of(Front *self, PyObject *manager)
+{
+    PyTypeObject *tp = Py_TYPE(manager);
+    if (tp != self->type)
+        front_learn(self, tp);
+    if (self->hot_offset < 0)
         return NULL;
-    }
-    if (Py_TYPE(hot) != &HotPathType || ((HotPath *)hot)->mapped == NULL)
+    PyObject *hot = *(PyObject **)((char *)manager + self->hot_offset);
+    if (hot == NULL || Py_TYPE(hot) != &HotPathType || ((HotPath *)hot)->mapped == NULL)
         return NULL;
     return (HotPath *)Py_NewRef(hot);
 }
@@ -764,7 +812,7 @@ static PyObject *
 Front_vectorcall(Front *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    HotPath *hot = nargs >= 2 ? hot_of(args[0]) : NULL;
+    HotPath *hot = nargs >= 2 ? hot_of(self, args[0]) : NULL;
     if (hot != NULL) {
         PyObject *res = NULL;
         if (self->kind == FRONT_GET_OR_CREATE) {
@@ -832,6 +880,7 @@ static int
 Front_traverse(Front *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->func);
+    Py_VISIT(self->type);
     return 0;
 }
 
@@ -839,6 +888,7 @@ static int
 Front_clear(Front *self)
 {
     Py_CLEAR(self->func);
+    Py_CLEAR(self->type);
     return 0;
 }
 
@@ -898,6 +948,8 @@ make_front(PyObject *module, PyObject *func)
     f->func = Py_NewRef(func);
     f->kind = kind;
     f->vectorcall = (vectorcallfunc)Front_vectorcall;
+    f->type = NULL;
+    f->hot_offset = -1;
     PyObject_GC_Track(f);
     return (PyObject *)f;
 }
@@ -907,7 +959,7 @@ static PyMethodDef module_methods[] = {
      "front(method): method (get_or_create_context, get_context or return_context of\n"
      "ContextManager) with the C hot path in front of it."},
     {"install_finalizer", install_finalizer, METH_VARARGS,
-     "install_finalizer(handle_type, (returned, manager, mapped, pid)): put the C\n"
+     "install_finalizer(handle_type, (returned, owner, mapped, pid)): put the C\n"
      "finalizer of unreturned handles in place of handle_type.__del__."},
     {NULL, NULL, 0, NULL},
 };

@@ -102,7 +102,7 @@ def close_damaged(slots: Slots) -> list[str]:
         so = geo.slot_off(slot)
         state, _rc, inc = L.S_CHECK.unpack_from(buf, so)
         if state not in L.STATE_NAMES or (
-                state == L.READY and L.S_BODY.unpack_from(buf, so + L.S_BODY_OFF)[0] and
+                state == L.READY and L.SLOT["size"].read(buf, so) and
                 t.segment(slot, inc).lstrip("/") not in present):
             suspects.append((slot, inc))
     names = []

@@ -2,7 +2,8 @@
 
 Field offsets come from ``_layout``; the locking protocol from ``_lock``. This module
 knows which lock each operation needs but does not take them itself, except in the
-``repair_*`` methods; ``_manager`` composes the operations under the locks.
+``repair_*`` methods, ``retire`` and ``recover_leaked_locks``; ``_slots.Slots`` (and
+``_entry``, ``_sweeper``) compose the operations under the locks.
 
 Creation is atomic by construction: the creator builds the whole table, semaphores
 included, under a private staging name and then ``link(2)``s it to the public name,
@@ -298,8 +299,8 @@ class Table:
     def live_count(self) -> int:
         return L.H_LIVE.unpack_from(self.buf, L.H_LIVE_OFF)[0]
 
-    def sweeper(self) -> tuple[int, int, int, float]:
-        return L.H_SWEEPER.unpack_from(self.buf, L.H_SWEEPER_OFF)
+    def sweeper(self) -> L.Sweeper:
+        return L.Sweeper.read(self.buf)  # the header starts the table
 
     def set_sweeper(self, pid: int, start: int, beat: float) -> None:
         self.words.store(L.H_SWEEPER_OFF, L.H_SWEEPER, pid, 0, start, beat)
@@ -315,7 +316,7 @@ class Table:
         return bytes(self.buf[off + L.S_NAME_OFF : off + L.S_NAME_OFF + min(n, L.NAME_MAX)])
 
     def read_slot(self, slot: int) -> L.Slot:
-        """Every field of slot ``slot`` but ``children``, as a named record."""
+        """Every field of slot ``slot``, as a named record."""
         return L.Slot.read(self.buf, self.geo.slot_off(slot))
 
     def segment(self, slot: int, inc: int) -> str:
@@ -395,7 +396,7 @@ class Table:
         """A free slot taken off the free list, or -1 if the list has none. The list is
         derived data: an entry that is not free is skipped (and dropped), and a walk
         longer than the table (a loop, which only damage makes) ends it, so a damaged
-        list costs at most one pass. ``_manager._claim`` checks a -1 against the slots."""
+        list costs at most one pass. ``Slots.claim`` checks a -1 against the slots."""
         buf, geo, w = self.buf, self.geo, self.words
         head = L.H_FREE_HEAD.unpack_from(buf, L.H_FREE_HEAD_OFF)[0]
         for _ in range(geo.capacity):
@@ -431,11 +432,11 @@ class Table:
 
     def proc_refs(self, proc: int) -> Iterator[tuple[int, int, int]]:
         """(ref index, slot, count) of each used ref entry of process entry ``proc``."""
+        # Every reference record in one read: a flat tuple of (slot + 1, count) pairs.
         flat = L.P_REFS.unpack_from(self.buf, self.geo.proc_off(proc) + L.REFS_OFF)
-        for i in range(L.REFS_PER_PROCESS):
-            sp1 = flat[2 * i]
+        for i, (sp1, count) in enumerate(zip(flat[0::2], flat[1::2], strict=True)):
             if sp1:
-                yield i, sp1 - 1, flat[2 * i + 1]
+                yield i, sp1 - 1, count
 
     def ref_off(self, proc: int, ref: int) -> int:
         return self.geo.proc_off(proc) + L.REFS_OFF + L.REF_SIZE * ref
@@ -532,7 +533,7 @@ class Table:
                     if s % geo.stripes != k:
                         continue
                     if s >= geo.capacity or \
-                            L.S_STATE.unpack_from(buf, geo.slot_off(s))[0] == L.FREE:
+                            L.SLOT["state"].read(buf, geo.slot_off(s)) == L.FREE:
                         self.words.put64(self.ref_off(proc, i), 0)
                     else:
                         sums[s] = sums.get(s, 0) + c

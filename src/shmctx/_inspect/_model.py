@@ -100,7 +100,9 @@ def namespace_doc(r: Read, args: argparse.Namespace) -> dict:
     contexts = _context_docs(snap, alive)
     shown, matched = _select(contexts, "name", args.filter, args.sort, args.limit, _SORTS)
     # In a locked snapshot the record names ctx-inspect itself, which held it for the copy.
-    lpid, lepoch, lstart = (0, *snap.locks[0][1:]) if snap.locked else snap.locks[0]
+    table_lock = snap.locks[0]
+    lpid = 0 if snap.locked else table_lock.pid
+    lepoch, lstart = table_lock.epoch, table_lock.start
     spid, _sflags, sstart, sbeat = snap.sweeper
     return {
         "schema": SCHEMA,
