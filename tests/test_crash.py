@@ -64,6 +64,8 @@ def _die_at(ns: str, spec: str, scenario: str) -> None:
         m.get_or_create_context("new", MEM, init=lambda c: c.buf.__setitem__(0, 1))
     elif scenario == "create_object":
         m.get_or_create_object("new", lambda: {"b": pickle.PickleBuffer(bytearray(SIZE))})
+    elif scenario == "publish":
+        m.publish("spare", MEM, init=lambda c: c.buf.__setitem__(0, 2))
     elif scenario == "get":
         m.get_context("held")
     elif scenario == "get_return":
@@ -127,6 +129,8 @@ SCENARIOS = {
     "create.in_init": "create_init",
     "create.in_factory": "create_object",
     "create.object_packed": "create_object",
+    "publish.built": "publish",
+    "publish.new_ready": "publish",
     "acquire.proc_counted": "get",
     "return.proc_counted": "get_return",
     "close.state_freed": "close",

@@ -804,7 +804,7 @@ def test_many_contexts_cost_time_in_proportion_to_them(ns):
                 state=L.READY, flags=0, name_len=len(name), refcount=0, incarnation=i + 1,
                 name_hash=h, size=0, parent=(i + 1) % n + 1, next_free=0, parent_inc=n + 7,
                 created=0.0, last_used=0.0, creator_pid=0, children=0, creator_start=0,
-                lock_pid=0, lock_epoch=0, lock_start=0, name=name, kind=L.KIND_BYTES))
+                lock_pid=0, lock_epoch=0, lock_start=0, name=name, kind=L.KIND_BYTES, version=1))
             pos = h & mask  # the index's own placement (linear probing), so it is sound
             while L.INDEX_ENTRY.unpack_from(m._buf, geo.index_entry_off(pos))[0]:
                 pos = (pos + 1) & mask

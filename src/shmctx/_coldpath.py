@@ -157,12 +157,31 @@ class ColdPath:
                     slots.undo_ref(*counted)
                 raise
 
+    def publish(self, name: str, name_b: bytes, cfg: MemoryContextConfig,
+                init: Callable[[MemoryContext], object] | None,
+                factory: Callable[[], object] | None,
+                timeout: float | None) -> MemoryContext:
+        """A new version of ``name``, built here (``init`` or ``factory`` run in this
+        process) in a slot no get can find, then made current (``Slots.switch``)."""
+        slots, t = self.slots, self.table
+        slots.entry.ensure(self.register)
+        slots.return_dropped()
+        deadline = None if timeout is None else monotonic() + timeout
+        kind = L.KIND_OBJECT if factory is not None else cfg.kind
+        with holding(t.table_lock, deadline):
+            t.check_usable()
+            slot, inc = slots.claim(name, name_b, name_hash(name_b), cfg, kind, pending=True)
+        return self._finish_create(name, slot, inc, cfg, init, factory, pending=name_b)
+
     def _finish_create(self, name: str, slot: int, inc: int, cfg: MemoryContextConfig,
                        init: Callable[[MemoryContext], object] | None,
-                       factory: Callable[[], object] | None) -> MemoryContext:
+                       factory: Callable[[], object] | None,
+                       pending: bytes | None = None) -> MemoryContext:
         """Make the memory of the context just claimed, run ``init``, publish it. With
         ``factory``, the memory holds what it returns, pickled: its size is known only
-        then, so the memory is made after it runs (the others wait all the same)."""
+        then, so the memory is made after it runs (the others wait all the same).
+        ``pending``: the name (UTF-8) of a new version being published: made current by
+        ``Slots.switch`` instead."""
         slots, t, mappings = self.slots, self.table, self.mappings
         size = cfg.size
         kind = L.KIND_OBJECT if factory is not None else cfg.kind
@@ -196,15 +215,26 @@ class ColdPath:
                 _payload.write_header(m.view, kind, meta, n)
             handle = MemoryContext(mappings, m, identity.pid)
             if init is not None:
-                mappings.keep(m)
+                if pending is None:  # a pending version is no get's to find, even here
+                    mappings.keep(m)
                 if _failpoints.armed:
                     _failpoints.hit("create.in_init")
                 self._run_once(name, slot, inc, creator, lambda: init(handle))
+            if pending is not None and _failpoints.armed:
+                _failpoints.hit("publish.built")
         except BaseException:
             if identity.pid == creator:  # a forked child leaves the slot to its parent
                 slots.abort_create(name, slot, inc)
             raise
-        slots.publish(name, slot, inc, m)
+        if pending is None:
+            slots.publish(name, slot, inc, m)
+        else:
+            try:
+                with holding(t.table_lock, None):
+                    slots.switch(name, pending, slot, inc, m)
+            except BaseException:
+                slots.abort_create(name, slot, inc)  # nothing if it was switched
+                raise
         mappings.keep(m)
         mappings.added()
         return handle

@@ -28,7 +28,7 @@ __all__ = ["MemoryContext", "ContextInfo", "SweepReport"]
 
 
 class HandleOwner(Protocol):
-    """What a handle needs of the manager that made it: two questions and a queue.
+    """What a handle needs of the manager that made it: three questions and a queue.
     (``_mappings.Mappings`` answers them; a handle never sees the manager itself.)"""
 
     namespace: str
@@ -36,8 +36,13 @@ class HandleOwner(Protocol):
     # finalizer for the manager to give back where it holds no lock.
     dropped: list[tuple[_Mapped, int]]
 
-    def is_current(self, m: _Mapped) -> bool:
+    def is_open(self, m: _Mapped) -> bool:
         """Whether ``m``'s context is still open as the incarnation it mapped."""
+        ...
+
+    def version_of(self, m: _Mapped) -> tuple[int, bool]:
+        """(version, newest): ``m``'s version of its name, and whether it is the
+        current one (no newer version published, not closed)."""
         ...
 
     def lock_of(self, m: _Mapped) -> ContextLock:
@@ -203,6 +208,22 @@ class MemoryContext:
         return self._mapped.inc
 
     @property
+    def version(self) -> int:
+        """Which version of its name this context is: 1 for the first, then one more for
+        each ``ContextManager.publish`` of the name."""
+        self._ensure_valid()
+        return self._owner.version_of(self._mapped)[0]
+
+    @property
+    def is_current(self) -> bool:
+        """False once a newer version of the name was published (or the context was
+        closed): ``ContextManager.refresh`` then gives the current one. A handle keeps
+        its own version's bytes until it is returned, whatever is published meanwhile."""
+        if self._returned:
+            return False
+        return self._owner.is_open(self._mapped) and self._owner.version_of(self._mapped)[1]
+
+    @property
     def kind(self) -> str:
         """What the context holds: ``"bytes"`` (``buf``, ``put``/``get``), ``"array"``
         (``array()``) or ``"object"`` (``load()``)."""
@@ -333,7 +354,7 @@ class MemoryContext:
     def _ensure_valid(self) -> None:
         if self._returned:
             raise ContextClosedError(f"context {self.name!r}: this handle was returned")
-        if not self._owner.is_current(self._mapped):
+        if not self._owner.is_open(self._mapped):
             raise ContextClosedError(
                 f"context {self.name!r} (incarnation {self._mapped.inc}) was closed"
             )
@@ -445,6 +466,9 @@ class ContextInfo:
     incarnation: int
     parent: str | None
     kind: str = "bytes"  # what it holds: "bytes", "array" or "object"
+    version: int = 1  # of its name (ContextManager.publish)
+    superseded: bool = False  # a newer version is current; this one goes with its holders
+    pending: bool = False  # a version being published, not yet current
 
 
 @dataclass

@@ -30,6 +30,8 @@ SITES = (
     "create.in_init",
     "create.in_factory",
     "create.object_packed",
+    "publish.built",
+    "publish.new_ready",
     "close.state_freed",
     "close.index_removed",
     "reclaim.ref_cleared",

@@ -33,7 +33,8 @@ Get, ``try_get(name)`` (a handle, or None: the cold path decides)::
         (the lock's epoch counts takes, and must end equal on both). Only the test
         under the lock decides.
     G4  Read state, refcount and incarnation in one read: another incarnation, not
-        READY, or refcount at ``max_references``: release, defer.
+        READY, superseded by a newer version (the flags), or refcount at
+        ``max_references``: release, defer.
     G5  This process's count for the slot +1 (its reference record: the primary
         record; Python claims a record if there is none, C defers).
     G6  The slot's refcount +1 (derived: a death between G5 and G6 is repaired from
@@ -55,6 +56,9 @@ return now, and the manager raises the error that says why)::
         one reference, but never give it back twice (here and by its finalizer).
     R5  Count -1, refcount -1 (not below 0), last_used = CLOCK_MONOTONIC now.
     R6  Release the stripe lock (L3), then the handle's ``buf`` view.
+    R7  If the context is a superseded version (a newer one was published), it goes
+        with its last reference: ``Slots.after_return`` takes the table lock and frees
+        it if its refcount is 0 (C leaves such returns to Python).
 
 A stripe lock (``_lock.RobustLock``)::
 
@@ -183,7 +187,8 @@ class PyHotPath:
         lock.acquire()  # G3
         try:
             state, rc, inc = L.S_CHECK.unpack_from(self.buf, so)  # G4
-            if inc != m.inc or state != L.READY or (self.max_refs and rc >= self.max_refs):
+            if inc != m.inc or state != L.READY or (self.max_refs and rc >= self.max_refs) \
+                    or self.buf[so + 1] & L.SLOT_SUPERSEDED:
                 return None
             self.entry.count(m.slot, 1)  # G5 (Slots.add_ref, inlined: this is the hot path)
             if _failpoints.armed:
@@ -213,4 +218,6 @@ class PyHotPath:
         finally:
             lock.release()  # R6
         release_view(ctx)
+        if self.buf[m.off + 1] & L.SLOT_SUPERSEDED:  # R7
+            self.slots.after_return(m)
         return True

@@ -10,7 +10,7 @@
 #define SHMCTX_LAYOUT_VERSION                    4
 /* BLAKE2b-64 of the declarations; every table stores the one of its creator at
  * SHMCTX_HEADER_FINGERPRINT_OFF. */
-#define SHMCTX_LAYOUT_FINGERPRINT                0xbbc3462fa2b1b653ULL
+#define SHMCTX_LAYOUT_FINGERPRINT                0x2ff0e864df5c876fULL
 
 /* Header (256 bytes) */
 #define SHMCTX_HEADER_SIZE                       256
@@ -145,6 +145,8 @@
 #define SHMCTX_SLOT_NAME_SIZE                    128
 #define SHMCTX_SLOT_KIND_OFF                     224     /* u8 */
 #define SHMCTX_SLOT_KIND_SIZE                    1
+#define SHMCTX_SLOT_VERSION_OFF                  228     /* u32 */
+#define SHMCTX_SLOT_VERSION_SIZE                 4
 
 /* Payload header (64 bytes) */
 #define SHMCTX_PAYLOAD_SIZE                      64
@@ -172,6 +174,8 @@
 #define SHMCTX_SLOT_WAITERS                      1
 #define SHMCTX_SLOT_LOCK                         2
 #define SHMCTX_P_LIVE_LOCK                       1
+#define SHMCTX_SLOT_SUPERSEDED                   4
+#define SHMCTX_SLOT_PENDING                      8
 #define SHMCTX_FLAG_UNLINKED                     1
 #define SHMCTX_KIND_BYTES                        0
 #define SHMCTX_KIND_ARRAY                        1

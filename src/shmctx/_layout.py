@@ -140,6 +140,9 @@ STATE_NAMES = {FREE: "free", CREATING: "creating", READY: "ready"}
 # Slot flags.
 SLOT_WAITERS = 1
 SLOT_LOCK = 2
+SLOT_SUPERSEDED = 4  # an older version of its name: out of the index, freed at refcount 0
+SLOT_PENDING = 8  # a new version being built by publish: out of the index until the switch
+UNINDEXED = SLOT_SUPERSEDED | SLOT_PENDING  # live slots the name index does not hold
 
 # Process-entry flags.
 P_LIVE_LOCK = 1
@@ -161,6 +164,7 @@ CONSTANTS = {
     "REFS_PER_PROCESS": REFS_PER_PROCESS, "PAGE": PAGE, "MAX_STRIPES": MAX_STRIPES,
     "FREE": FREE, "CREATING": CREATING, "READY": READY,
     "SLOT_WAITERS": SLOT_WAITERS, "SLOT_LOCK": SLOT_LOCK, "P_LIVE_LOCK": P_LIVE_LOCK,
+    "SLOT_SUPERSEDED": SLOT_SUPERSEDED, "SLOT_PENDING": SLOT_PENDING,
     "FLAG_UNLINKED": FLAG_UNLINKED, "KIND_BYTES": KIND_BYTES, "KIND_ARRAY": KIND_ARRAY,
     "KIND_OBJECT": KIND_OBJECT, "PAYLOAD_ALIGN": PAYLOAD_ALIGN,
 }
@@ -388,7 +392,9 @@ SLOT = Record("slot", "Context slot", 256, [
     Field("state", "u8", "FREE 0, CREATING 1, READY 2 (STATE_NAMES); written alone, by "
           "single-byte stores"),
     Field("flags", "u8", "SLOT_WAITERS 1: someone waits on the init semaphore; "
-          "SLOT_LOCK 2: the ctx.lock semaphore was created"),
+          "SLOT_LOCK 2: the ctx.lock semaphore was created; SLOT_SUPERSEDED 4: a newer "
+          "version of the name was published; SLOT_PENDING 8: a version being published. "
+          "Changed under the stripe lock only"),
     Field("name_len", "u16", "bytes of the UTF-8 name"),
     Field("refcount", "u32", "sum of the per-process counts (derived; kept for the hot "
           "path)"),
@@ -411,7 +417,10 @@ SLOT = Record("slot", "Context slot", 256, [
     Field("kind", "u8", "what the memory holds: KIND_BYTES 0 (the user's bytes), "
           "KIND_ARRAY 1 or KIND_OBJECT 2 (a payload, PAYLOAD below); set when the slot is "
           "claimed. A payload's own bytes are never trusted to say so"),
-    Field("reserved", "pad[31]", "zero"),
+    Field("pad", "pad[3]", "zero"),
+    Field("version", "u32", "1 for the first version of a name, then one more for each "
+          "version publish() makes current (0 while one is pending)"),
+    Field("reserved", "pad[24]", "zero"),
 ])
 
 PAYLOAD = Record("payload", "Payload header", 64, [

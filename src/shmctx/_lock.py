@@ -513,14 +513,14 @@ class ContextLock(RobustLock):
     semaphore and let a second holder in).
     """
 
-    __slots__ = ("guard", "is_current", "closed_error", "_thread", "_pid", "_depth")
+    __slots__ = ("guard", "is_open", "closed_error", "_thread", "_pid", "_depth")
 
     def __init__(self, sem: posix_ipc.Semaphore, buf: Words | memoryview, off: int, key: int,
                  timeout: float, arbiter: Arbiter, what: str, guard: RobustLock,
-                 is_current: Callable[[], bool], closed_error: Callable[[], Exception]) -> None:
+                 is_open: Callable[[], bool], closed_error: Callable[[], Exception]) -> None:
         super().__init__(sem, buf, off, key, timeout, arbiter, None, what)
         self.guard = guard
-        self.is_current = is_current
+        self.is_open = is_open
         self.closed_error = closed_error
         self._thread = 0
         self._pid = 0
@@ -549,7 +549,7 @@ class ContextLock(RobustLock):
         if self._thread == threading.get_ident() and self._pid == identity.pid:
             self._depth += 1
             return True
-        if not self.is_current():
+        if not self.is_open():
             raise self.closed_error()
         try:
             if not take():
@@ -574,7 +574,7 @@ class ContextLock(RobustLock):
                 f"timed out waiting for the stripe lock to record the owner of {self.what}"
             ) from None
         try:
-            if self.is_current():
+            if self.is_open():
                 super()._own(epoch, deadline, frame)
                 return
         finally:
@@ -624,7 +624,7 @@ class ContextLock(RobustLock):
     def _drop_hold(self) -> None:
         """Clear the owner record (if it is still this context's and ours) and post."""
         with self.guard:
-            if self.is_current() and self.owner().pid == identity.pid:
+            if self.is_open() and self.owner().pid == identity.pid:
                 self.w32[self.i32] = 0
             self.holder = 0
             self.frame = None
@@ -643,7 +643,7 @@ class ContextLock(RobustLock):
 
     def _after_timeout(self, suspect: tuple[int, int] | None, deadline: float | None,
                        frame: object) -> tuple[int, int] | None:
-        if not self.is_current():
+        if not self.is_open():
             raise self.closed_error()
         if self.owner().pid == 0:
             # Between sem_wait and recording itself, a holder of this lock waits for the

@@ -329,6 +329,97 @@ class ContextManager:
             self._recover_leaked_locks()
             raise
 
+    def publish(
+        self,
+        name: str,
+        config: MemoryContextConfig | None = None,
+        *,
+        init: Callable[[MemoryContext], object] | None = None,
+        timeout: float | None = None,
+    ) -> MemoryContext:
+        """Make a new version of context ``name`` current, and return a reference to it.
+
+        The new version (``config``, default an empty bytes context; it may differ from
+        the current one's: another size, shape or dtype) is built completely in this
+        process first: its memory made, ``init(ctx)`` run. No get can see it before
+        that. Then it becomes current at once: every get after this returns it, and
+        ``ctx.version`` is the previous one's plus one (1 if ``name`` did not exist:
+        then this creates it). Holders of older versions keep reading exactly their
+        bytes until they return them (``ctx.is_current`` tells them, ``refresh`` moves
+        them on); an older version is freed with its last reference. If ``init`` raises
+        (or this process dies) before the switch, the current version stays current
+        and nothing is left behind. Two processes publishing one name at once both
+        succeed, one after the other, with distinct versions.
+
+        >>> new = m.publish("emb", MemoryContextConfig.for_array((1000, 64), "float32"),
+        ...                 init=lambda c: c.array(writeable=True).fill(2.0))
+        """
+        try:
+            if self._closed:
+                self._raise_closed()
+            name_b = check_name(name)
+            if config is not None and not isinstance(config, MemoryContextConfig):
+                raise InvalidConfigError(
+                    f"config must be a MemoryContextConfig or None, not {type(config).__name__}"
+                )
+            if init is not None and not callable(init):
+                raise TypeError(f"init must be a callable taking the context, not {init!r}")
+            _check_timeout(timeout)
+            self._check_open()
+            return self._cold.publish(name, name_b, config or MemoryContextConfig(), init,
+                                      None, timeout)
+        except BaseException:
+            self._recover_leaked_locks()
+            raise
+
+    def publish_object(
+        self,
+        name: str,
+        obj: object = None,
+        *,
+        factory: Callable[[], object] | None = None,
+        timeout: float | None = None,
+    ) -> MemoryContext:
+        """``publish`` for an object context (``get_or_create_object``): the new
+        version holds ``obj``, or what ``factory()`` returns (run in this process), and
+        every later ``load()`` of ``name`` sees it.
+
+        >>> m.publish_object("model", new_model)
+        """
+        try:
+            if self._closed:
+                self._raise_closed()
+            name_b = check_name(name)
+            if factory is not None:
+                if obj is not None:
+                    raise TypeError("publish_object() takes an object or a factory, not both")
+                if not callable(factory):
+                    raise TypeError(f"factory must be a callable taking no argument, not "
+                                    f"{factory!r}")
+                make = factory
+            else:
+                def make() -> object:
+                    return obj
+            _check_timeout(timeout)
+            self._check_open()
+            return self._cold.publish(name, name_b, MemoryContextConfig(), None, make, timeout)
+        except BaseException:
+            self._recover_leaked_locks()
+            raise
+
+    def refresh(self, ctx: MemoryContext, *, timeout: float | None = None) -> MemoryContext:
+        """``ctx`` itself if it is the current version of its name; else a reference to
+        the current version, and ``ctx`` returned (in that order: if the get fails,
+        ``ctx`` is still held). A worker calls it where it is safe to let go of the old
+        version, e.g. at the start of each request."""
+        if not isinstance(ctx, MemoryContext):
+            raise TypeError(f"refresh() takes a MemoryContext, not {type(ctx).__name__}")
+        if ctx.is_current:
+            return ctx
+        new = self.get_context(ctx.name, timeout=timeout)
+        self.return_context(ctx)
+        return new
+
     @front
     def get_context(self, name: str, *, timeout: float | None = None) -> MemoryContext:
         """Take a reference to the existing context ``name`` (``ContextNotFoundError`` if
@@ -430,8 +521,11 @@ class ContextManager:
                     incarnation=s.incarnation,
                     parent=snap.parent_name(s),
                     kind=_payload.KIND_NAMES.get(s.kind, f"invalid({s.kind})"),
+                    version=s.version,
+                    superseded=bool(s.flags & L.SLOT_SUPERSEDED),
+                    pending=bool(s.flags & L.SLOT_PENDING),
                 ))
-            return sorted(out, key=lambda i: i.name)
+            return sorted(out, key=lambda i: (i.name, i.version))
         except BaseException:
             self._recover_leaked_locks()
             raise

@@ -3,7 +3,7 @@ a context map nothing, whether a mapping is still current, and the one ``ctx.loc
 object per context incarnation.
 
 It is the owner every handle (``MemoryContext``) refers to: a handle asks it whether
-its context is still open (``is_current``), for its lock (``lock_of``), and queues
+its context is still open (``is_open``), for its lock (``lock_of``), and queues
 itself on ``dropped`` when it is collected without being returned.
 """
 
@@ -69,15 +69,22 @@ class Mappings:
 
     # --- the handle owner interface ------------------------------------------------
 
-    def is_current(self, m: _Mapped) -> bool:
-        return self.is_current_at(m.off, m.inc)
+    def is_open(self, m: _Mapped) -> bool:
+        return self.is_open_at(m.off, m.inc)
 
-    def is_current_at(self, so: int, inc: int) -> bool:
+    def is_open_at(self, so: int, inc: int) -> bool:
         """Whether the slot at offset ``so`` still holds incarnation ``inc``, open."""
         if self.closed:
             return False
         state, _rc, now = L.S_CHECK.unpack_from(self.table.buf, so)
         return now == inc and state != L.FREE
+
+    def version_of(self, m: _Mapped) -> tuple[int, bool]:
+        buf, so = self.table.buf, m.off
+        state, flags = L.S_STATE.unpack_from(buf, so)
+        newest = state == L.READY and not flags & L.UNINDEXED and \
+            L.SLOT["incarnation"].read(buf, so) == m.inc
+        return L.SLOT["version"].read(buf, so), newest
 
     def lock_of(self, m: _Mapped) -> ContextLock:
         if m.lock is not None:
@@ -132,7 +139,7 @@ class Mappings:
         return _MappedLock(
             sem, t.words, m.off + L.S_LOCK_OFF, (1 << 20) + m.slot,
             self.lock_timeout, t.arbiter, f"lock of context {m.name!r}",
-            m.stripe, partial(self.is_current_at, m.off, m.inc),
+            m.stripe, partial(self.is_open_at, m.off, m.inc),
             partial(ContextClosedError, f"context {m.name!r} (incarnation {m.inc}) was closed"),
         )
 

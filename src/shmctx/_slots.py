@@ -144,6 +144,25 @@ class Slots:
                 continue  # inherited over fork: the parent's reference, not ours
             with m.stripe:
                 self.uncount(m)  # False: closed meanwhile, nothing left to give back
+            self.after_return(m)
+
+    def after_return(self, m: _Mapped) -> None:
+        """A reference to ``m``'s context was just given back (no lock held): if the
+        context is a superseded version, it goes with its last reference, now rather than
+        at the next sweep (return, step R7)."""
+        if self.table.buf[m.off + 1] & L.SLOT_SUPERSEDED:
+            with self.table.table_lock:
+                self.free_superseded(m.slot, m.inc)
+
+    def free_superseded(self, slot: int, inc: int) -> bool:
+        """Close ``slot`` if it still holds ``inc`` as a superseded version that nothing
+        references (nor any context whose parent it is). Needs the table lock."""
+        t = self.table
+        f = t.read_slot(slot)
+        if f.state != L.READY or f.incarnation != inc or not f.flags & L.SLOT_SUPERSEDED \
+                or f.refcount:
+            return False
+        return self.close(self.subtree(slot), force=False) < 0
 
     # --- looking up (under the table lock) -------------------------------------------
 
@@ -198,9 +217,11 @@ class Slots:
     # --- creating -------------------------------------------------------------------
 
     def claim(self, name: str, name_b: bytes, h: int, cfg: MemoryContextConfig,
-              kind: int) -> tuple[int, int]:
+              kind: int, pending: bool = False) -> tuple[int, int]:
         """Claim a slot for a new context in CREATING state, with one reference of ours;
-        ``kind`` says what its memory will hold. Needs the table lock."""
+        ``kind`` says what its memory will hold. ``pending``: a new version of ``name``
+        for ``publish``, kept out of the name index (so no get finds it) until
+        ``switch`` makes it current. Needs the table lock."""
         t = self.table
         geo, buf = t.geo, t.buf
         parent_slot, parent_inc = -1, 0
@@ -247,18 +268,20 @@ class Slots:
                 # without the lock (the orphan sweep) that sees the slot in use sees its
                 # incarnation too.
                 t.words.store(so, L.SLOT_ALL, *L.Slot(
-                    state=L.FREE, flags=0, name_len=len(name_b), refcount=0,
+                    state=L.FREE, flags=L.SLOT_PENDING if pending else 0,
+                    name_len=len(name_b), refcount=0,
                     incarnation=inc, name_hash=h, size=cfg.size, parent=parent_slot + 1,
                     next_free=0, parent_inc=parent_inc, created=time.time(),
                     last_used=monotonic(), creator_pid=identity.pid, children=0,
                     creator_start=identity.start, lock_pid=0, lock_epoch=0, lock_start=0,
-                    name=name_b, kind=kind,
+                    name=name_b, kind=kind, version=0 if pending else 1,
                 ))
                 t.words.put8(so, L.CREATING)
                 if _failpoints.armed:
                     _failpoints.hit("create.slot_claimed")
                 self.add_ref(slot, so, 0)
-            t.index_insert(slot, h)
+            if not pending:
+                t.index_insert(slot, h)
         except BaseException:
             # Give the slot back rather than leave a CREATING slot that no index entry,
             # waiter or sweep would ever find while we live.
@@ -304,12 +327,13 @@ class Slots:
             f"or parents); cannot create {for_name!r}"
         )
 
-    def publish(self, name: str, slot: int, inc: int, m: _Mapped) -> None:
+    def publish(self, name: str, slot: int, inc: int, m: _Mapped, version: int = 0) -> None:
         """Make the context this process created in ``slot`` ready, and wake the
         processes waiting for it. Needs no lock held (takes the stripe lock: publishing
         changes neither the index nor the free list). ``ContextClosedError`` if it was
         force-closed meanwhile. The slot's size becomes ``m.size``: an object's is known
-        only once it is pickled, after the claim."""
+        only once it is pickled, after the claim. ``version``: a pending version's
+        number (``switch``), written with it, and the pending flag cleared."""
         t = self.table
         so = t.geo.slot_off(slot)
         with t.stripe_of(slot):
@@ -327,15 +351,53 @@ class Slots:
             # none) reads the size it maps after it.
             w.put64(so + L.SLOT.off("size"), m.size)
             w.putf(so + L.S_LAST_USED_OFF, monotonic())
-            w.put8(so + 1, flags & ~L.SLOT_WAITERS)
+            if version:
+                w.put32(so + L.SLOT.off("version"), version)
+            w.put8(so + 1, flags & ~(L.SLOT_WAITERS | L.SLOT_PENDING))
             w.put8(so, L.READY)  # a byte of its own: readers without the lock watch it
             if flags & L.SLOT_WAITERS:
                 _wake_waiters(_shm.init_sem_name(self.namespace, t.tag, inc))
 
+    def switch(self, name: str, name_b: bytes, slot: int, inc: int, m: _Mapped) -> int:
+        """Make the version this process built in ``slot`` (claimed ``pending``) the
+        current one of ``name``: its version number is the current one's plus one (1 if
+        there is none), the name index points at it, and the version it replaces is
+        marked superseded (freed at once if nothing references it, else with its last
+        reference). Returns the version. Needs the table lock; ``ContextClosedError`` if
+        the pending version was force-closed meanwhile.
+
+        Gets take the index's slot under the table lock (cold path) or check the
+        superseded flag under the slot's stripe lock (hot path), so once this returns
+        every get finds the new version."""
+        t = self.table
+        h = name_hash(name_b)
+        old = t.find(name_b, h)
+        version = 1 if old < 0 else L.SLOT["version"].read(t.buf, t.geo.slot_off(old)) + 1
+        # The order keeps the table sound for whoever takes the table lock over if this
+        # process dies half way: the new version is ready (with its number) before the
+        # index points at it, and the old one is marked superseded after. A repair that
+        # finds two current-looking versions of a name keeps the higher number current
+        # and marks the other superseded (Table.repair_table), as if the switch had
+        # completed.
+        self.publish(name, slot, inc, m, version)
+        if _failpoints.armed:
+            _failpoints.hit("publish.new_ready")
+        if old < 0:
+            t.index_insert(slot, h)
+            return version
+        t.index_replace(old, slot, h)
+        oo = t.geo.slot_off(old)
+        old_inc = L.SLOT["incarnation"].read(t.buf, oo)
+        with t.stripe_of(old):
+            t.words.put8(oo + 1, L.SLOT["flags"].read(t.buf, oo) | L.SLOT_SUPERSEDED)
+        self.mappings.forget(name, old_inc)  # this process's next get maps the new one
+        self.free_superseded(old, old_inc)
+        return version
+
     def abort_create(self, name: str, slot: int, inc: int) -> None:
         """Remove the context this process failed to create."""
         t = self.table
-        self.mappings.forget(name)
+        self.mappings.forget(name, inc)
         with t.table_lock:
             f = t.read_slot(slot)
             if f.state == L.CREATING and f.incarnation == inc:

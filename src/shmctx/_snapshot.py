@@ -37,6 +37,7 @@ class SlotView:
     lock_owner: tuple[int, int, int]
     children: int
     kind: int  # L.KIND_*
+    version: int
     holders: dict[int, int] = field(default_factory=dict)  # pid -> count
     holder_starts: dict[int, int] = field(default_factory=dict)  # pid -> start
 
@@ -131,7 +132,7 @@ def decode(data: bytes, locked: bool = True) -> Snapshot:
         slots.append(SlotView(
             s, f.state, f.flags, name, ok, f.refcount, f.incarnation, f.name_hash, f.size,
             f.parent - 1, f.parent_inc, f.created, f.last_used, f.creator_pid, f.creator_start,
-            (f.lock_pid, f.lock_epoch, f.lock_start), f.children, f.kind,
+            (f.lock_pid, f.lock_epoch, f.lock_start), f.children, f.kind, f.version,
             holders.get(s, {}), starts.get(s, {}),
         ))
     return Snapshot(
@@ -183,9 +184,14 @@ def violations(snap: Snapshot, tag: str | None = None) -> list[str]:
             out.append(f"{label}: name and name hash disagree, or the name is not UTF-8")
         if s.kind not in (L.KIND_BYTES, L.KIND_ARRAY, L.KIND_OBJECT):
             out.append(f"{label}: impossible kind {s.kind}")
-        if s.name in live_names:
-            out.append(f"{label}: duplicate live name, also in slot {live_names[s.name]}")
-        live_names.setdefault(s.name, s.slot)
+        if not s.flags & L.UNINDEXED:  # older and pending versions share the name
+            if s.name in live_names:
+                out.append(f"{label}: duplicate live name, also in slot {live_names[s.name]}")
+            live_names.setdefault(s.name, s.slot)
+        if s.flags & L.SLOT_SUPERSEDED and s.state != L.READY:
+            out.append(f"{label}: superseded while {L.STATE_NAMES.get(s.state)}")
+        if s.flags & L.SLOT_PENDING and s.state != L.CREATING:
+            out.append(f"{label}: pending while {L.STATE_NAMES.get(s.state)}")
         total = sum(s.holders.values())
         if s.refcount != total:
             out.append(f"{label}: refcount {s.refcount} != {total}, the sum of its holders")
@@ -224,8 +230,12 @@ def violations(snap: Snapshot, tag: str | None = None) -> list[str]:
             out.append(f"index entry {pos}: slot {slot} is indexed twice")
         indexed.add(slot)
     for s in snap.slots:
-        if s.state in (L.CREATING, L.READY) and s.slot not in indexed:
+        if s.state in (L.CREATING, L.READY) and s.slot not in indexed and \
+                not s.flags & L.UNINDEXED:
             out.append(f"slot {s.slot} ({s.name!r}): live but missing from the name index")
+        if s.slot in indexed and s.flags & L.UNINDEXED:
+            what = "superseded" if s.flags & L.SLOT_SUPERSEDED else "pending"
+            out.append(f"slot {s.slot} ({s.name!r}): {what}, yet in the name index")
     used = {s.slot for s in snap.slots if s.state != L.FREE}  # once, not once per entry
     for e in indexed:
         if e < geo.capacity and e not in used:

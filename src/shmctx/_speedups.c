@@ -257,7 +257,8 @@ new_handle(HotPath *self, PyObject *m)
     return h;
 }
 
-/* Step G4's test: another incarnation, not READY, the reference limit reached, or no
+/* Step G4's test: another incarnation, not READY, superseded by a newer version (the
+ * name now means that one: the cold path finds it), the reference limit reached, or no
  * reference record of this process for the slot (Python claims one; C defers). */
 static int
 get_defers(HotPath *self, const char *so, const char *ref, const Where *w)
@@ -265,6 +266,7 @@ get_defers(HotPath *self, const char *so, const char *ref, const Where *w)
     uint32_t rc = rd32(so + SHMCTX_SLOT_REFCOUNT_OFF);
     return rd64(so + SHMCTX_SLOT_INCARNATION_OFF) != w->inc ||
            (unsigned char)so[SHMCTX_SLOT_STATE_OFF] != SHMCTX_READY ||
+           ((unsigned char)so[SHMCTX_SLOT_FLAGS_OFF] & SHMCTX_SLOT_SUPERSEDED) ||
            (self->max_refs && rc >= self->max_refs) || rd32(ref + SHMCTX_REF_SLOT_OFF) != w->sp1;
 }
 
@@ -346,12 +348,14 @@ hot_arguments(PyObject *const *args, size_t nargsf, PyObject *kwnames)
 }
 
 /* Step R3's test: another incarnation or FREE (closed since), or no count of this
- * process to give back. */
+ * process to give back; and C leaves a superseded version's returns to Python, which
+ * frees it with its last reference. */
 static int
 return_defers(const char *so, const char *ref, const Where *w)
 {
     return rd64(so + SHMCTX_SLOT_INCARNATION_OFF) != w->inc ||
            (unsigned char)so[SHMCTX_SLOT_STATE_OFF] == SHMCTX_FREE ||
+           ((unsigned char)so[SHMCTX_SLOT_FLAGS_OFF] & SHMCTX_SLOT_SUPERSEDED) ||
            rd32(ref + SHMCTX_REF_SLOT_OFF) != w->sp1 || rd32(ref + SHMCTX_REF_COUNT_OFF) == 0;
 }
 

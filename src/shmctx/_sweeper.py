@@ -61,6 +61,15 @@ def sweep_once(slots: Slots) -> SweepReport:
     report.reclaimed = slots.reclaim_dead(locked=False)
     slots.remove_dead_creations()
     report.damaged = close_damaged(slots)
+    # Superseded versions nobody references any more: their last holder died (its
+    # references were reclaimed just above), or a repair marked them.
+    for slot in range(geo.capacity):
+        so = geo.slot_off(slot)
+        state, rc, inc = L.S_CHECK.unpack_from(buf, so)
+        if state == L.READY and rc == 0 and buf[so + 1] & L.SLOT_SUPERSEDED:
+            with t.table_lock:
+                if slots.free_superseded(slot, inc):
+                    report.closed.append(slots.name_of(slot))
     idle_limit = t.config.max_idle_time
     if idle_limit > 0:
         now = monotonic()

@@ -355,6 +355,23 @@ class Table:
             pos = (pos + 1) & mask
         raise TableFormatError(f"namespace {self.ns!r}: name index is full (damaged table)")
 
+    def index_replace(self, old: int, new: int, h: int) -> None:
+        """Point ``old``'s index entry (of hash ``h``) at ``new``, a slot of the same
+        name, in one store: a lookup sees one or the other, never neither."""
+        buf, geo = self.buf, self.geo
+        mask = geo.index_size - 1
+        pos = h & mask
+        for _ in range(geo.index_size):
+            off = geo.index_entry_off(pos)
+            e = L.INDEX_ENTRY.unpack_from(buf, off)[0]
+            if e == old + 1:
+                self.words.put32(off, new + 1)
+                return
+            if e == 0:
+                break
+            pos = (pos + 1) & mask
+        self.index_insert(new, h)  # old was not indexed (damage repaired since)
+
     def index_remove(self, slot: int, h: int) -> None:
         """Remove ``slot``'s entry, shifting back the entries that follow it in its
         probe run (no tombstones, so lookups never degrade)."""
@@ -448,24 +465,36 @@ class Table:
         the table lock: after taking it over from a dead owner, and when derived data
         (the live count, the free list) is found to disagree with the slots."""
         buf, geo, w = self.buf, self.geo, self.words
-        seen: set[bytes] = set()
+        current: dict[bytes, list[int]] = {}  # name -> its slots that look current
         for slot in range(geo.capacity):
             off = geo.slot_off(slot)
-            state, _f, n, _rc, _inc, h = L.S_HEAD.unpack_from(buf, off)
+            state, flags, n, _rc, _inc, h = L.S_HEAD.unpack_from(buf, off)
             if state == L.FREE:
                 continue
             name_b = self.slot_name(slot)
-            if state not in (L.CREATING, L.READY) or n > L.NAME_MAX or name_b in seen \
-                    or name_hash(name_b) != h:
-                # Its objects (memory, semaphores) no longer match a live incarnation:
-                # the orphan sweep removes them.
-                log.warning("namespace %r: clearing damaged slot %d (state %d)", self.ns,
-                            slot, state)
-                with self.stripe_of(slot):
-                    w.put8(off + 1, 0)
-                    w.put8(off, L.FREE)
+            if state not in (L.CREATING, L.READY) or n > L.NAME_MAX or \
+                    name_hash(name_b) != h:
+                self._clear_damaged(slot, state)
                 continue
-            seen.add(name_b)
+            if not flags & L.UNINDEXED:  # superseded and pending versions share the name
+                current.setdefault(name_b, []).append(slot)
+        # A name has one current version at most. Two current-looking ones are what a
+        # publisher that died inside Slots.switch leaves: the higher version number is
+        # current, as if the switch had completed, and a lower ready one is superseded.
+        # Anything else is damage.
+        for slots in current.values():
+            if len(slots) < 2:
+                continue
+            slots.sort(key=lambda s: (L.SLOT["version"].read(buf, geo.slot_off(s)),
+                                      buf[geo.slot_off(s)] == L.READY), reverse=True)
+            top = L.SLOT["version"].read(buf, geo.slot_off(slots[0]))
+            for slot in slots[1:]:
+                off = geo.slot_off(slot)
+                if buf[off] == L.READY and L.SLOT["version"].read(buf, off) < top:
+                    with self.stripe_of(slot):
+                        w.put8(off + 1, buf[off + 1] | L.SLOT_SUPERSEDED)
+                else:
+                    self._clear_damaged(slot, buf[off])
         # After clearing: references to a cleared slot are dropped with the others.
         for k in range(geo.stripes):
             self.repair_stripe(k)  # under the stripe lock, taken in order
@@ -473,12 +502,23 @@ class Table:
             w.put32(geo.index_entry_off(pos), 0)
         live = 0
         for slot in range(geo.capacity):
-            if buf[geo.slot_off(slot)] != L.FREE:
-                self.index_insert(slot, self._hash_of(slot))
+            off = geo.slot_off(slot)
+            if buf[off] != L.FREE:
+                if not buf[off + 1] & L.UNINDEXED:
+                    self.index_insert(slot, self._hash_of(slot))
                 live += 1
         w.put32(L.H_LIVE_OFF, live)
         _rebuild_free_list(w, geo)
         self._recount_children()
+
+    def _clear_damaged(self, slot: int, state: int) -> None:
+        # Its objects (memory, semaphores) no longer match a live incarnation: the orphan
+        # sweep removes them.
+        log.warning("namespace %r: clearing damaged slot %d (state %d)", self.ns, slot, state)
+        off = self.geo.slot_off(slot)
+        with self.stripe_of(slot):
+            self.words.put8(off + 1, 0)
+            self.words.put8(off, L.FREE)
 
     def repair_derived(self, why: str) -> None:
         """Derived data was found wrong (``why``): rebuild it. Needs the table lock."""
