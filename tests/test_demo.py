@@ -16,7 +16,8 @@ def test_demo_runs_and_leaves_nothing_behind():
     assert r.returncode == 0, r.stdout + r.stderr
     namespace = re.search(r"namespace '([^']+)'", r.stdout).group(1)
     assert "shared counter = 600 (expected 600)" in r.stdout
-    assert re.search(r"demo\.shared\s+ready\s+4\s", r.stdout)  # 3 workers + the supervisor
+    # 3 workers + the supervisor hold it (the columns: name, kind, version, state, refs)
+    assert re.search(r"demo\.shared\s+bytes\s+1\s+ready\s+4\s", r.stdout)
     assert "check(): sound" in r.stdout
     assert "Traceback" not in r.stderr
     assert _shm.namespace_objects(namespace) == []

@@ -165,7 +165,9 @@ def test_namespace_view_shows_other_processes_references(ns, mp_ctx):
         row = {ln.split()[0]: ln for ln in lines if ln.split() and ln.split()[0] in
                ("alpha", "beta", "kid")}
         assert f"{a}:2" in row["alpha"] and f"{b}:1" in row["alpha"]
-        assert row["alpha"].split()[2] == "3" and "64.0 KiB" in row["alpha"]
+        # NAME KIND VER STATE REFS: a bytes context, in its first (and only) version.
+        assert row["alpha"].split()[1:5] == ["bytes", "1", "ready", "3"]
+        assert "64.0 KiB" in row["alpha"]
         assert f"{a}:1" in row["beta"] and "0 B" in row["beta"]
         assert row["kid"].split()[-1] == "alpha" and "10 B" in row["kid"]
         assert LONG not in r.stdout and LONG[:20] in r.stdout and "…" in r.stdout
@@ -232,6 +234,107 @@ def test_sort_filter_limit(ns):
         assert "(no contexts match --filter)" in cli(ns, "--filter", "zz*").stdout
         for c in held:
             m.return_context(c)
+
+
+# --- kinds and versions ------------------------------------------------------------------
+
+
+def _rows(text: str, name: str) -> list[list[str]]:
+    """The cells of every row of context ``name`` in the namespace view, in order."""
+    return [ln.split() for ln in text.splitlines() if ln.split()[:1] == [name]]
+
+
+def _segment_bytes(ns: str, tag: str, c: dict) -> int:
+    """What context ``c`` (a row of the JSON document) takes in /dev/shm."""
+    return os.stat(_shm.host_path(_shm.segment_name(ns, tag, c["slot"],
+                                                    c["incarnation"]))).st_size
+
+
+def test_kinds_and_every_version_of_a_name_are_shown(ns, mp_ctx):
+    with manager(ns, ("b", 100, None)) as m:
+        arr, _ = m.get_or_create_context("arr", MemoryContextConfig.for_array((10,), "float32"))
+        m.return_context(arr)
+        obj, _ = m.get_or_create_object("o", lambda: {"a": 1})
+        m.return_context(obj)
+        v1 = m.publish("v", MemoryContextConfig(size=4096))
+        dead = run_child(mp_ctx, _take_and_die, ns, "b")  # gives --gc --yes work to do
+
+        # While the second version is being built (its init runs), it is a pending slot
+        # of the name beside the current one: look at the namespace from outside then.
+        seen: dict[str, subprocess.CompletedProcess] = {}
+
+        def look(_ctx) -> None:
+            for what, args in (("text", ()), ("json", ("--json",)), ("check", ("--check",)),
+                               ("gc", ("--gc", "--yes"))):
+                seen[what] = cli(ns, *args)
+
+        v2 = m.publish("v", MemoryContextConfig(size=4096), init=look)
+        assert (v1.version, v2.version) == (1, 2)
+
+        # The pending version: listed after the current one, numbered only at the switch.
+        assert seen["text"].returncode == 0, seen["text"].stderr
+        assert [r[1:4] for r in _rows(seen["text"].stdout, "v")] == \
+            [["bytes", "1", "ready"], ["bytes", "-", "pending"]]
+        during = [c for c in json.loads(seen["json"].stdout)["contexts"] if c["name"] == "v"]
+        assert [(c["version"], c["state"], c["superseded"], c["pending"]) for c in during] == \
+            [(1, "ready", False, False), (0, "creating", False, True)]
+        assert during[1]["incarnation"] == v2.incarnation and during[1]["refs"] == 1
+        # A version being built by a live process is no damage, and nothing to collect:
+        # the repair reclaims the dead holder and leaves both slots of "v" and their memory.
+        assert (seen["check"].returncode, seen["check"].stdout) == (0, f"{ns}: sound\n")
+        assert seen["gc"].returncode == 0, seen["gc"].stderr
+        assert seen["gc"].stdout.splitlines() == [
+            f"{ns}: reclaimed the references of dead pid {dead}: 1 reference(s) released, "
+            "entry freed"]
+
+        # Now: v1 superseded and still held here, v2 current.
+        d = doc(ns)
+        cs = {(c["name"], c["version"]): c for c in d["contexts"]}
+        assert [(c["name"], c["version"]) for c in d["contexts"]] == \
+            [("arr", 1), ("b", 1), ("o", 1), ("v", 1), ("v", 2)]
+        assert {k: (c["kind"], c["superseded"], c["pending"]) for k, c in cs.items()} == {
+            ("arr", 1): ("array", False, False), ("b", 1): ("bytes", False, False),
+            ("o", 1): ("object", False, False), ("v", 1): ("bytes", True, False),
+            ("v", 2): ("bytes", False, False)}
+        assert cs["b", 1]["refs"] == 0 and cs["b", 1]["holders"] == []  # reclaimed
+        assert cs["v", 1]["incarnation"] == v1.incarnation and cs["v", 1]["refs"] == 1
+        assert cs["v", 2]["incarnation"] == v2.incarnation and cs["v", 2]["refs"] == 1
+        # Each version's size is what its segment takes in /dev/shm, the old one included.
+        tag = d["table"]["tag"]
+        assert {k: c["size"] for k, c in cs.items()} == \
+            {k: _segment_bytes(ns, tag, c) for k, c in cs.items()}
+        assert cs["v", 1]["size"] == cs["v", 2]["size"] == 4096
+        assert d["usage"]["contexts"] == 5
+        assert d["usage"]["context_bytes"] == sum(c["size"] for c in cs.values())
+        assert d["usage"]["superseded_bytes"] == 4096
+        packed = msgpack.unpackb(cli(ns, "--msgpack", binary=True).stdout)["contexts"]
+        stable = ("name", "slot", "kind", "version", "superseded", "pending", "size")
+        assert [{k: c[k] for k in stable} for c in packed] == \
+            [{k: c[k] for k in stable} for c in d["contexts"]]
+
+        r = cli(ns)
+        assert r.returncode == 0, r.stderr
+        assert all(len(ln) <= 100 for ln in r.stdout.splitlines())
+        header = r.stdout.splitlines()[6].split()
+        assert header[:5] == ["NAME", "KIND", "VER", "STATE", "REFS"]
+        assert [r[1:4] for r in _rows(r.stdout, "v")] == \
+            [["bytes", "1", "superseded"], ["bytes", "2", "ready"]]
+        assert [row[1:4] for name in ("arr", "b", "o") for row in _rows(r.stdout, name)] == \
+            [["array", "1", "ready"], ["bytes", "1", "ready"], ["object", "1", "ready"]]
+        assert "4.0 KiB of it in superseded versions" in r.stdout
+        # A superseded version still held is normal: sound, and nothing to collect.
+        assert (cli(ns, "--check").stdout, cli(ns, "--gc").stdout) == \
+            (f"{ns}: sound\n", "nothing to collect\n")
+        assert m.check() == []
+
+        # Its last holder returns it: it is freed, and only the current version is left.
+        m.return_context(v1)
+        d = doc(ns)
+        assert [(c["name"], c["version"], c["superseded"]) for c in d["contexts"]
+                if c["name"] == "v"] == [("v", 2, False)]
+        assert d["usage"]["superseded_bytes"] == 0
+        assert "superseded" not in cli(ns).stdout
+        m.return_context(v2)
 
 
 # --- dead holders, --gc ----------------------------------------------------------------

@@ -5,7 +5,9 @@ instead of private attributes (``RobustLock.try_acquire_unless``, ``Table.attach
 
 from __future__ import annotations
 
+import argparse
 import ast
+import io
 import json
 import os
 import pathlib
@@ -17,8 +19,11 @@ import posix_ipc
 import pytest
 
 import shmctx._inspect
-from shmctx import ContextConfig, ContextManager, TableFormatError, _shm
+from shmctx import ContextConfig, ContextManager, MemoryContextConfig, TableFormatError, _shm
 from shmctx import _layout as L
+from shmctx._inspect._model import namespace_doc, namespace_state
+from shmctx._inspect._read import read
+from shmctx._inspect._render import Out, namespace_lines
 from shmctx._lock import RobustLock
 from shmctx._proc import identity
 from shmctx._snapshot import decode
@@ -86,6 +91,61 @@ def test_runs_as_python_dash_m(managers, ns):
                        capture_output=True, text=True, timeout=DEADLINE)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["namespace"] == ns
+
+
+# --- --watch and the versions of a name -------------------------------------------------
+
+
+def _view(ns: str) -> dict:
+    return namespace_doc(read(ns, 1.0), argparse.Namespace(filter=None, sort="name",
+                                                            limit=None))
+
+
+def _watched(now: dict, before: dict) -> list[str]:
+    """The namespace view of ``now`` as --watch draws it after the frame ``before``."""
+    return namespace_lines(Out(io.StringIO(), False), now, namespace_state(before), True)
+
+
+def _changes(lines: list[str], name: str) -> list[str]:
+    """The CHG cell of each row of ``name`` ('' when unchanged)."""
+    out = []
+    for ln in lines:
+        cells = ln.split()
+        if name in cells[:2] and cells[0] != "NAME":
+            out.append("" if cells[0] == name else cells[0])
+    return out
+
+
+def test_watch_follows_each_version_of_a_name(managers, ns):
+    """--watch keeps one row per version: a pending version becoming current and the
+    current one being superseded are changes of their own rows, and a version that goes
+    away is named with its number, not as if the name itself were gone."""
+    m = managers()
+    v1 = m.publish("v", MemoryContextConfig(size=64))
+    frames: list[dict] = []
+
+    def look(_ctx) -> None:
+        frames.append(_view(ns))
+
+    v2 = m.publish("v", MemoryContextConfig(size=64), init=look)
+    after = _view(ns)
+    # Same references before and after the switch, yet both rows changed.
+    assert _changes(_watched(after, frames[0]), "v") == ["~", "~"]
+    assert _changes(_watched(after, after), "v") == ["", ""]
+
+    m.return_context(v1)  # its last holder: the superseded version is freed
+    freed = _view(ns)
+    assert "gone since the last refresh: v v1" in _watched(freed, after)
+    assert _changes(_watched(freed, after), "v") == [""]
+
+    def fail(_ctx) -> None:
+        frames.append(_view(ns))
+        raise RuntimeError("init failed")
+
+    with pytest.raises(RuntimeError):
+        m.publish("v", MemoryContextConfig(size=64), init=fail)
+    assert "gone since the last refresh: v (pending)" in _watched(_view(ns), frames[1])
+    m.return_context(v2)
 
 
 # --- RobustLock.try_acquire_unless: ctx-inspect's wait for a table lock ------------------

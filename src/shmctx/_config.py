@@ -151,7 +151,7 @@ class MemoryContextConfig:
         if self.shape is None or self.dtype is None:
             raise InvalidConfigError("an array context needs both shape and dtype "
                                      "(MemoryContextConfig.for_array)")
-        shape, dt = _payload.shape_of(self.shape), _payload.dtype_of(self.dtype)
+        shape, dt = _payload.array_spec(self.shape, self.dtype)
         size, _n = _payload.array_layout(shape, dt)
         if self.size not in (0, size):
             raise InvalidConfigError(

@@ -32,6 +32,7 @@ class HandleOwner(Protocol):
     (``_mappings.Mappings`` answers them; a handle never sees the manager itself.)"""
 
     namespace: str
+    closed: bool  # the manager was closed: nothing is given back through it any more
     # (mapping, pid) of handles dropped without being returned, queued by their
     # finalizer for the manager to give back where it holds no lock.
     dropped: list[tuple[_Mapped, int]]
@@ -342,8 +343,8 @@ class MemoryContext:
         # so it is queued, and the manager returns it at its next call or sweep. When the
         # C hot path is built, a C function with the same logic replaces this one
         # (_speedups.c, handle_finalize): this one costs as much as a get/return pair.
-        if getattr(self, "_returned", True) is False:  # True too if never fully made
-            self._owner.dropped.append((self._mapped, self._pid))
+        if getattr(self, "_returned", True) is False and not self._owner.closed:
+            self._owner.dropped.append((self._mapped, self._pid))  # ^ never fully made
 
     def _bytes_only(self, what: str) -> None:
         if self._mapped.kind != L.KIND_BYTES:

@@ -253,3 +253,7 @@ class Mappings:
         for m in list(self.mapped.values()):
             m.unmap()
         self.mapped.clear()
+        # Handles dropped unreturned: their references went with the entry, and a queued
+        # one would keep its mapping (and descriptor) alive for as long as this object.
+        # The finalizers queue nothing once ``closed`` is set.
+        self.dropped.clear()

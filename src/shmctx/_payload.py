@@ -70,7 +70,7 @@ def dtype_of(dtype: Any) -> Any:
     np = numpy()
     try:
         dt = np.dtype(dtype)
-    except TypeError as e:
+    except Exception as e:  # NumPy's parser raises TypeError, ValueError, SyntaxError...
         raise InvalidConfigError(f"dtype {dtype!r} is not a NumPy dtype: {e}") from None
     if dt.hasobject:
         raise InvalidConfigError(
@@ -80,6 +80,32 @@ def dtype_of(dtype: Any) -> Any:
     if dt.itemsize == 0:
         raise InvalidConfigError(f"dtype {dt} has no fixed item size (give one, e.g. 'S16')")
     return dt
+
+
+def array_spec(shape: Any, dtype: Any) -> tuple[tuple[int, ...], Any]:
+    """(shape, dtype) as an array of them really is: a subarray dtype such as
+    ``("f8", (2, 3))`` folds into the shape, as NumPy itself folds it when it makes the
+    array. ``InvalidConfigError`` for what cannot be shared or recorded."""
+    dims, dt = shape_of(shape), dtype_of(dtype)
+    if dt.subdtype is not None:
+        dt, sub = dt.subdtype
+        dims += sub
+        dt = dtype_of(dt)
+    np = numpy()
+    back = np.lib.format.descr_to_dtype(_descr_in(_roundtrip(np.lib.format.dtype_to_descr(dt))))
+    if back != dt:
+        raise InvalidConfigError(f"dtype {dt} cannot be recorded with the context (it would "
+                                 f"read back as {back})")
+    try:
+        np.empty((0,) * len(dims))  # NumPy's own limit on dimensions
+    except ValueError as e:
+        raise InvalidConfigError(f"shape {dims}: {e}") from None
+    return dims, dt
+
+
+def _roundtrip(descr: Any) -> Any:
+    """``descr`` as it comes back from msgpack."""
+    return msgpack.unpackb(msgpack.packb(descr, use_bin_type=True), raw=False)
 
 
 def shape_of(shape: Any) -> tuple[int, ...]:
@@ -205,7 +231,15 @@ def array_view(data: memoryview, p: Payload, writeable: bool) -> Any:
     if n != len(data):
         raise ContextError(f"the array metadata ({describe(shape, dt)}, {n} bytes) does "
                            f"not match its data ({len(data)} bytes)")
-    return np.ndarray(shape, dt, buffer=data if writeable else data.toreadonly(), order="C")
+    # frombuffer, not ndarray(buffer=...): the array then holds an export of the view,
+    # so the mapping cannot be closed under it (mmap.close raises BufferError while one
+    # is exported); ndarray(buffer=) keeps only the mmap object, which closes regardless,
+    # and the next read of the array is a segfault.
+    count = 1
+    for d in shape:
+        count *= d
+    src = data if writeable else data.toreadonly()
+    return np.frombuffer(src, dtype=dt, count=count).reshape(shape)
 
 
 # --- objects ------------------------------------------------------------------------

@@ -74,7 +74,7 @@ typedef struct {
     PyObject *dropped;    /* the owner's list of handles dropped unreturned */
 } HotPath;
 
-static PyObject *str_hot, *str_armed, *str_release_view, *str_dropped;
+static PyObject *str_hot, *str_armed, *str_release_view, *str_dropped, *str_closed;
 
 static int
 descr_set(PyObject *descr, PyObject *obj, PyObject *value)
@@ -707,11 +707,17 @@ handle_finalize(PyObject *h)
         PyObject *owner = descr_get(fin_owner, h);
         PyObject *mapped = descr_get(fin_mapped, h);
         PyObject *pid = descr_get(fin_pid, h);
+        PyObject *closed = owner ? PyObject_GetAttr(owner, str_closed) : NULL;
         PyObject *dropped = owner ? PyObject_GetAttr(owner, str_dropped) : NULL;
         PyObject *item = mapped && pid ? PyTuple_Pack(2, mapped, pid) : NULL;
-        if (dropped == NULL || item == NULL || !PyList_Check(dropped) ||
-            PyList_Append(dropped, item) < 0)
+        /* As MemoryContext.__del__: nothing is queued on a closed owner (its close gave
+         * every reference back; a queued mapping would only stay mapped). */
+        if (closed == Py_True)
+            ;
+        else if (closed == NULL || dropped == NULL || item == NULL || !PyList_Check(dropped) ||
+                 PyList_Append(dropped, item) < 0)
             PyErr_WriteUnraisable(h);
+        Py_XDECREF(closed);
         Py_XDECREF(item);
         Py_XDECREF(dropped);
         Py_XDECREF(pid);
@@ -985,8 +991,9 @@ PyInit__speedups(void)
     str_armed = PyUnicode_InternFromString("armed");
     str_release_view = PyUnicode_InternFromString("_release_view");
     str_dropped = PyUnicode_InternFromString("dropped");
+    str_closed = PyUnicode_InternFromString("closed");
     if (str_hot == NULL || str_armed == NULL || str_release_view == NULL ||
-        str_dropped == NULL)
+        str_dropped == NULL || str_closed == NULL)
         return NULL;
     PyObject *mod = PyModule_Create(&speedups_module);
     if (mod == NULL)

@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable
 
 from .. import _layout as L
-from .. import _shm
+from .. import _payload, _shm
 from .._proc import is_alive
 from .._snapshot import Snapshot
 from ._fail import Fail
@@ -50,6 +50,13 @@ def _context_docs(snap: Snapshot, alive: Callable[[int, int], bool]) -> list[dic
             "name": s.name,
             "slot": s.slot,
             "state": L.STATE_NAMES.get(s.state, f"invalid({s.state})"),
+            # A name may have several slots at once: its current version, older ones
+            # still held (superseded), and one being published (pending, version 0
+            # until it becomes current). Each is its own row, told apart by these.
+            "kind": _payload.KIND_NAMES.get(s.kind, f"invalid({s.kind})"),
+            "version": s.version,
+            "superseded": bool(s.flags & L.SLOT_SUPERSEDED),
+            "pending": bool(s.flags & L.SLOT_PENDING),
             "refs": s.refcount,
             "holders": [
                 {"pid": pid, "count": c, "alive": alive(pid, s.holder_starts.get(pid, 0))}
@@ -66,8 +73,14 @@ def _context_docs(snap: Snapshot, alive: Callable[[int, int], bool]) -> list[dic
     return out
 
 
+def _versions(c: dict) -> tuple:
+    """The order of a context's row among rows of the same name: oldest version first,
+    a pending one (not numbered yet) last, the slot breaking ties in a damaged table."""
+    return (c["name"], c["pending"], c["version"], c["slot"])
+
+
 _SORTS: dict[str, tuple[Callable[[dict], object], bool]] = {
-    "name": (lambda c: c["name"], False),
+    "name": (_versions, False),
     "refs": (lambda c: c["refs"], True),
     "idle": (lambda c: c["idle"], True),
     "size": (lambda c: c["size"], True),
@@ -76,13 +89,15 @@ _SORTS: dict[str, tuple[Callable[[dict], object], bool]] = {
 
 
 def _select(items: list[dict], key_name: str, glob: str | None, sort: str,
-            limit: int | None, sorts: dict) -> tuple[list[dict], int]:
-    """Filter by ``glob`` on ``key_name``, sort, cut to ``limit``. Returns (shown,
-    matched count)."""
+            limit: int | None, sorts: dict,
+            tie: Callable[[dict], object] | None = None) -> tuple[list[dict], int]:
+    """Filter by ``glob`` on ``key_name``, sort, cut to ``limit``; ties are broken by
+    ``tie`` (default: ``key_name``). Returns (shown, matched count)."""
     if glob is not None:
         items = [i for i in items if fnmatch.fnmatchcase(i[key_name], glob)]
     key, reverse = sorts[sort]
-    items = sorted(items, key=lambda i: i[key_name])  # the tie-break, kept by stable sort
+    # The tie-break, kept by the stable sort below.
+    items = sorted(items, key=tie or (lambda i: i[key_name]))
     items.sort(key=key, reverse=reverse)
     return (items if limit is None else items[:limit]), len(items)
 
@@ -98,7 +113,8 @@ def namespace_doc(r: Read, args: argparse.Namespace) -> dict:
         for p in snap.procs
     ]
     contexts = _context_docs(snap, alive)
-    shown, matched = _select(contexts, "name", args.filter, args.sort, args.limit, _SORTS)
+    shown, matched = _select(contexts, "name", args.filter, args.sort, args.limit, _SORTS,
+                             _versions)
     # In a locked snapshot the record names ctx-inspect itself, which held it for the copy.
     table_lock = snap.locks[0]
     lpid = 0 if snap.locked else table_lock.pid
@@ -131,6 +147,10 @@ def namespace_doc(r: Read, args: argparse.Namespace) -> dict:
             "max_processes": snap.geo.max_processes,
             "references": sum(p["references"] for p in procs),
             "references_dead": sum(p["references"] for p in procs if not p["alive"]),
+            # What the contexts' segments take in /dev/shm, older versions included: those
+            # stay until their last holder returns them.
+            "context_bytes": sum(c["size"] for c in contexts),
+            "superseded_bytes": sum(c["size"] for c in contexts if c["superseded"]),
         },
         "lock": {
             "owner_pid": lpid or None,
@@ -210,9 +230,17 @@ def holders_key(c: dict) -> tuple:
     return tuple((h["pid"], h["count"], h["alive"]) for h in c["holders"])
 
 
+def context_key(c: dict) -> tuple[int, object]:
+    """A context's references, and the rest of it that --watch marks as changed: its
+    holders, and its version's standing (a pending version becoming current keeps its
+    slot and incarnation, and is given its number then; a current one is superseded)."""
+    return (c["refs"], (holders_key(c), c["version"], c["superseded"], c["pending"]))
+
+
 def namespace_state(d: dict) -> dict:
-    """What --watch compares between refreshes of a namespace view."""
-    return {(c["name"], c["incarnation"]): (c["refs"], holders_key(c)) for c in d["contexts"]}
+    """What --watch compares between refreshes of a namespace view: one entry per slot
+    (name and incarnation), so that each version of a name is followed on its own."""
+    return {(c["name"], c["incarnation"]): context_key(c) for c in d["contexts"]}
 
 
 def listing_key(n: dict) -> tuple[int, object]:

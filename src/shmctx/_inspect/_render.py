@@ -9,7 +9,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import TextIO
 
-from ._model import holders_key, listing_key
+from ._model import context_key, listing_key
 
 WIDTH = 100
 
@@ -168,6 +168,35 @@ def _change(prev: dict | None, key: object, now: tuple[int, object]) -> Cell:
     return [("~", "changed")] if now[1] != prev[key][1] else []
 
 
+def _state(c: dict) -> Cell:
+    """The STATE cell: the slot's state, or what the version is when it is not simply
+    current. A superseded version is always ready and a pending one always being created
+    on a sound table; any other pairing (damage, for --check) is shown as it is."""
+    state, superseded, pending = c["state"], c["superseded"], c["pending"]
+    if superseded and not pending and state == "ready":
+        return [("superseded", "dim")]
+    if pending and not superseded and state == "creating":
+        return [("pending", "warn")]
+    marks = [w for w, on in (("superseded", superseded), ("pending", pending)) if on]
+    return [("+".join([state, *marks]), "" if state == "ready" and not marks else "warn")]
+
+
+def _version(c: dict) -> str:
+    """The VER cell: a pending version has no number until it becomes current."""
+    return str(c["version"]) if c["version"] else "-"
+
+
+def _gone(name: str, key: tuple, names: set[str]) -> str:
+    """How the footer of --watch names a row that went away (``key``: its
+    ``context_key``): by name, with its version when that name has others, so that an
+    older version freed by its last holder is not read as the name itself gone."""
+    _holders, version, _superseded, pending = key[1]
+    label = _printable(name)
+    if pending:
+        return f"{label} (pending)"
+    return f"{label} v{version}" if name in names or version > 1 else label
+
+
 def namespace_lines(out: Out, d: dict, prev: dict | None, watching: bool) -> list[str]:
     """The namespace view. ``watching``: add the CHG column, comparing with ``prev`` (the
     state of the last refresh, None on the first)."""
@@ -189,6 +218,12 @@ def namespace_lines(out: Out, d: dict, prev: dict | None, watching: bool) -> lis
             + [(f"  references {u['references']}", "")]
             + ([(f" ({u['references_dead']} held by dead processes)", "dead")]
                if u["references_dead"] else [])),
+        # A line of its own: the usage line is long already, and what it ends with (the
+        # references of dead processes) must not be the part cut to fit the width.
+        out.line([("memory    ", "bold"), (f"{_human(u['context_bytes'])} in the contexts' "
+                                           "segments", "")]
+                 + ([(f" ({_human(u['superseded_bytes'])} of it in superseded versions)",
+                      "")] if u["superseded_bytes"] else [])),
     ]
     lock_cell: Cell = [("lock      ", "bold")]
     if lock["owner_pid"]:
@@ -209,10 +244,10 @@ def namespace_lines(out: Out, d: dict, prev: dict | None, watching: bool) -> lis
         lines.append(out.line([(f"UNLOCKED SNAPSHOT: {d['snapshot']['unlocked_reason']}; "
                                 "the copy may catch an update half done", "warn")]))
     lines.append("")
-    cols = [_Col("NAME", shrink=16, rank=1), _Col("STATE"), _Col("REFS", right=True),
-            _Col("HOLDERS", shrink=12, rank=3), _Col("SIZE", right=True),
-            _Col("IDLE", right=True), _Col("AGE", right=True), _Col("INC", right=True),
-            _Col("PARENT", shrink=8, rank=2)]
+    cols = [_Col("NAME", shrink=14, rank=1), _Col("KIND"), _Col("VER", right=True),
+            _Col("STATE"), _Col("REFS", right=True), _Col("HOLDERS", shrink=10, rank=3),
+            _Col("SIZE", right=True), _Col("IDLE", right=True), _Col("AGE", right=True),
+            _Col("INC", right=True), _Col("PARENT", shrink=6, rank=2)]
     if watching:
         cols.insert(0, _Col("CHG"))
     rows: list[list[Cell]] = []
@@ -226,14 +261,14 @@ def namespace_lines(out: Out, d: dict, prev: dict | None, watching: bool) -> lis
             holders.append((f"{h['pid']}:{h['count']}" + ("" if h["alive"] else out.dead),
                             "" if h["alive"] else "dead"))
             any_dead |= not h["alive"]
-        state_style = "" if c["state"] == "ready" else "warn"
-        row = [[(_printable(c["name"]), "")], [(c["state"], state_style)],
-               [(str(c["refs"]), "")], holders or [("-", "dim")], [(_human(c["size"]), "")],
-               [(_dur(c["idle"]), "")], [(_dur(c["age"]), "")], [(str(c["incarnation"]), "")],
+        row = [[(_printable(c["name"]), "")], [(c["kind"], "")], [(_version(c), "")],
+               _state(c), [(str(c["refs"]), "")], holders or [("-", "dim")],
+               [(_human(c["size"]), "")], [(_dur(c["idle"]), "")], [(_dur(c["age"]), "")],
+               [(str(c["incarnation"]), "")],
                [(_printable(c["parent"]), "")] if c["parent"] else [("-", "dim")]]
         if watching:
             key = (c["name"], c["incarnation"])
-            row.insert(0, _change(prev, key, (c["refs"], holders_key(c))))
+            row.insert(0, _change(prev, key, context_key(c)))
         rows.append(row)
     lines += _grid(out, cols, rows)
     if not d["contexts"]:
@@ -244,7 +279,8 @@ def namespace_lines(out: Out, d: dict, prev: dict | None, watching: bool) -> lis
                                 "(--limit)", "dim")]))
     if prev is not None:
         now = {(c["name"], c["incarnation"]) for c in d["contexts"]}
-        gone = sorted(_printable(k[0]) for k in prev if k not in now)
+        names = {c["name"] for c in d["contexts"]}
+        gone = sorted(_gone(k[0], prev[k], names) for k in prev if k not in now)
         if gone:
             lines.append(out.line([("gone since the last refresh: " + ", ".join(gone),
                                     "changed")]))
