@@ -300,12 +300,12 @@ def http_get(port: int, path: str = "/", timeout: float = 2.0) -> tuple[int, byt
         conn.close()
 
 
-def _load_worker(port: int, deadline: float, out: Any) -> None:
+def _load_worker(port: int, deadline: float, halt: Any, out: Any) -> None:
     """One process of the Python load client: the same checks as check.lua."""
     stats = {"requests": 0, "connect": 0, "read": 0, "write": 0, "status": 0, "timeout": 0,
              "ok": 0, "bad": 0, "non200": 0, "v1": 0, "v2": 0, "vother": 0,
              "max_t_v1": -1.0, "min_t_v2": -1.0, "lat": []}
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not halt.is_set():
         t = time.monotonic()
         try:
             # gunicorn's sync workers close the connection after each answer: one
@@ -347,17 +347,25 @@ def _load_worker(port: int, deadline: float, out: Any) -> None:
     out.put(stats)
 
 
-def run_load(port: int, seconds: int, connections: int) -> dict:
-    """``seconds`` of load on the server; wrk if it is installed."""
+def run_load(port: int, seconds: int, connections: int,
+             stop: threading.Event | None = None) -> dict:
+    """``seconds`` of load on the server; wrk if it is installed. With ``stop``, the load
+    goes on until ``stop`` is set instead (at most ``seconds`` + 300 s)."""
     t0 = time.monotonic()
+    limit = seconds if stop is None else seconds + 300
     if shutil.which("wrk"):
         p = subprocess.Popen(
-            ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s",
+            ["wrk", "-t1", f"-c{connections}", f"-d{limit}s", "--timeout", "5s",
              "-s", str(APPS / "check.lua"), f"http://127.0.0.1:{port}/"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True)
+        if stop is not None:
+            # SIGINT: wrk stops, and reports (the script's done() included) as usual.
+            threading.Thread(target=lambda: stop.wait(limit) is not None and
+                             p.poll() is None and p.send_signal(signal.SIGINT),
+                             daemon=True).start()
         try:
-            out, _ = p.communicate(timeout=seconds + 60)
+            out, _ = p.communicate(timeout=limit + 60)
         finally:
             if p.poll() is None:
                 p.kill()
@@ -370,13 +378,16 @@ def run_load(port: int, seconds: int, connections: int) -> dict:
         r["seconds"] = r["duration_us"] / 1e6
     else:
         mp = multiprocessing.get_context("spawn")
-        q = mp.Queue()
-        deadline = time.monotonic() + seconds + 0.5  # the processes take a while to start
-        procs = [mp.Process(target=_load_worker, args=(port, deadline, q))
+        q, halt = mp.Queue(), mp.Event()
+        deadline = time.monotonic() + limit + 0.5  # the processes take a while to start
+        procs = [mp.Process(target=_load_worker, args=(port, deadline, halt, q))
                  for _ in range(connections)]
         for p in procs:
             p.start()
-        parts = [q.get(timeout=seconds + 120) for _ in procs]
+        if stop is not None:
+            threading.Thread(target=lambda: stop.wait(limit) is not None and halt.set(),
+                             daemon=True).start()
+        parts = [q.get(timeout=limit + 120) for _ in procs]
         for p in procs:
             p.join()
         r = {key: sum(x[key] for x in parts) for key in parts[0]
@@ -575,16 +586,31 @@ class Run:
             pub: dict = {}
             if self.scenario == "shmctx-publish":
                 sampler.start()
-                timer = threading.Timer(self.b.seconds * 0.4,
-                                        lambda: pub.update(self._publish_safely()))
-                timer.start()
-                r["load"] = run_load(self.port, self.b.seconds, self.b.connections)
-                timer.join()
+                stop = threading.Event()
+
+                def during_load() -> None:
+                    # 40% of --seconds of load on version 1, the publish (however long
+                    # it takes), then 60% of --seconds more on version 2.
+                    try:
+                        if not stop.wait(self.b.seconds * 0.4):
+                            pub.update(self._publish_safely(before))
+                            stop.wait(self.b.seconds * 0.6)
+                    finally:
+                        stop.set()
+
+                publisher = threading.Thread(target=during_load, daemon=True)
+                publisher.start()
+                try:
+                    r["load"] = run_load(self.port, self.b.seconds, self.b.connections, stop)
+                finally:
+                    stop.set()
+                    publisher.join()
                 sampler.stop()
                 r["publish"] = self._publish_report(pub, sampler, before, r["load"])
             else:
                 r["load"] = run_load(self.port, self.b.seconds, self.b.connections)
             r["memory"] = measure(self.roles(), self.ns, before)
+            r["loadavg"] = os.getloadavg()
             if self.scenario == "shmctx-publish":
                 r["publish"]["shm_after"] = r["memory"]["shm"]
         finally:
@@ -593,9 +619,15 @@ class Run:
             self.stop()
         return r
 
-    def _publish_safely(self) -> dict:
+    def _publish_safely(self, before: int) -> dict:
         try:
-            return self.publish()
+            pub = self.publish()
+            # Right after the switch, while the old version is still mapped by the
+            # workers that have not refreshed yet and the new one only where a request
+            # has touched it: where a sum of PSS is furthest from the truth.
+            at = measure(self.roles(), self.ns, before)
+            pub["at_switch"] = {k: at[k] for k in ("real", "uss", "cow", "shm", "pss")}
+            return pub
         except Exception as e:  # reported, and the run fails after the load
             return {"error": repr(e)}
 
@@ -742,6 +774,8 @@ def summarise(runs: dict[str, list[dict]], nbytes: int) -> dict[str, dict]:
                 "named_peak": median(p["named_peak"] for p in pubs),
                 "statvfs_peak": median(p["statvfs_peak"] for p in pubs),
                 "shm_after": median(p["shm_after"] for p in pubs),
+                "real_at_switch": median(p["at_switch"]["real"] for p in pubs),
+                "pss_at_switch": median(p["at_switch"]["pss"] for p in pubs),
                 "failed_requests": sum(p["failed_requests"] for p in pubs),
                 "v1_after_switch": sum(bool(p["v1_after_switch"]) for p in pubs),
                 "v2_answers": median(p["v2_answers"] for p in pubs),
@@ -795,6 +829,8 @@ def table(summary: dict[str, dict], nbytes: int) -> str:
             f"| namespace's shm at the peak of the switch, MiB | {_mib(p['named_peak'])} |",
             f"| /dev/shm growth at the peak (statvfs), MiB | {_mib(p['statvfs_peak'])} |",
             f"| shm after every worker refreshed, MiB | {_mib(p['shm_after'])} |",
+            f"| right after the switch: real / PSS Σ, MiB | {_mib(p['real_at_switch'])} / "
+            f"{_mib(p['pss_at_switch'])} |",
             "| back to one copy after publish() returned, s | "
             f"{'-' if back is None else f'{back:.3f}'} |",
             f"| failed requests (all runs) | {p['failed_requests']} |",
