@@ -886,6 +886,36 @@ def test_publish_while_the_name_is_being_created_keeps_the_table_sound(m, worker
     m.return_context(new)
 
 
+def _publisher_dies_switching_mid_body(q, ns, leg) -> None:
+    m = _open(ns, leg)
+    _failpoints.arm("publish.new_ready")  # SIGKILL holding the table lock, mid-switch
+    m.publish("mid", MEM, init=_writer(NEW))
+    q.put(("survived",))  # fails the test: it should have died
+
+
+def test_repair_after_a_publisher_died_mid_switch_spares_a_creation_in_progress(
+        m, workers, ns, hot_path):
+    """The same meeting, with the publisher killed inside its switch: the repair that
+    completes the switch keeps the new version current and the first one an older
+    version, still being created by its live creator, which gets it as usual."""
+    release = workers.event()
+    workers.start(_creator_body, ns, hot_path, release)
+    workers.recv("in_init")
+    p = workers.start(_publisher_dies_switching_mid_body, ns, hot_path)
+    workers.died_by_itself(p)
+    assert m.check() == []  # takes the table lock over from the dead publisher: repaired
+    got = m.get_context("mid")
+    assert _seen(got) == (2, NEW, True)
+    release.set()
+    assert workers.recv("created")[1:] == (False, 1, OLD, False)
+    assert workers.recv("returned")[1] is False
+    workers.join()
+    assert m.sweep().reclaimed == {p.pid: 1}
+    assert _rows(m, "mid") == [(2, False, False, "ready", SIZE, 1)]
+    assert m.check() == []
+    m.return_context(got)
+
+
 def _close_and_publish_body(q, ns, leg) -> None:
     m = _open(ns, leg)
     m.close_context("rc", force=True)

@@ -417,7 +417,10 @@ class ContextManager:
         if ctx.is_current:
             return ctx
         new = self.get_context(ctx.name, timeout=timeout)
-        self.return_context(ctx)
+        try:
+            self.return_context(ctx)
+        except ContextClosedError:
+            pass  # its context was closed: no reference is left to give back
         return new
 
     @front

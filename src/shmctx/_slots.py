@@ -386,6 +386,9 @@ class Slots:
             t.index_insert(slot, h)
             return version
         t.index_replace(old, slot, h)
+        # The old version may still be being created (a publish overtook the name's
+        # first get-or-create): it is superseded all the same, and its creator publishes
+        # it so; it goes with its last reference like any other.
         oo = t.geo.slot_off(old)
         old_inc = L.SLOT["incarnation"].read(t.buf, oo)
         with t.stripe_of(old):

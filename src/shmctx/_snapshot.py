@@ -188,8 +188,8 @@ def violations(snap: Snapshot, tag: str | None = None) -> list[str]:
             if s.name in live_names:
                 out.append(f"{label}: duplicate live name, also in slot {live_names[s.name]}")
             live_names.setdefault(s.name, s.slot)
-        if s.flags & L.SLOT_SUPERSEDED and s.state != L.READY:
-            out.append(f"{label}: superseded while {L.STATE_NAMES.get(s.state)}")
+        # (A version still being created when a newer one was published is superseded
+        # while CREATING: its creator publishes it that way, and it goes with its holders.)
         if s.flags & L.SLOT_PENDING and s.state != L.CREATING:
             out.append(f"{label}: pending while {L.STATE_NAMES.get(s.state)}")
         total = sum(s.holders.values())

@@ -480,8 +480,8 @@ class Table:
                 current.setdefault(name_b, []).append(slot)
         # A name has one current version at most. Two current-looking ones are what a
         # publisher that died inside Slots.switch leaves: the higher version number is
-        # current, as if the switch had completed, and a lower ready one is superseded.
-        # Anything else is damage.
+        # current, as if the switch had completed, and a lower one is superseded. Two of
+        # one number are damage.
         for slots in current.values():
             if len(slots) < 2:
                 continue
@@ -490,7 +490,9 @@ class Table:
             top = L.SLOT["version"].read(buf, geo.slot_off(slots[0]))
             for slot in slots[1:]:
                 off = geo.slot_off(slot)
-                if buf[off] == L.READY and L.SLOT["version"].read(buf, off) < top:
+                # A lower version being created by a live process (the name's first
+                # version when a publish overtook it) is superseded too, not damage.
+                if L.SLOT["version"].read(buf, off) < top:
                     with self.stripe_of(slot):
                         w.put8(off + 1, buf[off + 1] | L.SLOT_SUPERSEDED)
                 else:
