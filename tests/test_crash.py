@@ -24,6 +24,7 @@ from shmctx import (
     MemoryContextConfig,
     _failpoints,
     _lock,
+    _shm,
 )
 from shmctx import (
     _layout as L,
@@ -146,6 +147,47 @@ def test_failpoint_kill_then_others_recover(ns, site):
     try:
         assert run(_die_at, ns, site, SCENARIOS[site]) == -signal.SIGKILL
         _verify_recovered(m, held)
+    finally:
+        m.unlink(force=True)
+
+
+def _refresh_and_die(ns: str, site: str, conn) -> None:
+    """Child body: hold version 1 of "v", wait for version 2, refresh with ``site``
+    armed: it must die there."""
+    m = ContextManager(namespace=ns, sweeper=False)
+    old = m.get_context("v")
+    assert old.version == 1
+    conn.send("holding")
+    conn.recv()  # version 2 is published
+    _failpoints.arm(site)
+    m.refresh(old)
+    os._exit(3)  # the failpoint was not hit
+
+
+@pytest.mark.parametrize("site", ["acquire.proc_counted", "return.proc_counted"])
+def test_refresher_killed_mid_refresh(ns, site):
+    """A worker moving from a superseded version to the current one dies half way
+    (after counting its new reference, or while giving back the old one): the sweep
+    reclaims what it held, the old version goes with that, the table is sound."""
+    m = ContextManager(CFG, namespace=ns, sweeper=False)
+    try:
+        v1 = m.publish("v", MEM, init=lambda c: c.buf.__setitem__(0, 1))
+        old_segment = m._table.segment(v1._mapped.slot, v1.incarnation)
+        m.return_context(v1)
+        parent, child = mp.Pipe()
+        p = fork.Process(target=_refresh_and_die, args=(ns, site, child))
+        p.start()
+        assert parent.recv() == "holding"
+        v2 = m.publish("v", MEM, init=lambda c: c.buf.__setitem__(0, 2))
+        parent.send("go")
+        p.join(60)
+        assert p.exitcode == -signal.SIGKILL
+        m.sweep()
+        assert m.check() == []
+        info = [(i.version, i.superseded, i.refcount) for i in m.contexts() if i.name == "v"]
+        assert info == [(2, False, 1)]  # ours; the dead refresher holds nothing
+        assert not os.path.exists(_shm.host_path(old_segment))
+        m.return_context(v2)
     finally:
         m.unlink(force=True)
 
