@@ -890,3 +890,22 @@ def test_contexts_show_each_kind(m):
     for h in handles:
         m.return_context(h)
     assert m.check() == []
+
+
+def test_damaged_array_metadata_is_a_context_error_not_numpys(m):
+    """Metadata written over (by a stray writer of the namespace) to name an object
+    dtype: the array is refused with ``ContextError``, never built over raw pointers."""
+    import msgpack
+
+    from shmctx import ContextError, _payload
+    from shmctx import _layout as L
+    from shmctx._context import mapping_of
+
+    ctx, _ = m.get_or_create_context("d", MemoryContextConfig.for_array((2,), "f8"))
+    view = mapping_of(ctx).view
+    _payload.write_header(view, L.KIND_ARRAY,
+                          msgpack.packb({"shape": [2], "descr": "|O"}), 16)
+    mapping_of(ctx).payload = None  # read afresh, as another process would
+    with pytest.raises(ContextError, match="damaged"):
+        ctx.array()
+    m.return_context(ctx)

@@ -938,3 +938,96 @@ def test_refresh_of_a_closed_handle_gives_the_current_version(m, workers, ns, ho
     assert _rows(m, "rc") == [(1, False, False, "ready", SIZE, 1)]
     m.return_context(new)
     assert m.check() == []
+
+
+# --- interrupts (a signal handler raising) at the worst moments --------------------------
+
+@pytest.fixture
+def interrupt_once(monkeypatch):
+    """``arm(obj, name)``: the next call of ``obj.name`` does its work, then raises
+    KeyboardInterrupt, as a signal handler that raises would at the next bytecode."""
+    def arm(obj, name):
+        orig = getattr(obj, name)
+        armed = [True]
+
+        def wrapper(*a, **k):
+            r = orig(*a, **k)
+            if armed[0]:
+                armed[0] = False
+                raise KeyboardInterrupt
+            return r
+        monkeypatch.setattr(obj, name, wrapper)
+    return arm
+
+
+@pytest.mark.parametrize("call", ["publish", "get_or_create"])
+def test_an_interrupt_right_after_the_claim_leaves_no_slot_being_created(
+        managers, interrupt_once, call):
+    """A slot claimed for a new context (or version) whose creator is interrupted before
+    it could make it: the creator lives, so no sweep would ever remove it, and every get
+    of the name would wait for an init that never comes. It is removed as the interrupt
+    leaves."""
+    from shmctx import _slots
+
+    m = managers(CFG)
+    interrupt_once(_slots.Slots, "claim")
+    with pytest.raises(KeyboardInterrupt):
+        if call == "publish":
+            m.publish("x", MEM)
+        else:
+            m.get_or_create_context("x", MEM)
+    assert _everything(m) == []
+    assert m.check() == []
+    ctx, existed = m.get_or_create_context("x", MEM, timeout=5)  # no wait for a ghost
+    assert not existed
+    m.return_context(ctx)
+
+
+def test_an_interrupt_as_the_claims_table_lock_is_let_go(managers, monkeypatch):
+    """The interrupt lands in the ``with`` exit that lets go of the table lock after the
+    claim, before the lock is released: the lock is recovered and the pending version
+    removed, so nothing waits for either."""
+    from shmctx import _entry
+
+    m = managers(CFG)
+    m.return_context(m.publish("x", MEM))
+    orig_exit = _entry.holding.__exit__
+    armed = [True]
+
+    def exit_(self, *exc):
+        if armed[0]:
+            armed[0] = False
+            raise KeyboardInterrupt  # before the release: the lock stays held
+        return orig_exit(self, *exc)
+
+    monkeypatch.setattr(_entry.holding, "__exit__", exit_)
+    with pytest.raises(KeyboardInterrupt):
+        m.publish("x", MEM)
+    monkeypatch.undo()
+    assert [r[:3] for r in _rows(m, "x")] == [(1, False, False)]  # no pending version
+    m._table.table_lock.acquire(timeout=1)  # not left held (it raises on a timeout)
+    m._table.table_lock.release()
+    assert m.check() == []
+    new = m.publish("x", MEM)
+    assert new.version == 2
+    m.return_context(new)
+
+
+def test_an_exception_inside_the_switch_still_completes_it(managers):
+    """Once the new version is ready, the switch completes even if an exception then
+    leaves publish: the new version is current (also after a later table repair), the
+    old one superseded and freed, and no reference is left counted for the lost handle."""
+    m = managers(CFG)
+    m.return_context(m.publish("x", MEM, init=_writer(OLD)))
+    _failpoints.arm("publish.new_ready:raise")
+    try:
+        with pytest.raises(_failpoints.FailpointError):
+            m.publish("x", MEM, init=_writer(NEW))
+    finally:
+        _failpoints.disarm()
+    rows = [(c.version, c.superseded, c.pending, c.refcount) for c in m.contexts()]
+    assert rows == [(2, False, False, 0)]
+    ctx = m.get_context("x")
+    assert (ctx.version, bytes(ctx.buf)) == (2, NEW)
+    m.return_context(ctx)
+    assert m.check() == []

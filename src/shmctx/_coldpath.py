@@ -9,6 +9,7 @@ progress made elsewhere, and every wait ends at the caller's deadline.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable
 from time import monotonic
@@ -76,6 +77,11 @@ class ColdPath:
             # anything (the context gone, another user's object, no descriptor left,
             # Ctrl-C) stops this pass before the handle is made.
             counted: tuple[int, int] | None = None
+            # A slot claimed by this pass, removed if anything (an interrupt above all)
+            # stops the pass before the context is published: its creator lives, so no
+            # sweep would ever remove it, and every get of the name would wait for it.
+            claims: list[tuple[int, int]] = []
+            creator = identity.pid
             try:
                 wait: tuple[int, int, posix_ipc.Semaphore] | None = None
                 created = False
@@ -120,7 +126,8 @@ class ColdPath:
                             raise ContextNotFoundError(f"no context {name!r} in namespace {ns!r}")
                         cfg = config or MemoryContextConfig()
                         kind = L.KIND_OBJECT if factory is not None else cfg.kind
-                        slot, inc = slots.claim(name, name_b, h, cfg, kind)
+                        slots.claim(name, name_b, h, cfg, kind, claims)
+                        slot, inc = claims[0]
                         size = cfg.size
                         created = True
                 if wait is not None:
@@ -153,8 +160,14 @@ class ColdPath:
                 mark_counted(handle)
                 return handle, True
             except BaseException:
+                # A lock this frame took and an interrupt left held (in the ``with``'s
+                # exit, say) is recovered first: the undo below takes it again.
+                t.recover_leaked_locks(sys._getframe(0))
                 if counted is not None:
                     slots.undo_ref(*counted)
+                if identity.pid == creator:  # not a forked child: the slot is its parent's
+                    for slot, inc in claims:
+                        slots.abort_create(name, slot, inc)  # nothing once published
                 raise
 
     def publish(self, name: str, name_b: bytes, cfg: MemoryContextConfig,
@@ -168,10 +181,21 @@ class ColdPath:
         slots.return_dropped()
         deadline = None if timeout is None else monotonic() + timeout
         kind = L.KIND_OBJECT if factory is not None else cfg.kind
-        with holding(t.table_lock, deadline):
-            t.check_usable()
-            slot, inc = slots.claim(name, name_b, name_hash(name_b), cfg, kind, pending=True)
-        return self._finish_create(name, slot, inc, cfg, init, factory, pending=name_b)
+        claims: list[tuple[int, int]] = []
+        creator = identity.pid
+        try:
+            with holding(t.table_lock, deadline):
+                t.check_usable()
+                slots.claim(name, name_b, name_hash(name_b), cfg, kind, claims, pending=True)
+            return self._finish_create(name, *claims[0], cfg, init, factory, pending=name_b)
+        except BaseException:
+            # An interrupt between the claim and _finish_create's own cleanup must not
+            # leave a pending slot behind (its creator lives, so no sweep would remove it).
+            t.recover_leaked_locks(sys._getframe(0))  # as in get
+            if identity.pid == creator:
+                for slot, inc in claims:
+                    slots.abort_create(name, slot, inc)
+            raise
 
     def _finish_create(self, name: str, slot: int, inc: int, cfg: MemoryContextConfig,
                        init: Callable[[MemoryContext], object] | None,
@@ -233,7 +257,15 @@ class ColdPath:
                 with holding(t.table_lock, None):
                     slots.switch(name, pending, slot, inc, m)
             except BaseException:
-                slots.abort_create(name, slot, inc)  # nothing if it was switched
+                # Once the new version is ready the switch must complete (a table repair
+                # would complete it anyway, later): then the reference this call would
+                # have handed back is given back, since the exception loses the handle.
+                t.recover_leaked_locks(sys._getframe(0))  # left held by the with's exit
+                with holding(t.table_lock, None):
+                    if slots.settle(name, pending, slot, inc):
+                        slots.undo_ref(slot, inc)
+                        raise
+                slots.abort_create(name, slot, inc)
                 raise
         mappings.keep(m)
         mappings.added()

@@ -175,7 +175,7 @@ class Payload:
         np = numpy()
         try:
             shape = shape_of(self.meta["shape"])
-            dt = np.lib.format.descr_to_dtype(_descr_in(self.meta["descr"]))
+            dt = dtype_of(np.lib.format.descr_to_dtype(_descr_in(self.meta["descr"])))
         except (KeyError, TypeError, ValueError, InvalidConfigError) as e:
             raise ContextError(f"the array metadata is damaged: {e}") from None
         return shape, dt

@@ -217,11 +217,16 @@ class Slots:
     # --- creating -------------------------------------------------------------------
 
     def claim(self, name: str, name_b: bytes, h: int, cfg: MemoryContextConfig,
-              kind: int, pending: bool = False) -> tuple[int, int]:
+              kind: int, claims: list[tuple[int, int]], pending: bool = False) -> None:
         """Claim a slot for a new context in CREATING state, with one reference of ours;
         ``kind`` says what its memory will hold. ``pending``: a new version of ``name``
         for ``publish``, kept out of the name index (so no get finds it) until
-        ``switch`` makes it current. Needs the table lock."""
+        ``switch`` makes it current. Needs the table lock.
+
+        The claim, ``(slot, incarnation)``, is appended to the caller's ``claims`` as
+        soon as the slot is written, not returned: an exception (a signal handler's)
+        landing anywhere after that still finds it there, and the caller removes the
+        claim (``abort_create``) unless it was published."""
         t = self.table
         geo, buf = t.geo, t.buf
         parent_slot, parent_inc = -1, 0
@@ -262,6 +267,9 @@ class Slots:
                 raise TableFullError(f"namespace {self.namespace!r}: no free slot for {name!r}")
         inc = t.next_incarnation()
         so = geo.slot_off(slot)
+        # What the claim has counted so far, for the undo below: an interrupt (a signal
+        # handler raising) may land between any two of these steps.
+        live = child = False
         try:
             with t.stripe_of(slot):
                 # Every field but the state first, the state byte last and alone: a reader
@@ -277,24 +285,29 @@ class Slots:
                     name=name_b, kind=kind, version=0 if pending else 1,
                 ))
                 t.words.put8(so, L.CREATING)
+                claims.append((slot, inc))
                 if _failpoints.armed:
                     _failpoints.hit("create.slot_claimed")
                 self.add_ref(slot, so, 0)
             if not pending:
                 t.index_insert(slot, h)
+            t.add_live(1)
+            live = True
+            if parent_slot >= 0:
+                self._add_child(parent_slot, 1)
+                child = True
         except BaseException:
             # Give the slot back rather than leave a CREATING slot that no index entry,
             # waiter or sweep would ever find while we live.
             if L.SLOT["state"].read(buf, so) == L.FREE:
                 t.push_free(slot)  # failed before it was written
             else:
-                t.add_live(1)  # close counts it out again
+                if not live:
+                    t.add_live(1)  # close counts it out again
+                if parent_slot >= 0 and not child:
+                    self._add_child(parent_slot, 1)  # and this too
                 self.close([slot], force=True)
             raise
-        t.add_live(1)
-        if parent_slot >= 0:
-            self._add_child(parent_slot, 1)
-        return slot, inc
 
     def _add_child(self, parent: int, delta: int) -> None:
         t = self.table
@@ -396,6 +409,41 @@ class Slots:
         self.mappings.forget(name, old_inc)  # this process's next get maps the new one
         self.free_superseded(old, old_inc)
         return version
+
+    def settle(self, name: str, name_b: bytes, slot: int, inc: int) -> bool:
+        """Complete a ``switch`` that an exception interrupted after the new version in
+        ``slot`` was made ready: of the versions of ``name`` that look current (in no
+        flag), the highest-numbered one goes in the index and the others are superseded
+        (freed if nothing references them). False (nothing done) if ``slot`` is no
+        longer ``inc`` ready. Scans every slot: for that rare case only. Needs the table
+        lock."""
+        t = self.table
+        buf, geo = t.buf, t.geo
+        f = t.read_slot(slot)
+        if f.state != L.READY or f.incarnation != inc or f.flags & L.UNINDEXED:
+            return False
+        h = name_hash(name_b)
+        versions = []
+        for s in range(geo.capacity):
+            g = t.read_slot(s)
+            if g.state in (L.CREATING, L.READY) and not g.flags & L.UNINDEXED and \
+                    g.name_hash == h and t.slot_name(s) == name_b:
+                versions.append((g.version, s, g.incarnation))
+        versions.sort(reverse=True)
+        top = versions[0][1]
+        cur = t.find(name_b, h)
+        if cur != top:
+            if cur < 0:
+                t.index_insert(top, h)
+            else:
+                t.index_replace(cur, top, h)
+        for _v, s, s_inc in versions[1:]:
+            so = geo.slot_off(s)
+            with t.stripe_of(s):
+                t.words.put8(so + 1, buf[so + 1] | L.SLOT_SUPERSEDED)
+            self.mappings.forget(name, s_inc)
+            self.free_superseded(s, s_inc)
+        return True
 
     def abort_create(self, name: str, slot: int, inc: int) -> None:
         """Remove the context this process failed to create."""
