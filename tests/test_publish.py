@@ -369,8 +369,9 @@ def test_new_version_is_invisible_until_built(m, workers, ns, hot_path):
 def _fresh_get_body(q, ns, leg) -> None:
     m = _open(ns, leg)
     ctx = m.get_context("cfg")
-    q.put(("fresh", _seen(ctx)))
-    m.return_context(ctx)
+    seen = _seen(ctx)
+    m.return_context(ctx)  # before saying so: the parent counts references next
+    q.put(("fresh", seen))
     m.close()
 
 
@@ -1030,4 +1031,22 @@ def test_an_exception_inside_the_switch_still_completes_it(managers):
     ctx = m.get_context("x")
     assert (ctx.version, bytes(ctx.buf)) == (2, NEW)
     m.return_context(ctx)
+    assert m.check() == []
+
+
+def test_publish_into_a_full_table_never_evicts_the_current_version(managers):
+    """Making room for a new version must not evict the name's current one: the name
+    would have no version until the switch, and a get in between would create an empty
+    one. With nothing else to evict the publish is refused; the current version stays."""
+    from shmctx import TableFullError
+
+    m = managers(ContextConfig(capacity=2, cleanup_interval=0, lock_timeout=0.2))
+    m.return_context(m.publish("a", MEM, init=_writer(OLD)))
+    held, _ = m.get_or_create_context("b", MEM)
+    with pytest.raises(TableFullError):
+        m.publish("a", MEM, init=_writer(NEW))
+    ctx = m.get_context("a")
+    assert (ctx.version, bytes(ctx.buf), ctx.is_current) == (1, OLD, True)
+    m.return_context(ctx)
+    m.return_context(held)
     assert m.check() == []

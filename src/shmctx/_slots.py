@@ -261,7 +261,10 @@ class Slots:
             if slot < 0:
                 slot = t.first_free_slot()
         if slot < 0:
-            self.evict_lru(name, spare=parent_slot)
+            # Never the parent the new context names, which would go as the new context
+            # takes its place; nor, for a new version, the current one, which would leave
+            # the name without a version (a get in between would create an empty one).
+            self.evict_lru(name, spare=(parent_slot, t.find(name_b, h) if pending else -1))
             slot = t.pop_free()
             if slot < 0:
                 raise TableFullError(f"namespace {self.namespace!r}: no free slot for {name!r}")
@@ -315,17 +318,16 @@ class Slots:
         n = L.S_CHILDREN.unpack_from(t.buf, off)[0]
         t.words.put32(off, max(0, n + delta))
 
-    def evict_lru(self, for_name: str, spare: int = -1) -> None:
+    def evict_lru(self, for_name: str, spare: tuple[int, ...] = ()) -> None:
         """Close the least recently used context with no references and no children, to
-        make room; never slot ``spare`` (the parent the new context names, which would
-        otherwise go as the new context takes its place). Needs the table lock."""
+        make room; never the slots in ``spare``. Needs the table lock."""
         t = self.table
         buf, geo = t.buf, t.geo
         candidates = []
         for slot in range(geo.capacity):
             so = geo.slot_off(slot)
             state, rc, _inc = L.S_CHECK.unpack_from(buf, so)
-            if state == L.READY and rc == 0 and slot != spare and \
+            if state == L.READY and rc == 0 and slot not in spare and \
                     not L.S_CHILDREN.unpack_from(buf, so + L.S_CHILDREN_OFF)[0]:
                 candidates.append((L.S_LAST_USED.unpack_from(buf, so + L.S_LAST_USED_OFF)[0],
                                    slot))
