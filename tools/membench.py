@@ -448,7 +448,10 @@ class Run:
         self.b.sessions.add(self.holder.pid)
         line = _readline(self.holder, 300)
         if not line:
-            raise RuntimeError(f"the Ray driver did not start; see {self.b.dir}/ray-*.log")
+            # The log goes with the temporary folder: show its end now.
+            tail = (self.b.dir / f"ray-{self.rep}.log").read_text(errors="replace")
+            raise RuntimeError("the Ray driver did not start:\n"
+                               + "\n".join(tail.splitlines()[-30:]))
         info = json.loads(line)
         self.result["ray_put_seconds"] = info["put_seconds"]
         self.ray_address = info["address"]
@@ -502,11 +505,16 @@ class Run:
                 return None
             return json.loads(body)["pid"] if status == 200 else None
 
-        with ThreadPoolExecutor(2 * n) as ex:
+        ex = ThreadPoolExecutor(2 * n)
+        try:
             while len(seen) < n:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"only {len(seen)} of {n} workers answered")
                 seen |= {p for p in ex.map(one, range(2 * n)) if p is not None}
+        finally:
+            # On Ctrl-C, not waiting for requests still out to a booting server: they
+            # end when the cleanup stops it.
+            ex.shutdown(wait=False, cancel_futures=True)
         return time.monotonic() - t0
 
     def roles(self) -> dict[int, str]:
@@ -526,13 +534,24 @@ class Run:
             return ""
 
     def publish(self) -> dict:
-        p = subprocess.run(
+        p = subprocess.Popen(
             [sys.executable, str(APPS / "publisher.py"), self.ns, ARRAY_NAME,
              str(self.b.elems)],
-            capture_output=True, text=True, env=self.env(), timeout=300)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env(),
+            start_new_session=True)
+        # Killed by the cleanup if the run is interrupted: a publisher going on after
+        # the namespace was removed would leave its new version in /dev/shm.
+        self.b.sessions.add(p.pid)
+        try:
+            out, err = p.communicate(timeout=300)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            self.b.sessions.discard(p.pid)
         if p.returncode != 0:
-            raise RuntimeError(f"publisher failed ({p.returncode}):\n{p.stderr}")
-        return json.loads(p.stdout.strip().splitlines()[-1])
+            raise RuntimeError(f"publisher failed ({p.returncode}):\n{err}")
+        return json.loads(out.strip().splitlines()[-1])
 
     def stop(self) -> None:
         """Stop the server the way an operator does (SIGTERM: shmctx's on_exit unlinks
@@ -613,6 +632,11 @@ class Run:
             r["loadavg"] = os.getloadavg()
             if self.scenario == "shmctx-publish":
                 r["publish"]["shm_after"] = r["memory"]["shm"]
+        except KeyboardInterrupt:
+            print("interrupted: stopping the server (a worker still booting delays it by "
+                  "up to gunicorn's graceful_timeout, 10 s) and removing what the run made",
+                  file=sys.stderr, flush=True)
+            raise
         finally:
             if sampler.is_alive():
                 sampler.stop()
@@ -640,6 +664,13 @@ class Run:
         one = pre[-1][2] if pre else 0  # the namespace's bytes with one version
         settled = next((x[0] - pub["end"] for x in during
                         if x[0] >= pub["end"] and x[2] <= one + MiB), None)
+        # /dev/shm as a whole: the old version's pages are gone once the last process
+        # mapping them has let go and the kernel has freed them (which takes a while:
+        # some 0.1 s for 512 MiB here). Others' use of /dev/shm moves this figure: the
+        # test is "less than half a copy above the level before the publish".
+        level = pre[-1][1] if pre else before
+        freed = next((x[0] - pub["end"] for x in during
+                      if x[0] >= pub["end"] and x[1] < level + self.b.nbytes // 2), None)
         return {
             **pub,
             "samples": len(s),
@@ -648,11 +679,15 @@ class Run:
             "statvfs_before": (pre[-1][1] - before) if pre else None,
             "statvfs_peak": max((x[1] for x in during), default=before) - before,
             "named_back_to_one_copy_after_s": settled,
+            "statvfs_back_to_one_copy_after_s": freed,
             # Every answer of version 1 must have started before the publish returned,
             # every request that started after it must have got version 2.
             "v1_after_switch": load["max_t_v1"] > pub["end"],
             "v2_answers": load["v2"],
             "failed_requests": load["errors"],
+            # (seconds since the publish started, /dev/shm growth, namespace's bytes)
+            "timeline": [(round(t - pub["start"], 4), used - before, named)
+                         for t, used, named in s],
         }
 
 
@@ -735,6 +770,10 @@ def _versions() -> dict[str, str]:
         out["shmctx_commit"] = subprocess.run(
             ["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
             text=True).stdout.strip()
+        # Figures of a tree with uncommitted changes to the library are not the commit's.
+        out["src_changed_since_commit"] = subprocess.run(
+            ["git", "-C", str(HERE), "status", "--porcelain", "--", "../src"],
+            capture_output=True, text=True).stdout.split()[1::2]
     except OSError:
         pass
     return out
@@ -779,11 +818,10 @@ def summarise(runs: dict[str, list[dict]], nbytes: int) -> dict[str, dict]:
                 "failed_requests": sum(p["failed_requests"] for p in pubs),
                 "v1_after_switch": sum(bool(p["v1_after_switch"]) for p in pubs),
                 "v2_answers": median(p["v2_answers"] for p in pubs),
-                "back_to_one_copy_s": median(
-                    p["named_back_to_one_copy_after_s"] for p in pubs
-                    if p["named_back_to_one_copy_after_s"] is not None)
-                if any(p["named_back_to_one_copy_after_s"] is not None for p in pubs)
-                else None,
+                "back_to_one_copy_s": _median_known(
+                    p["named_back_to_one_copy_after_s"] for p in pubs),
+                "pages_freed_s": _median_known(
+                    p["statvfs_back_to_one_copy_after_s"] for p in pubs),
             }
         out[sc] = med
     base = out.get("baseline", {}).get("real")
@@ -794,6 +832,11 @@ def summarise(runs: dict[str, list[dict]], nbytes: int) -> dict[str, dict]:
                 med["vs_one_copy_plus_baseline"] = med["real"] / goal
                 med["extra_over_baseline_copies"] = (med["real"] - base) / nbytes
     return out
+
+
+def _median_known(xs: Any) -> float | None:
+    known = [x for x in xs if x is not None]
+    return median(known) if known else None
 
 
 def _mib(x: float | None) -> str:
@@ -819,7 +862,7 @@ def table(summary: dict[str, dict], nbytes: int) -> str:
             f"{m['errors']} |")
     p = summary.get("shmctx-publish", {}).get("publish")
     if p:
-        back = p["back_to_one_copy_s"]
+        back, freed = p["back_to_one_copy_s"], p["pages_freed_s"]
         lines += [
             "",
             "| publish (shmctx-publish) | median |",
@@ -831,8 +874,9 @@ def table(summary: dict[str, dict], nbytes: int) -> str:
             f"| shm after every worker refreshed, MiB | {_mib(p['shm_after'])} |",
             f"| right after the switch: real / PSS Σ, MiB | {_mib(p['real_at_switch'])} / "
             f"{_mib(p['pss_at_switch'])} |",
-            "| back to one copy after publish() returned, s | "
-            f"{'-' if back is None else f'{back:.3f}'} |",
+            "| after publish() returned: the namespace back to one copy / the old "
+            f"version's pages freed (statvfs), s | {'-' if back is None else f'{back:.3f}'}"
+            f" / {'-' if freed is None else f'{freed:.3f}'} |",
             f"| failed requests (all runs) | {p['failed_requests']} |",
             f"| runs with a version-1 answer to a request started after the switch | "
             f"{p['v1_after_switch']} |",
@@ -841,7 +885,10 @@ def table(summary: dict[str, dict], nbytes: int) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: dict[str, dict], nbytes: int, path: str, title: str) -> None:
+def plot(summary: dict[str, dict], runs: dict[str, list[dict]], nbytes: int, path: str,
+         title: str) -> None:
+    """Left: memory per scenario, stacked (private, copy-on-write, shared memory), with
+    the sum of PSS. Right: shared memory during one publish under load."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -852,29 +899,65 @@ def plot(summary: dict[str, dict], nbytes: int, path: str, title: str) -> None:
     cow = [max(summary[sc]["cow"], 0) / MiB for sc in names]
     shm = [summary[sc]["shm"] / MiB for sc in names]
     pss = [summary[sc]["pss"] / MiB for sc in names]
-    fig, ax = plt.subplots(figsize=(10, 5.2))
-    x = range(len(names))
-    ax.bar(x, uss, color="#4c72b0", label="private (USS Σ, shared memory left out)")
-    ax.bar(x, cow, bottom=uss, color="#dd8452", label="shared copy-on-write (counted once)")
+    real = [summary[sc]["real"] / MiB for sc in names]
+    pubs = [r["publish"] for r in runs.get("shmctx-publish", []) if "publish" in r]
+    fig, axes = plt.subplots(1, 2 if pubs else 1, figsize=(13 if pubs else 9, 5.6),
+                             gridspec_kw={"width_ratios": [2.2, 1]} if pubs else None,
+                             squeeze=False)
+    ax = axes[0][0]
+    x = list(range(len(names)))
+    ax.bar(x, uss, color="#4c72b0", label="private pages (USS Σ, shared memory left out)")
+    ax.bar(x, cow, bottom=uss, color="#dd8452",
+           label="pages shared copy-on-write (counted once)")
     ax.bar(x, shm, bottom=[a + b for a, b in zip(uss, cow, strict=True)], color="#55a868",
-           label="shared memory (/dev/shm, counted once)")
-    ax.scatter(x, pss, marker="_", s=900, color="black", zorder=3, label="PSS Σ")
+           label="shared memory in /dev/shm (counted once)")
+    ax.scatter(x, pss, marker="_", s=700, color="black", zorder=3, label="sum of PSS")
     base = summary.get("baseline", {}).get("real")
     if base:
         ax.axhline((nbytes + base) / MiB, color="gray", ls="--", lw=1,
-                   label="one copy + baseline")
+                   label="one copy + baseline (the interpreters)")
         ax.axhline(TARGET * (nbytes + base) / MiB, color="red", ls=":", lw=1,
                    label=f"target: {TARGET:.2f} x (one copy + baseline)")
-    for i, sc in enumerate(names):
-        ax.text(i, summary[sc]["real"] / MiB, f"{summary[sc]['real'] / MiB:,.0f}",
-                ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(list(x), names, rotation=15)
+    # Own copies dwarf the rest: the axis stops above the others, the bar says its size.
+    others = sorted(real)[-2] if len(real) > 1 else real[0]
+    top = max(others * 1.35, TARGET * (nbytes + (base or 0)) / MiB * 1.2)
+    ax.set_ylim(0, top)
+    for i, v in enumerate(real):
+        if v > top:
+            ax.text(i, top * 0.97, f"{v:,.0f}\n(off the axis)", ha="center", va="top",
+                    fontsize=8, color="white", fontweight="bold")
+        else:
+            ax.text(i, max(v, pss[i]) + top * 0.01, f"{v:,.0f}", ha="center",
+                    va="bottom", fontsize=8)
+    ax.set_xticks(x, names, rotation=15)
     ax.set_ylabel("MiB")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
+    if pubs:
+        p = pubs[0]
+        ax2 = axes[0][1]
+        t = [s[0] for s in p["timeline"]]
+        ax2.plot(t, [s[2] / MiB for s in p["timeline"]], color="#55a868",
+                 label="the namespace's files")
+        ax2.plot(t, [s[1] / MiB for s in p["timeline"]], color="gray", lw=0.8, ls="--",
+                 label="/dev/shm growth (statvfs)")
+        ax2.axvspan(0, p["seconds"], color="#dd8452", alpha=0.2,
+                    label=f"publish(): {p['seconds']:.2f} s")
+        ax2.set_xlabel("seconds since the publish started (load throughout)")
+        ax2.set_ylabel("MiB")
+        ax2.set_ylim(0, max(s[2] for s in p["timeline"]) / MiB * 1.25)
+        ax2.set_title(f"shmctx-publish: shared memory, sampled every 10 ms\n"
+                      f"{p['failed_requests']} failed requests, {p['v2_answers']:,} answers "
+                      "of version 2", fontsize=10)
+        ax2.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.13))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _title(settings: dict) -> str:
+    return (f"{settings['mib']} MiB float32 array, {settings['workers']} gunicorn sync "
+            f"workers: real memory (median of {settings['repeat']})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -889,9 +972,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one short run per scenario")
     ap.add_argument("--out", help="write the results as JSON here")
     ap.add_argument("--plot", help="write the memory plot (PNG) here")
+    ap.add_argument("--replot", metavar="JSON",
+                    help="measure nothing: print the table and draw --plot from an --out file")
     args = ap.parse_args(argv)
+    if args.replot:
+        done = json.loads(Path(args.replot).read_text())
+        print(table(done["summary"], done["settings"]["bytes"]))
+        if args.plot:
+            plot(done["summary"], done["runs"], done["settings"]["bytes"], args.plot,
+                 _title(done["settings"]))
+        return 0
     args.seconds = args.seconds or (2 if args.quick else 5)
     args.repeat = args.repeat or (1 if args.quick else 3)
+    for name in ("mib", "workers", "seconds", "repeat", "connections"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be at least 1")
     scenarios = list(SCENARIOS)
     if args.only:
         scenarios = [s for s in args.only.split(",") if s]
@@ -903,20 +998,20 @@ def main(argv: list[str] | None = None) -> int:
     def on_term(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGHUP, on_term)
-    b = Bench(args)
-    runs: dict[str, list[dict]] = {sc: [] for sc in scenarios}
-    began = time.monotonic()
     result: dict = {
         "command": " ".join(["python", "tools/membench.py", *sys.argv[1:]]),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "machine": _machine(), "versions": _versions(),
-        "settings": {"mib": args.mib, "bytes": b.nbytes, "workers": args.workers,
+        "settings": {"mib": args.mib, "bytes": args.mib * MiB, "workers": args.workers,
                      "seconds": args.seconds, "repeat": args.repeat,
                      "connections": args.connections},
         "shm_before": shm_used(),
     }
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)
+    b = Bench(args)  # from here on, everything is undone in the finally below
+    runs: dict[str, list[dict]] = {sc: [] for sc in scenarios}
+    began = time.monotonic()
     has_ray = importlib.util.find_spec("ray") is not None
     failed = None
     try:
@@ -938,7 +1033,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         failed = f"{type(e).__name__}: {e}"
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the cleanup finish
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # let the cleanup finish
         result["forced_cleanup"] = b.cleanup()
         signal.signal(signal.SIGINT, signal.default_int_handler)
     left = [e for e in os.listdir(SHM) if f"membench-{b.run_id}" in e]
@@ -965,10 +1061,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     if args.plot:
-        plot(result["summary"], b.nbytes, args.plot,
-             f"{args.mib} MiB float32 array served by {args.workers} gunicorn sync workers: "
-             "the host's real memory cost (median)")
-    return 0
+        plot(result["summary"], runs, b.nbytes, args.plot, _title(result["settings"]))
+    # Something shmctx (or the tool) should have removed and did not: worth a failure.
+    return 1 if problems or left else 0
 
 
 if __name__ == "__main__":

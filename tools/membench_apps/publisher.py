@@ -19,7 +19,8 @@ from shmctx import ContextManager, MemoryContextConfig
 
 def main() -> None:
     ns, name, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    # ContextManager() would create a namespace that does not exist: refuse instead.
+    # ContextManager() would create a namespace that does not exist (shmctx has no
+    # public attach-only switch), and publish where no worker looks: refuse instead.
     if not os.path.exists(f"/dev/shm/shmctx@{ns}"):
         raise SystemExit(f"namespace {ns!r} does not exist: is the server running?")
     fill: list[float] = []
@@ -29,7 +30,7 @@ def main() -> None:
         ctx.array(writeable=True).fill(2.0)
         fill.append(time.monotonic() - t)
 
-    with ContextManager(namespace=ns) as m:
+    with ContextManager(namespace=ns, sweeper=False) as m:  # the master sweeps
         t0 = time.monotonic()
         new = m.publish(name, MemoryContextConfig.for_array((n,), "float32"),
                         init=fill_with_2)
