@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+from helpers import hot_path_of
 
 from shmctx import (
     DEFAULT_CLEANUP_INTERVAL,
@@ -32,7 +33,6 @@ from shmctx import (
     TableFullError,
     _shm,
 )
-from shmctx import _layout as L
 
 pytestmark = pytest.mark.usefixtures("hot_path")  # each test on the C and Python hot path
 
@@ -698,17 +698,46 @@ def test_threads_mapping_one_context_at_once_share_one_mapping(managers, monkeyp
         m.return_context(ctx)
 
 
-def test_failed_claim_at_the_per_process_limit_leaks_no_slot(managers):
-    """A process holding references to REFS_PER_PROCESS contexts gets TableFullError
-    for one more, and the table stays sound (no half-claimed slot left behind)."""
-    m = managers(ContextConfig(lock_timeout=0.2, cleanup_interval=0, capacity=128,
+class _Refused:
+    """Stands in for a path a test must not take: any use of it fails the test."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __getattr__(self, name: str) -> object:
+        raise AssertionError(f"{self.what} was used ({name})")
+
+
+def test_one_process_holds_references_to_every_context_of_the_table(managers, hot_path):
+    """No per-process limit: one process holds references to all ``capacity`` contexts
+    at once (its count for each slot has a place of its own in its row), takes a second
+    reference to each on the hot path alone (on the C leg without deferring to Python
+    once, up to the last slot), gives them all back, and the table stays sound."""
+    cap = 300
+    m = managers(ContextConfig(lock_timeout=0.2, cleanup_interval=0, capacity=cap,
                                max_processes=8))
-    held = [m.get_or_create_context(f"c{i}")[0] for i in range(L.REFS_PER_PROCESS)]
-    with pytest.raises(TableFullError, match="per-process limit"):
-        m.get_or_create_context("one-too-many")
+    assert hot_path_of(m) == hot_path
+    names = [f"c{i}" for i in range(cap)]
+    first = [m.get_or_create_context(n)[0] for n in names]
+    assert {h._mapped.slot for h in first} == set(range(cap))  # every slot, the last too
+    infos = m.contexts()
+    assert len(infos) == cap and all(i.holders == {os.getpid(): 1} for i in infos)
     assert m.check() == []
-    assert "one-too-many" not in {i.name for i in m.contexts()}
-    assert len(held) == L.REFS_PER_PROCESS
+    cold, py = m._cold, m._py
+    m._cold = _Refused("the cold path")
+    if hot_path == "C":
+        m._py = _Refused("the Python hot path")
+    try:
+        second = [m.get_context(n) for n in names]
+        assert all(i.holders == {os.getpid(): 2} and i.refcount == 2 for i in m.contexts())
+        assert m.check() == []
+        for h in first + second:
+            m.return_context(h)
+    finally:
+        m._cold, m._py = cold, py
+    infos = m.contexts()
+    assert len(infos) == cap and all(i.holders == {} and i.refcount == 0 for i in infos)
+    assert m.check() == []
 
 
 def test_sweep_skips_a_context_referenced_after_it_was_planned(managers, monkeypatch):

@@ -323,3 +323,12 @@ def test_bad_mode(ns, mode):
     with pytest.raises(InvalidConfigError, match="mode"):
         ContextManager(CFG, namespace=ns, mode=mode)
     assert _shm.namespace_objects(ns) == []
+
+
+def test_a_table_of_too_many_reference_counts_is_refused():
+    """Each process entry keeps a count per slot: capacity x max_processes is capped so
+    that a table stays a sane size (each limit alone is allowed)."""
+    ContextConfig(capacity=1 << 20, max_processes=64)
+    ContextConfig(capacity=1024, max_processes=1 << 16)
+    with pytest.raises(InvalidConfigError, match="capacity x max_processes"):
+        ContextConfig(capacity=1 << 20, max_processes=1 << 16)

@@ -311,6 +311,45 @@ def test_reclaim_refuses_live_pid_then_reclaims_dead(ns):
         m.unlink(force=True)
 
 
+def _hold_every_context_and_die(ns: str, names: list[str]) -> None:
+    """Child body: hold two references to each context (the second from the hot path),
+    then die with them."""
+    m = ContextManager(namespace=ns, sweeper=False)
+    held = [m.get_or_create_context(n, MEM)[0] for n in names]
+    held += [m.get_context(n) for n in names]
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_dead_process_holding_every_context_is_reclaimed_by_a_sweep(ns):
+    """A process that held references to every context of the table (no per-process
+    limit) is killed: a sweep gives all of them back, and only them (the survivor keeps
+    its own), and the table is sound."""
+    cap = 300
+    m = ContextManager(ContextConfig(capacity=cap, lock_timeout=LT, cleanup_interval=0,
+                                     max_processes=8), namespace=ns, sweeper=False)
+    try:
+        names = [f"c{i}" for i in range(cap)]
+        mine, _ = m.get_or_create_context(names[-1], MEM)
+        p = fork.Process(target=_hold_every_context_and_die, args=(ns, names))
+        p.start()
+        p.join(60)
+        assert p.exitcode == -signal.SIGKILL
+        me = os.getpid()
+        before = {i.name: i for i in m.contexts()}
+        assert len(before) == cap
+        assert all(before[n].holders == {p.pid: 2} for n in names[:-1])
+        assert before[names[-1]].holders == {p.pid: 2, me: 1}
+        report = m.sweep()
+        assert report.reclaimed == {p.pid: 2 * cap}
+        after = {i.name: (i.refcount, i.holders) for i in m.contexts()}
+        assert after[names[-1]] == (1, {me: 1})
+        assert all(after.get(n, (0, {})) == (0, {}) for n in names[:-1])
+        assert m.check() == []
+        m.return_context(mine)
+    finally:
+        m.unlink(force=True)
+
+
 def test_reused_pid_does_not_inherit_references(ns):
     """A process entry recorded for (pid, start) is dead once that pid runs a process
     with another start time: its references are reclaimed although the pid is alive."""
@@ -325,7 +364,7 @@ def test_reused_pid_does_not_inherit_references(ns):
         with t.table_lock:  # forge the entry a dead, earlier owner of this pid left
             proc = m._entry._find_free_proc()
             off = t.geo.proc_off(proc)
-            L.REF.pack_into(t.buf, off + L.REFS_OFF, slot + 1, 3)
+            L.REF_RECORD.struct.pack_into(t.buf, t.geo.ref_off(proc, slot), 3)
             L.P_HEAD.pack_into(t.buf, off, p.pid, 0, start_time(p.pid) - 1000, time.time())
             with t.stripe_of(slot):
                 so = t.geo.slot_off(slot)

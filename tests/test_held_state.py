@@ -136,11 +136,11 @@ x.reclaim(P)  # P's entry is free again...
 y = ContextManager(CFG, namespace=ns, sweeper=False)  # ...and Y, alive, registers in it
 h = y.get_context("c")
 t = y._table
-before = (t.proc_head(y._proc).pid, sorted(c for _i, _s, c in t.proc_refs(y._proc)),
+before = (t.proc_head(y._proc).pid, sorted(c for _s, c in t.proc_refs(y._proc)),
           L.SLOT["refcount"].read(t.buf, y._geo.slot_off(0)))
 os.write(go_w, b"x")
 os.read(done_r, 1)
-after = (t.proc_head(y._proc).pid, sorted(c for _i, _s, c in t.proc_refs(y._proc)),
+after = (t.proc_head(y._proc).pid, sorted(c for _s, c in t.proc_refs(y._proc)),
          L.SLOT["refcount"].read(t.buf, y._geo.slot_off(0)))
 print(before, after)
 x.unlink(force=True)

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Every layout version with the fingerprint of its declarations. A change to the
 # declarations changes the fingerprint; this table makes it come with a new version.
-KNOWN_LAYOUTS = {3: 0xC75D51F957A189B8, 4: 0x2FF0E864DF5C876F}
+KNOWN_LAYOUTS = {3: 0xC75D51F957A189B8, 4: 0x4DF7CC5E91B59AA9}
 
 
 def test_a_changed_layout_comes_with_a_new_version():
@@ -219,6 +219,38 @@ def test_the_named_records_read_what_the_structs_read(ns):
     assert [tuple(p) for p in procs] == \
         [L.P_HEAD.unpack_from(data, geo.proc_off(p)) for p in range(geo.max_processes)]
     (mine,) = [p for p in procs if p.pid]
-    refs = [L.Ref.read(data, geo.proc_off(procs.index(mine)) + L.REFS_OFF + L.REF_SIZE * i)
-            for i in range(L.REFS_PER_PROCESS)]
-    assert sorted((r.slot - 1, r.count) for r in refs if r.slot) == [(sa, 1), (sb, 2)]
+    row = procs.index(mine)
+    counts = [L.REF_RECORD["count"].read(data, geo.ref_off(row, s)) for s in range(geo.capacity)]
+    assert [(s, c) for s, c in enumerate(counts) if c] == [(sa, 1), (sb, 2)] == \
+        L.nonzero_counts(data, geo.row_off(row), geo.capacity)
+    # Those two counts are the only nonzero bytes of the region: the other rows' entries
+    # are free, and the padding of each row is unused.
+    region = bytearray(data[geo.refs_off:])
+    for s in (sa, sb):
+        at = geo.ref_off(row, s) - geo.refs_off
+        region[at:at + L.REF_SIZE] = bytes(L.REF_SIZE)
+    assert not any(region)
+    # The region follows the slots; each row starts on a cache line, one count per slot.
+    assert geo.refs_off == L.Geometry(8, 4).slots_off + L.SLOT_SIZE * 8 == geo.row_off(0)
+    assert geo.row_stride == 64 and geo.total == len(data) >= geo.row_off(4)
+
+
+# --- the reference counts -----------------------------------------------------------
+
+@pytest.mark.parametrize("capacity", [1, 255, 256, 257, 1000])
+def test_nonzero_counts_finds_every_count_of_a_row_and_only_those(capacity):
+    """A row is compared with zeros a chunk at a time: counts at the edges of chunks, in
+    a last partial chunk and at the row's ends are all found, and nothing past the row
+    (the next row, here all ones) is read."""
+    geo = L.Geometry(capacity, 2)
+    buf = bytearray(geo.total)
+    for s in range(capacity):
+        L.REF_RECORD.struct.pack_into(buf, geo.ref_off(1, s), 0xFFFFFFFF)
+    want = {s: s + 1 for s in {0, 255, 256, 257, capacity - 1} if s < capacity}
+    for s, c in want.items():
+        L.REF_RECORD.struct.pack_into(buf, geo.ref_off(0, s), c)
+    assert geo.row_off(1) - geo.row_off(0) == geo.row_stride >= L.REF_SIZE * capacity
+    assert L.nonzero_counts(buf, geo.row_off(0), capacity) == sorted(want.items())
+    assert L.nonzero_counts(bytes(buf), geo.row_off(0), capacity) == sorted(want.items())
+    assert L.nonzero_counts(memoryview(buf), geo.row_off(1), capacity) == \
+        [(s, 0xFFFFFFFF) for s in range(capacity)]

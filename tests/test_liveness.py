@@ -335,7 +335,7 @@ def test_a_dead_entry_condemns_its_owner_although_the_pid_runs_again(managers):
         with t.table_lock:
             proc = m._entry._find_free_proc()
             off = t.geo.proc_off(proc)
-            L.REF.pack_into(t.buf, off + L.REFS_OFF, slot + 1, 2)
+            L.REF_RECORD.struct.pack_into(t.buf, t.geo.ref_off(proc, slot), 2)
             L.P_HEAD.pack_into(t.buf, off, pid, L.P_LIVE_LOCK, start, time.time())
             with t.stripe_of(slot):
                 so = t.geo.slot_off(slot)

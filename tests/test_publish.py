@@ -1050,3 +1050,28 @@ def test_publish_into_a_full_table_never_evicts_the_current_version(managers):
     m.return_context(ctx)
     m.return_context(held)
     assert m.check() == []
+
+
+def test_children_of_an_old_version_go_with_it(managers):
+    """Contexts made with a version as their parent belong to it: a publish supersedes
+    them too (an unreferenced one goes at once; a get of its name then finds nothing, so
+    it is made anew under the new version), and the old parent goes once the last of its
+    children has, without waiting for a sweep."""
+    m = managers(CFG)
+    m.return_context(m.publish("par", MEM))
+    kid, _ = m.get_or_create_context("kid", MemoryContextConfig(size=64, parent="par"))
+    idle, _ = m.get_or_create_context("idle", MemoryContextConfig(size=64, parent="par"))
+    m.return_context(idle)
+    m.return_context(m.publish("par", MEM))
+    rows = sorted((c.name, c.version, c.superseded, c.refcount) for c in m.contexts())
+    assert rows == [("kid", 1, True, 1), ("par", 1, True, 0), ("par", 2, False, 0)]
+    assert not kid.is_current
+    with pytest.raises(ContextNotFoundError):
+        m.get_context("idle")
+    assert m.check() == []
+    m.return_context(kid)  # the last reference into the old version's tree
+    assert [(c.name, c.version) for c in m.contexts()] == [("par", 2)]
+    again, existed = m.get_or_create_context("kid", MemoryContextConfig(size=64, parent="par"))
+    assert not existed and again.is_current
+    m.return_context(again)
+    assert m.check() == []

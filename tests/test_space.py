@@ -50,9 +50,10 @@ def refused(call):
 '''
 
 
-def in_private_shm(ns: str, body: str, size: str = "1m") -> dict:
-    """Run ``body`` (after PRELUDE) in a child with its own ``size`` tmpfs on /dev/shm;
-    it prints one JSON line as its result."""
+def in_private_shm(ns: str, body: str, size: str = "4m") -> dict:
+    """Run ``body`` (after PRELUDE) in a child with its own ``size`` tmpfs on /dev/shm
+    (the default: room for a table of the default geometry, 1.3 MB, and more); it prints
+    one JSON line as its result."""
     script = PRELUDE + textwrap.dedent(body)
     proc = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c",

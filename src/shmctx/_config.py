@@ -42,6 +42,10 @@ MIN_LOCK_TIMEOUT = 0.1
 MAX_CAPACITY = 1 << 20
 MAX_PROCESSES_LIMIT = 1 << 16
 MAX_REFERENCES_LIMIT = (1 << 32) - 1
+# Every process entry has a reference count for every slot (4 bytes each): the table
+# grows as capacity x max_processes. This caps that part at 256 MiB, so that a table
+# (or a hostile file posing as one, which ctx-inspect reads whole) stays a sane size.
+MAX_REFERENCE_COUNTS = 1 << 26
 
 Duration = Union[float, int, timedelta]  # noqa: UP007 - a runtime alias on 3.10
 
@@ -111,6 +115,12 @@ class ContextConfig:
                 "max_processes", self.max_processes, low=1, high=MAX_PROCESSES_LIMIT
             ),
         }
+        if norm["capacity"] * norm["max_processes"] > MAX_REFERENCE_COUNTS:
+            raise InvalidConfigError(
+                f"capacity x max_processes must be at most {MAX_REFERENCE_COUNTS} (each "
+                "process entry keeps a 4-byte reference count per slot), got "
+                f"{norm['capacity']} x {norm['max_processes']}"
+            )
         for name, value in norm.items():
             object.__setattr__(self, name, value)
 

@@ -1,11 +1,13 @@
-"""This process's entry in a namespace's table: registering it, the reference records it
+"""This process's entry in a namespace's table: registering it, the reference counts it
 holds, and giving it back, by ``close()`` or when a manager is collected without it.
 
-A process entry (see ``_layout``) records the references this process holds, as
-``(slot + 1, count)`` pairs: the primary record of who holds what, from which a dead
-process's references are reclaimed and every slot's refcount can be rebuilt. A manager
-registers its entry on first use (a forked child registers its own), keeps an index of
-its records by slot, and gives the entry back when it leaves.
+A process entry (see ``_layout``) owns one row of the table's reference counts, a count
+per slot: the primary record of who holds what, from which a dead process's references
+are reclaimed and every slot's refcount can be rebuilt. A count is found by position
+(the row's offset + 4 x slot), so there is nothing to look up and nothing to claim: a
+process may hold references to every context of the table at once. A manager registers
+its entry on first use (a forked child registers its own) and gives it back when it
+leaves.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from time import monotonic
 
 from . import _failpoints
 from . import _layout as L
-from ._errors import TableFullError
 from ._lock import RobustLock
 from ._proc import identity
 from ._table import Table
@@ -31,28 +32,27 @@ __all__ = ["ProcessEntry", "holding", "reclaim_entry"]
 
 
 class ProcessEntry:
-    """One manager's process entry in its table and the index of its reference records.
+    """One manager's process entry in its table, and where its row of counts is.
 
     It refers to the table and to nothing that refers to the manager, so the finalizer
     that keeps it (``abandoned``) does not keep the manager alive.
     """
 
-    __slots__ = ("table", "stop", "entry", "ready_pid", "refs_off", "refidx", "free_refs",
-                 "ref_lock")
+    __slots__ = ("table", "stop", "entry", "ready_pid", "row_off", "row", "register_lock")
 
     def __init__(self, table: Table, stop: threading.Event) -> None:
         self.table = table
         self.stop = stop  # the sweeper thread's, if it runs: set when the entry goes
         self.entry = (-1, 0)  # (process entry, pid that registered it)
-        # The pid whose entry the records below are: the hot path runs only when it is
-        # this process's (0: none yet, or a forked child's inherited one).
+        # The pid whose entry the row below is: the hot path runs only when it is this
+        # process's (0: none yet, or a forked child's inherited one).
         self.ready_pid = 0
-        self.refs_off = 0  # offset of the entry's first reference record
-        self.refidx: dict[int, int] = {}  # slot -> index of its reference record
-        self.free_refs: list[int] = []  # indexes of unused reference records
-        # Claims of records by threads counting on different slots (under different
-        # stripe locks) are serialised here: the free list is this process's.
-        self.ref_lock = threading.Lock()
+        self.row_off = -1  # offset of the entry's row of counts (-1: not registered)
+        # The row's first count as an index of ``table.words.u32``: this process's count
+        # for slot s is ``u32[row + s]``.
+        self.row = -1
+        # One registration among the threads of a (forked) process.
+        self.register_lock = threading.Lock()
 
     @property
     def proc(self) -> int:
@@ -70,7 +70,13 @@ class ProcessEntry:
             return False
         off = t.geo.proc_off(proc)
         w = t.words
-        w.store(off + L.REFS_OFF, L.P_REFS, *([0] * (2 * L.REFS_PER_PROCESS)))
+        # The whole row zeroed: counts a previous owner of the entry left (an entry
+        # freed by anything but reclaim_entry, a forged or damaged one) must not be
+        # taken for this process's. Nobody else writes the row meanwhile: reclaims
+        # and closes hold the table lock (held here), and a stripe's repair writes only
+        # rows of registered entries, which this is not until its pid is written.
+        row_off = t.geo.row_off(proc)
+        w.buf[row_off:row_off + t.geo.row_stride] = bytes(t.geo.row_stride)
         # pid last: a half-written entry stays free. Its liveness lock is already held,
         # so nobody sees it registered and unlocked (dead) while we live.
         w.store(off, L.P_HEAD, 0, L.P_LIVE_LOCK if locked else 0, identity.start,
@@ -80,9 +86,8 @@ class ProcessEntry:
         w.put32(off, identity.pid)
         t.liveness.mine = (proc, identity.pid)
         self.entry = (proc, identity.pid)
-        self.refs_off = off + L.REFS_OFF
-        self.refidx = {}
-        self.free_refs = list(range(L.REFS_PER_PROCESS - 1, -1, -1))
+        self.row_off = row_off
+        self.row = row_off >> 2
         return True
 
     def _claim_free_proc(self) -> tuple[int, bool]:
@@ -108,7 +113,7 @@ class ProcessEntry:
     def ensure(self, register: Callable[[], None]) -> None:
         """Run ``register`` unless this process has registered its entry."""
         if self.ready_pid != identity.pid:
-            with self.ref_lock:  # threads of a forked child: one registration
+            with self.register_lock:  # threads of a forked child: one registration
                 if self.ready_pid != identity.pid:
                     register()
 
@@ -120,84 +125,28 @@ class ProcessEntry:
         self.entry = (-1, 0)
         self.table.liveness.mine = (-1, 0)
         self.stop = stop
-        self.ref_lock = threading.Lock()
-        self.refidx = {}
-        self.free_refs = []
+        self.register_lock = threading.Lock()
+        self.row_off = self.row = -1
 
-    # --- reference records (every change under the slot's stripe lock) ---------------
+    # --- reference counts (every change under the slot's stripe lock) --------------
 
     def count(self, slot: int, delta: int) -> bool:
-        """Add ``delta`` to this process's count for ``slot`` (the primary record).
-        Needs the slot's stripe lock. False if there is nothing to take away."""
-        t = self.table
-        ri = self.refidx.get(slot)
-        if ri is not None:
-            off = self.refs_off + L.REF_SIZE * ri
-            sp1, c = L.REF.unpack_from(t.buf, off)
-            if sp1 == slot + 1:
-                if c + delta < 0:
-                    return False
-                t.words.u32[(off >> 2) + 1] = c + delta  # the count alone: one store
-                return True
-        if delta < 0:
+        """Add ``delta`` to this process's count for ``slot`` (the primary record): one
+        read and one store of the u32 at its place in this entry's row. Needs the slot's
+        stripe lock, and the entry registered. False if there is nothing to take away."""
+        u32 = self.table.words.u32
+        i = self.row + slot
+        c = u32[i] + delta
+        if c < 0:
             return False
-        with self.ref_lock:
-            ri = self._claim_ref()
-            self.refidx[slot] = ri
-            t.words.store(self.refs_off + L.REF_SIZE * ri, L.REF, slot + 1, delta)
+        u32[i] = c
         return True
-
-    def reserve(self) -> None:
-        """Make sure a reference record is free for a new context (``TableFullError`` if
-        this process already holds references to the per-process limit)."""
-        with self.ref_lock:
-            self.free_refs.append(self._claim_ref())
-
-    def _claim_ref(self) -> int:
-        try:
-            return self.free_refs.pop()
-        except IndexError:
-            pass
-        # Entries at count 0 stay reserved for their slot (it makes the next get of the
-        # same context cheaper); when none is free, give back those, and any that a
-        # force close or a repair cleared behind our back.
-        t = self.table
-        for ri in range(L.REFS_PER_PROCESS):
-            off = self.refs_off + L.REF_SIZE * ri
-            sp1, c = L.REF.unpack_from(t.buf, off)
-            if sp1 == 0:
-                self.free_refs.append(ri)
-            elif c == 0 and self.refidx.get(sp1 - 1) == ri and \
-                    self._try_free_zero(t.stripe_of(sp1 - 1), off, sp1):
-                del self.refidx[sp1 - 1]
-                self.free_refs.append(ri)
-        if not self.free_refs:
-            raise TableFullError(
-                f"namespace {t.ns!r}: this process already holds references to "
-                f"{L.REFS_PER_PROCESS} distinct contexts, the per-process limit of the table"
-            )
-        return self.free_refs.pop()
-
-    def _try_free_zero(self, lock: RobustLock, off: int, sp1: int) -> bool:
-        # Another thread may be counting on this record under that slot's stripe lock.
-        # Only a try: waiting for another stripe while holding ours could deadlock.
-        if not lock.try_acquire():
-            return False
-        try:
-            if L.REF.unpack_from(self.table.buf, off) == (sp1, 0):
-                self.table.words.put64(off, 0)
-                return True
-            return False
-        finally:
-            lock.release()
 
     def holds(self, slot: int) -> bool:
         """Whether this process holds a reference to ``slot`` (its count is above 0)."""
-        ri = self.refidx.get(slot)
-        if ri is None:
-            return False
-        sp1, count = L.REF.unpack_from(self.table.buf, self.refs_off + L.REF_SIZE * ri)
-        return sp1 == slot + 1 and count > 0
+        if self.row < 0 or self.entry[1] != identity.pid:
+            return False  # not registered, or the entry is a parent's (a forked child)
+        return self.table.words.u32[self.row + slot] > 0
 
     # --- giving it back -------------------------------------------------------------
 
@@ -238,13 +187,13 @@ def reclaim_entry(t: Table, proc: int) -> int:
     buf, geo, words = t.buf, t.geo, t.words
     total = 0
     now = monotonic()
-    for i, slot, c in list(t.proc_refs(proc)):
-        if slot >= geo.capacity:
-            words.put64(t.ref_off(proc, i), 0)
-            continue
+    for slot, _c in t.proc_refs(proc):
         so = geo.slot_off(slot)
+        ref = geo.ref_off(proc, slot)
         with t.stripe_of(slot):
-            words.put64(t.ref_off(proc, i), 0)
+            # Read again under the lock: the count it gives back is the one it clears.
+            c = words.u32[ref >> 2]
+            words.put32(ref, 0)
             if not c:
                 continue
             if _failpoints.armed:

@@ -5,8 +5,8 @@ scan, no ``shm_open``/``mmap``, no msgpack. Two implementations follow the proto
 below, and both cite its step numbers:
 
 * ``PyHotPath`` here: the whole protocol, every case of a mapped context (a busy stripe
-  is waited for and taken over from a dead owner; a first reference of this process to
-  the slot claims a reference record; handles dropped unreturned are given back first).
+  is waited for and taken over from a dead owner; handles dropped unreturned are given
+  back first).
 * ``_speedups.HotPath`` (``_speedups.c``), when it was built: the common case of the
   same steps, with the same writes in the same order; in every other case it changes
   nothing and defers to ``PyHotPath``. The manager's ``get_or_create_context``,
@@ -35,10 +35,10 @@ Get, ``try_get(name)`` (a handle, or None: the cold path decides)::
     G4  Read state, refcount and incarnation in one read: another incarnation, not
         READY, superseded by a newer version (the flags), or refcount at
         ``max_references``: release, defer.
-    G5  This process's count for the slot +1 (its reference record: the primary
-        record; Python claims a record if there is none, C defers).
+    G5  This process's count for the slot +1 (its row in the refs region, the slot's
+        column: found by position, the primary record).
     G6  The slot's refcount +1 (derived: a death between G5 and G6 is repaired from
-        the reference records).
+        the per-process counts).
     G7  Release the stripe lock (L3).
     G8  Mark the handle as standing for the reference. Nothing that can run Python
         code (a signal handler, another thread) comes between G6 and G8.
@@ -163,13 +163,13 @@ def choose(slots: Slots) -> Any:
 class PyHotPath:
     """The protocol above, in Python, for one manager."""
 
-    __slots__ = ("slots", "mappings", "entry", "words", "buf", "max_refs", "uncount")
+    __slots__ = ("slots", "mappings", "entry", "u32", "buf", "max_refs", "uncount")
 
     def __init__(self, slots: Slots) -> None:
         self.slots = slots
         self.mappings = slots.mappings
         self.entry = slots.entry
-        self.words = slots.table.words
+        self.u32 = slots.table.words.u32
         self.buf = slots.table.buf
         self.max_refs = slots.max_refs
         self.uncount = slots.uncount  # bound once: a return looks up nothing it need not
@@ -190,10 +190,14 @@ class PyHotPath:
             if inc != m.inc or state != L.READY or (self.max_refs and rc >= self.max_refs) \
                     or self.buf[so + 1] & L.SLOT_SUPERSEDED:
                 return None
-            self.entry.count(m.slot, 1)  # G5 (Slots.add_ref, inlined: this is the hot path)
+            # G5: Slots.add_ref and ProcessEntry.count, inlined (this is the hot path):
+            # this process's count for the slot, at its place in the entry's row.
+            u32 = self.u32
+            ref = self.entry.row + m.slot
+            u32[ref] += 1
             if _failpoints.armed:
                 _failpoints.hit("acquire.proc_counted")
-            self.words.u32[(so + L.S_REFCOUNT_OFF) >> 2] = rc + 1  # G6
+            u32[(so + L.S_REFCOUNT_OFF) >> 2] = rc + 1  # G6
             mark_counted(handle)  # G8 (before G7 here: a marked handle is a counted one)
         finally:
             lock.release()  # G7

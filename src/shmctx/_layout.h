@@ -10,7 +10,7 @@
 #define SHMCTX_LAYOUT_VERSION                    4
 /* BLAKE2b-64 of the declarations; every table stores the one of its creator at
  * SHMCTX_HEADER_FINGERPRINT_OFF. */
-#define SHMCTX_LAYOUT_FINGERPRINT                0x2ff0e864df5c876fULL
+#define SHMCTX_LAYOUT_FINGERPRINT                0x4df7cc5e91b59aa9ULL
 
 /* Header (256 bytes) */
 #define SHMCTX_HEADER_SIZE                       256
@@ -83,15 +83,8 @@
 #define SHMCTX_INDEX_ENTRY_SLOT_OFF              0       /* u32 */
 #define SHMCTX_INDEX_ENTRY_SLOT_SIZE             4
 
-/* Reference record (8 bytes) */
-#define SHMCTX_REF_SIZE                          8
-#define SHMCTX_REF_SLOT_OFF                      0       /* u32 */
-#define SHMCTX_REF_SLOT_SIZE                     4
-#define SHMCTX_REF_COUNT_OFF                     4       /* u32 */
-#define SHMCTX_REF_COUNT_SIZE                    4
-
-/* Process entry (512 bytes) */
-#define SHMCTX_PROC_SIZE                         512
+/* Process entry (64 bytes) */
+#define SHMCTX_PROC_SIZE                         64
 #define SHMCTX_PROC_PID_OFF                      0       /* u32 */
 #define SHMCTX_PROC_PID_SIZE                     4
 #define SHMCTX_PROC_FLAGS_OFF                    4       /* u32 */
@@ -100,8 +93,6 @@
 #define SHMCTX_PROC_START_SIZE                   8
 #define SHMCTX_PROC_ATTACHED_OFF                 16      /* f64 */
 #define SHMCTX_PROC_ATTACHED_SIZE                8
-#define SHMCTX_PROC_REFS_OFF                     32      /* ref[60] */
-#define SHMCTX_PROC_REFS_SIZE                    480
 
 /* Context slot (256 bytes) */
 #define SHMCTX_SLOT_SIZE                         256
@@ -148,6 +139,11 @@
 #define SHMCTX_SLOT_VERSION_OFF                  228     /* u32 */
 #define SHMCTX_SLOT_VERSION_SIZE                 4
 
+/* Reference count (4 bytes) */
+#define SHMCTX_REF_SIZE                          4
+#define SHMCTX_REF_COUNT_OFF                     0       /* u32 */
+#define SHMCTX_REF_COUNT_SIZE                    4
+
 /* Payload header (64 bytes) */
 #define SHMCTX_PAYLOAD_SIZE                      64
 #define SHMCTX_PAYLOAD_MAGIC_OFF                 0       /* bytes[8] */
@@ -163,9 +159,11 @@
 
 /* Regions and the values stored in the table */
 #define SHMCTX_LOCKS_OFF                         256     /* lock record k: LOCKS_OFF + LOCK_STRIDE * k */
+/* Bytes from one row of reference counts to the next (Geometry.row_stride):
+ * process entry p's count for slot s is at refs_off + p * stride + 4 * s. */
+#define SHMCTX_REF_ROW_STRIDE(capacity)          ((((Py_ssize_t)(capacity) * 4 + 63) / 64) * 64)
 #define SHMCTX_LOCK_STRIDE                       64
 #define SHMCTX_REGION_ALIGN                      64
-#define SHMCTX_REFS_PER_PROCESS                  60
 #define SHMCTX_PAGE                              4096
 #define SHMCTX_MAX_STRIPES                       64
 #define SHMCTX_FREE                              0

@@ -8,21 +8,22 @@ and index entries refer to each other by number, stored as ``number + 1`` so tha
 all-zero bytes of a fresh table mean "empty".
 
 The records are declared below, field by field, with a comment each (``HEADER``,
-``LOCK_RECORD``, ``INDEX_ENTRY_RECORD``, ``REF_RECORD``, ``PROC``, ``SLOT``); a field's
+``LOCK_RECORD``, ``INDEX_ENTRY_RECORD``, ``PROC``, ``SLOT``, ``REF_RECORD``); a field's
 offset follows from the fields before it. Everything else comes from those declarations:
 
 * the ``struct.Struct``s and offsets the other modules use (``H_FIXED``, ``S_CHECK``,
   ``S_REFCOUNT_OFF``, ...: the "derived" sections after the declarations), and each
   field's own offset and struct (``SLOT["name_hash"].off``, ``.st``, ``.read(buf, off)``);
-* named records, ``Header``, ``LockRecord``, ``ProcHead``, ``Ref`` and ``Slot``
+* named records, ``Header``, ``LockRecord``, ``ProcHead`` and ``Slot``
   (``typing.NamedTuple``s with ``read(buf, off)``), so that no caller indexes a slot's 19
   fields by number;
 * ``FINGERPRINT``, a BLAKE2b digest of the declarations (record and field names, types,
-  offsets, sizes, the region constants and ``LAYOUT_VERSION``). Each table stores the
-  fingerprint of the code that created it, and a table with another one is refused at
-  attach (``_table.header_problem``): two builds whose layouts differ in any field never
-  share a table, whatever version number they claim. The C hot path has it compiled in
-  and refuses a table, and ``_hotpath`` refuses a build, whose fingerprint differs;
+  offsets, sizes, the order of the regions, the region constants and
+  ``LAYOUT_VERSION``). Each table stores the fingerprint of the code that created it,
+  and a table with another one is refused at attach (``_table.header_problem``): two
+  builds whose layouts differ in any field never share a table, whatever version
+  number they claim. The C hot path has it compiled in and refuses a table, and
+  ``_hotpath`` refuses a build, whose fingerprint differs;
 * ``_layout.h``, the offsets and sizes for ``_speedups.c`` (``python -m shmctx._layout
   --c-header``), and the byte tables of docs/architecture.md (``--markdown``);
   ``tools/gen_layout.py`` rewrites both, tests/test_layout.py fails when either is stale.
@@ -31,22 +32,28 @@ Changing a declaration changes the fingerprint, so a table made by the old code 
 refused rather than misread; bump ``LAYOUT_VERSION`` and the last byte of ``MAGIC`` too,
 so that the refusal names versions, and regenerate (``tools/gen_layout.py``).
 
-Regions, in order: the header; the lock records, one per 64-byte cache line (``[0]`` the
-table lock, ``[1 + k]`` stripe ``k``) so that processes working on unrelated stripes never
-write the same line; the name index; the process entries; the context slots.
-``Geometry`` computes their offsets for one table.
+Regions, in order (``REGIONS``): the header; the lock records, one per 64-byte cache line
+(``[0]`` the table lock, ``[1 + k]`` stripe ``k``) so that processes working on unrelated
+stripes never write the same line; the name index; the process entries; the context
+slots; the reference counts. ``Geometry`` computes their offsets for one table.
 
 Name index: ``index_size`` u32 entries, each ``slot + 1`` or 0. A name hashes (BLAKE2b, 8
 bytes, the same in every process, unlike ``hash()``) to ``hash & (index_size - 1)``;
 collisions probe linearly; deletion shifts back the following entries, so there are no
 tombstones. The index is derived data: ``Table.repair_table`` rebuilds it from the slots.
 
-References are recorded per process (in the process entries, as the LMDB database keeps
-one record per reader) rather than per slot so that any number of processes can share
-one context (a gunicorn master with 100 workers); the price is that one process holds
-references to at most ``REFS_PER_PROCESS`` distinct contexts at once. The per-process counts are the
-primary record; a slot's ``refcount`` is their sum, kept for the hot path and recomputed
-by ``Table.repair_table`` and ``Table.repair_stripe``.
+References are recorded per process (as the LMDB database keeps one record per reader)
+rather than per slot, so that any number of processes can share one context (a gunicorn
+master with 100 workers). The reference counts region is a matrix: one row per process
+entry, one u32 count per slot in it (``Geometry.ref_off(p, s)``), each row starting on a
+cache line. A process finds its count for a slot by position, with no lookup and no
+record to claim, and can hold references to every context of the table at once; the
+price is 4 bytes per (process entry, slot) pair, whether used or not (1 MiB with the
+default 1024 slots and 256 process entries). The region is last: the regions before it
+keep their offsets whatever its size, and it is the one a reader of the slots alone
+never needs. The per-process counts are the primary record; a slot's ``refcount`` is
+their sum, kept for the hot path and recomputed by ``Table.repair_table`` and
+``Table.repair_stripe``.
 
 Slot state machine (every transition under the slot's stripe lock; all but publish also
 under the table lock, since publish changes neither the index nor the free list)::
@@ -95,10 +102,10 @@ it, and the worst a stale or in-between value does.
 * Slot refcount and last_used. Read by the idle-sweep planning, ``Slots.evict_lru``
   (table lock only) and snapshots. Worst case: a candidate too many or too few, as
   ``Slots.close`` re-checks under the stripe locks.
-* Reference records (slot + 1, count). Read by ``unlink`` (table lock only) and by the
-  snapshots of ``check``, ``contexts`` and ctx-inspect; a count changes by a single store
-  of the count alone. Worst case: a snapshot that disagrees for an instant with the
-  slot's refcount, which is written a moment later.
+* Reference counts. Read by ``unlink`` (table lock only) and by the snapshots of
+  ``check``, ``contexts`` and ctx-inspect; a count changes by a single store. Worst
+  case: a snapshot that disagrees for an instant with the slot's refcount, which is
+  written a moment later.
 * Process entry (pid, start). Read by the sweeper's scan for dead processes outside the
   table lock, and snapshots. The pid is written last. Worst case: an entry being
   registered or freed is missed or listed once; the reclaim re-checks it under the lock.
@@ -127,7 +134,6 @@ LAYOUT_VERSION = 4  # bump (with the last byte of MAGIC) on any change of the de
 MAGIC = b"SHMCTX\x00" + bytes([LAYOUT_VERSION])
 LOCK_STRIDE = 64  # one cache line per table/stripe lock record
 REGION_ALIGN = 64  # every region starts on a cache line
-REFS_PER_PROCESS = 60
 PAGE = 4096
 MAX_STRIPES = 64
 
@@ -158,10 +164,13 @@ PAYLOAD_MAGIC = b"shmctxP1"
 # Header flags.
 FLAG_UNLINKED = 1
 
+# The regions of a table, in the order they follow each other (Geometry places them).
+REGIONS = ("header", "locks", "index", "procs", "slots", "refs")
+
 # The values stored in the table besides offsets: part of its format too.
 CONSTANTS = {
     "LOCK_STRIDE": LOCK_STRIDE, "REGION_ALIGN": REGION_ALIGN,
-    "REFS_PER_PROCESS": REFS_PER_PROCESS, "PAGE": PAGE, "MAX_STRIPES": MAX_STRIPES,
+    "PAGE": PAGE, "MAX_STRIPES": MAX_STRIPES,
     "FREE": FREE, "CREATING": CREATING, "READY": READY,
     "SLOT_WAITERS": SLOT_WAITERS, "SLOT_LOCK": SLOT_LOCK, "P_LIVE_LOCK": P_LIVE_LOCK,
     "SLOT_SUPERSEDED": SLOT_SUPERSEDED, "SLOT_PENDING": SLOT_PENDING,
@@ -365,22 +374,15 @@ INDEX_ENTRY_RECORD = Record("index_entry", "Name index entry", 4, [
     Field("slot", "u32", "slot + 1 of a live context, 0 = empty"),
 ])
 
-REF_RECORD = Record("ref", "Reference record", 8, [
-    Field("slot", "u32", "slot + 1 of a context this process holds references to, "
-          "0 = unused record"),
-    Field("count", "u32", "how many; changed by a single store of the count alone"),
-])
-
-PROC = Record("proc", "Process entry", 512, [
+PROC = Record("proc", "Process entry", 64, [
     Field("pid", "u32", "0 = free; written last when the entry is taken"),
     Field("flags", "u32", "P_LIVE_LOCK: the process holds this entry's liveness lock (an "
           "OFD lock on the table file, _liveness.py)"),
     Field("start", "u64", "start time of the process (clock ticks since boot)"),
     Field("attached", "f64", "wall-clock time it attached"),
-    Field("reserved", "pad[8]", "zero"),
-    Field("refs", f"ref[{REFS_PER_PROCESS}]", "the references this process holds, as "
-          "reference records"),
-], about="one per attached process")
+    Field("reserved", "pad[40]", "zero"),
+], about="one per attached process; the references it holds are its row of the reference "
+   "counts")
 
 
 def _embedded(rec: Record, prefix: str, what: str) -> list[Field]:
@@ -423,6 +425,12 @@ SLOT = Record("slot", "Context slot", 256, [
     Field("reserved", "pad[24]", "zero"),
 ])
 
+REF_RECORD = Record("ref", "Reference count", 4, [
+    Field("count", "u32", "how many references process entry p holds to slot s; changed "
+          "by a single store, under the slot's stripe lock"),
+], about="row p, column s of the reference counts: at `refs_off + row_stride * p + 4 * s`; "
+   "zeroed when entry p is claimed, and when slot s is freed")
+
 PAYLOAD = Record("payload", "Payload header", 64, [
     Field("magic", "bytes[8]", 'PAYLOAD_MAGIC, b"shmctxP1"; written after the metadata '
           "(an object's data too), so a half-written header has none"),
@@ -441,7 +449,6 @@ PAYLOAD = Record("payload", "Payload header", 64, [
 
 Header = HEADER.named("Header")
 LockRecord = LOCK_RECORD.named("LockRecord")
-Ref = REF_RECORD.named("Ref")
 ProcHead = PROC.named("ProcHead", "pid", "attached")
 Sweeper = HEADER.named("Sweeper", "sweeper_pid", "sweeper_beat")  # the header's sweeper fields
 Slot = SLOT.named("Slot")
@@ -452,8 +459,7 @@ Payload = PAYLOAD.named("Payload")
 HEADER_SIZE = HEADER.size
 SLOT_SIZE = SLOT.size
 PROC_SIZE = PROC.size
-REF_SIZE = REF_RECORD.size
-REFS_OFF = PROC.off("refs")
+REF_SIZE = REF_RECORD.size  # one count; row p, column s: Geometry.ref_off(p, s)
 NAME_MAX = SLOT["name"].size
 LOCKS_OFF = HEADER_SIZE  # lock record k at LOCKS_OFF + LOCK_STRIDE * k
 
@@ -478,8 +484,6 @@ LOCK = LOCK_RECORD.struct  # pid, epoch, start
 INDEX_ENTRY = INDEX_ENTRY_RECORD.struct
 P_HEAD = ProcHead.STRUCT  # pid, flags, start, attached
 P_PID = PROC["pid"].st
-REF = REF_RECORD.struct  # slot + 1, count
-P_REFS = PROC["refs"].st
 
 # slot
 S_STATE = SLOT.span("state", "flags")
@@ -500,6 +504,7 @@ SLOT_ALL = SLOT.struct  # every field of Slot, in its order
 # each field within its record (checked by Record) holds in the table.
 assert not any(n % 8 for n in (HEADER_SIZE, LOCK_STRIDE, PROC_SIZE, SLOT_SIZE, REGION_ALIGN,
                                S_LOCK_OFF))
+assert REF_RECORD.fields[0].code == "I" and REF_SIZE == 4  # Words.u32 indexes the counts
 assert LOCK_RECORD.size <= LOCK_STRIDE and REGION_ALIGN % 8 == 0
 
 if sys.byteorder != "little" or struct.calcsize("=I") != 4 or struct.calcsize("=Q") != 8:
@@ -509,14 +514,16 @@ if sys.byteorder != "little" or struct.calcsize("=I") != 4 or struct.calcsize("=
 
 # --- the fingerprint ----------------------------------------------------------------
 
-RECORDS = (HEADER, LOCK_RECORD, INDEX_ENTRY_RECORD, REF_RECORD, PROC, SLOT, PAYLOAD)
+RECORDS = (HEADER, LOCK_RECORD, INDEX_ENTRY_RECORD, PROC, SLOT, REF_RECORD, PAYLOAD)
 
 
 def describe(records: Sequence[Record] = RECORDS, version: int = LAYOUT_VERSION,
-             constants: dict[str, int] = CONSTANTS) -> str:
-    """The text the fingerprint digests: the version, the constants, and every field of
-    every record by name, type, offset and size (comments are left out)."""
-    lines = [f"layout {version}"] + [f"{k} {v}" for k, v in sorted(constants.items())]
+             constants: dict[str, int] = CONSTANTS, regions: Sequence[str] = REGIONS) -> str:
+    """The text the fingerprint digests: the version, the order of the regions, the
+    constants, and every field of every record by name, type, offset and size (comments
+    are left out)."""
+    lines = [f"layout {version}", "regions " + " ".join(regions)]
+    lines += [f"{k} {v}" for k, v in sorted(constants.items())]
     for rec in records:
         lines.append(f"record {rec.key} {rec.size}")
         lines += [f"  {p.name} {p.type} {p.off} {p.size}" for p in rec.fields]
@@ -524,9 +531,10 @@ def describe(records: Sequence[Record] = RECORDS, version: int = LAYOUT_VERSION,
 
 
 def fingerprint(records: Sequence[Record] = RECORDS, version: int = LAYOUT_VERSION,
-                constants: dict[str, int] = CONSTANTS) -> int:
+                constants: dict[str, int] = CONSTANTS, regions: Sequence[str] = REGIONS) -> int:
     """BLAKE2b-64 of ``describe(...)``, as a u64."""
-    digest = hashlib.blake2b(describe(records, version, constants).encode(), digest_size=8)
+    digest = hashlib.blake2b(describe(records, version, constants, regions).encode(),
+                             digest_size=8)
     return int.from_bytes(digest.digest(), "little")
 
 
@@ -607,6 +615,13 @@ def _round_up(value: int, unit: int) -> int:
     return (value + unit - 1) // unit * unit
 
 
+def row_stride(capacity: int) -> int:
+    """Bytes from one row of the reference counts to the next: a count per slot, rounded
+    up to a whole number of cache lines, so that each row starts on its own line and a
+    process counting in its row shares no line with another process's row."""
+    return _round_up(REF_SIZE * capacity, REGION_ALIGN)
+
+
 class Geometry:
     """Offsets of the regions for one (capacity, stripes, max_processes) triple."""
 
@@ -618,6 +633,8 @@ class Geometry:
         "index_off",
         "procs_off",
         "slots_off",
+        "refs_off",
+        "row_stride",
         "total",
     )
 
@@ -634,7 +651,9 @@ class Geometry:
         self.index_off = _round_up(LOCKS_OFF + LOCK_STRIDE * (1 + self.stripes), REGION_ALIGN)
         self.procs_off = _round_up(self.index_off + INDEX_ENTRY.size * index_size, REGION_ALIGN)
         self.slots_off = _round_up(self.procs_off + PROC_SIZE * max_processes, REGION_ALIGN)
-        self.total = _round_up(self.slots_off + SLOT_SIZE * capacity, PAGE)
+        self.refs_off = _round_up(self.slots_off + SLOT_SIZE * capacity, REGION_ALIGN)
+        self.row_stride = row_stride(capacity)
+        self.total = _round_up(self.refs_off + self.row_stride * max_processes, PAGE)
 
     def lock_off(self, lock_index: int) -> int:
         """Offset of lock record ``lock_index`` (0 = table lock, 1 + k = stripe k)."""
@@ -648,6 +667,37 @@ class Geometry:
 
     def index_entry_off(self, position: int) -> int:
         return self.index_off + INDEX_ENTRY.size * position
+
+    def row_off(self, proc: int) -> int:
+        """Offset of process entry ``proc``'s row of reference counts."""
+        return self.refs_off + self.row_stride * proc
+
+    def ref_off(self, proc: int, slot: int) -> int:
+        """Offset of process entry ``proc``'s count of references to ``slot``."""
+        return self.refs_off + self.row_stride * proc + REF_SIZE * slot
+
+
+_COUNTS_CHUNK = 1024  # bytes of a row compared with zeros at once (256 counts)
+_ZEROS = bytes(_COUNTS_CHUNK)
+
+
+def nonzero_counts(buf: memoryview | bytes, off: int, n: int) -> list[tuple[int, int]]:
+    """``(i, count)`` for each nonzero u32 of the ``n`` at ``off`` in ``buf``: a row of
+    reference counts, ``i`` the slot. Mostly zeros, even when the process holds many
+    contexts, so the row is compared with zeros a chunk at a time (a ``memcmp``) and only
+    the chunks that hold a count are unpacked: a row of 2**15 slots costs about a tenth
+    of unpacking it all."""
+    view = memoryview(buf)
+    out: list[tuple[int, int]] = []
+    end = off + REF_SIZE * n
+    for lo in range(off, end, _COUNTS_CHUNK):
+        hi = min(lo + _COUNTS_CHUNK, end)
+        part = view[lo:hi]
+        if part.tobytes() == _ZEROS[:hi - lo]:
+            continue
+        first = (lo - off) // REF_SIZE
+        out += [(first + i, c) for i, c in enumerate(part.cast("I").tolist()) if c]
+    return out
 
 
 # --- what is generated from the declarations ----------------------------------------
@@ -686,7 +736,12 @@ def c_header() -> str:
                         _define(f"{name}_SIZE", str(p.size))]
     out += ["", "/* Regions and the values stored in the table */",
             _define("SHMCTX_LOCKS_OFF", str(LOCKS_OFF), "lock record k: LOCKS_OFF + "
-                    "LOCK_STRIDE * k")]
+                    "LOCK_STRIDE * k"),
+            "/* Bytes from one row of reference counts to the next (Geometry.row_stride):",
+            " * process entry p's count for slot s is at refs_off + p * stride + 4 * s. */",
+            _define("SHMCTX_REF_ROW_STRIDE(capacity)",
+                    f"((((Py_ssize_t)(capacity) * {REF_SIZE} + {REGION_ALIGN - 1}) / "
+                    f"{REGION_ALIGN}) * {REGION_ALIGN})")]
     out += [_define(f"SHMCTX_{k}", str(v)) for k, v in CONSTANTS.items()]
     out += ["", "#endif /* SHMCTX_LAYOUT_H */", ""]
     names = [line.split()[1] for line in out if line.startswith("#define")]
@@ -718,14 +773,19 @@ def markdown(default: Geometry) -> str:
         f"| process entries | `procs_off` ({REGION_ALIGN}-aligned) | {PROC_SIZE} {x} "
         "`max_processes` |",
         f"| context slots | `slots_off` ({REGION_ALIGN}-aligned) | {SLOT_SIZE} {x} `capacity` |",
+        f"| reference counts: row p (process entry p), column s (slot s) | `refs_off` "
+        f"({REGION_ALIGN}-aligned) | `row_stride` {x} `max_processes`, `row_stride` = "
+        f"{REF_SIZE} {x} `capacity` rounded up to {REGION_ALIGN} |",
         f"| total | | rounded up to {PAGE} |",
         "",
         f"With the defaults (capacity {default.capacity}, {default.stripes} stripes, "
         f"{default.max_processes} processes) the table is {default.total:,} bytes: "
-        f"{SLOT_SIZE} bytes per slot plus at most {4 * entry} bytes of index per slot, plus "
-        f"the header, the lock records and {PROC_SIZE} bytes per process entry.",
+        f"{SLOT_SIZE} bytes per slot plus at most {4 * entry} bytes of index per slot, "
+        f"{PROC_SIZE} bytes per process entry, {REF_SIZE} bytes of reference count per "
+        f"slot per process entry ({default.row_stride * default.max_processes:,} bytes, "
+        "the largest part), plus the header and the lock records.",
     ]
-    for rec in (HEADER, LOCK_RECORD, INDEX_ENTRY_RECORD, PROC, REF_RECORD, SLOT, PAYLOAD):
+    for rec in (HEADER, LOCK_RECORD, INDEX_ENTRY_RECORD, PROC, SLOT, REF_RECORD, PAYLOAD):
         about = f": {rec.about}" if rec.about else ""
         out += ["", f"**{rec.title} ({rec.size} bytes)**{about}", "",
                 "| off | size | type | field | meaning |", "|---:|---:|---|---|---|"]

@@ -4,7 +4,7 @@ It checks arguments, holds the pieces together and runs their lifetime (made, fo
 closed, unlinked, collected). The work is done by:
 
 * ``_table.Table``: the table, its regions and its locks;
-* ``_entry.ProcessEntry``: this process's entry and its reference records;
+* ``_entry.ProcessEntry``: this process's entry and its row of reference counts;
 * ``_mappings.Mappings``: this process's mappings, ``ctx.lock`` objects, handle owner;
 * ``_slots.Slots``: the slot operations under their locks;
 * ``_hotpath``: get and return of a mapped context (Python, and C in front of it);
@@ -607,7 +607,7 @@ class ContextManager:
                         pid = t.proc_head(p).pid
                         if not pid or pid == identity.pid:  # our own other managers do not count
                             continue
-                        n = sum(c for _i, _s, c in t.proc_refs(p))
+                        n = sum(c for _s, c in t.proc_refs(p))
                         if n and t.liveness.entry_alive(p):
                             busy[pid] = busy.get(pid, 0) + n
                     if busy:
@@ -657,7 +657,7 @@ class ContextManager:
         # find this process's own entry, not the parent's.
         e.ready_pid = identity.pid
         if self._hot is not None:
-            self._hot.enable(identity.pid, identity.start, e.refs_off, e.refidx)
+            self._hot.enable(identity.pid, identity.start, e.row_off)
 
     def _recover_leaked_locks(self) -> None:
         """An exception is leaving one of this thread's calls: recover any table or

@@ -162,7 +162,15 @@ class Slots:
         if f.state != L.READY or f.incarnation != inc or not f.flags & L.SLOT_SUPERSEDED \
                 or f.refcount:
             return False
-        return self.close(self.subtree(slot), force=False) < 0
+        if self.close(self.subtree(slot), force=False) >= 0:
+            return False
+        # Its parent may be a superseded version that waited only for its children.
+        parent = f.parent - 1
+        if 0 <= parent < t.geo.capacity:
+            pf = t.read_slot(parent)
+            if pf.incarnation == f.parent_inc:
+                self.free_superseded(parent, pf.incarnation)
+        return True
 
     # --- looking up (under the table lock) -------------------------------------------
 
@@ -243,7 +251,6 @@ class Slots:
                     f"{self.namespace!r}"
                 )
             parent_inc = L.SLOT["incarnation"].read(buf, geo.slot_off(parent_slot))
-        self.entry.reserve()  # the one step that fails in normal use, done before any write
         # The live count and the free list are derived data: one damaged byte of either
         # must not make every create evict an unrelated context. Only the slots' own
         # states decide that the table is full; derived data found to disagree with them
@@ -404,13 +411,34 @@ class Slots:
         # The old version may still be being created (a publish overtook the name's
         # first get-or-create): it is superseded all the same, and its creator publishes
         # it so; it goes with its last reference like any other.
-        oo = t.geo.slot_off(old)
-        old_inc = L.SLOT["incarnation"].read(t.buf, oo)
-        with t.stripe_of(old):
-            t.words.put8(oo + 1, L.SLOT["flags"].read(t.buf, oo) | L.SLOT_SUPERSEDED)
-        self.mappings.forget(name, old_inc)  # this process's next get maps the new one
-        self.free_superseded(old, old_inc)
+        self.supersede(old)
         return version
+
+    def supersede(self, slot: int) -> None:
+        """Mark ``slot``'s version superseded, and with it the contexts made with it as
+        their parent (they belong to that version: they go with it, and a get of their
+        names finds nothing until they are made anew, under the current version); free
+        what nothing references. A child that is itself a version being published is
+        left alone. Needs the table lock."""
+        t = self.table
+        buf = t.buf
+        tree = [s for s in self.subtree(slot)  # children first
+                if s == slot or not buf[t.geo.slot_off(s) + 1] & L.SLOT_PENDING]
+        done = []
+        for s in tree:
+            so = t.geo.slot_off(s)
+            f = t.read_slot(s)
+            if f.flags & L.SLOT_SUPERSEDED:
+                continue
+            if s != slot:
+                t.index_remove(s, f.name_hash)  # the name's current one: no longer
+            with t.stripe_of(s):
+                t.words.put8(so + 1, buf[so + 1] | L.SLOT_SUPERSEDED)
+            # This process's next get of the name maps whatever is current then.
+            self.mappings.forget(self.name_of(s), f.incarnation)
+            done.append((s, f.incarnation))
+        for s, inc in done:  # children first: a parent goes once its children have
+            self.free_superseded(s, inc)
 
     def settle(self, name: str, name_b: bytes, slot: int, inc: int) -> bool:
         """Complete a ``switch`` that an exception interrupted after the new version in
@@ -420,7 +448,7 @@ class Slots:
         longer ``inc`` ready. Scans every slot: for that rare case only. Needs the table
         lock."""
         t = self.table
-        buf, geo = t.buf, t.geo
+        geo = t.geo
         f = t.read_slot(slot)
         if f.state != L.READY or f.incarnation != inc or f.flags & L.UNINDEXED:
             return False
@@ -439,12 +467,8 @@ class Slots:
                 t.index_insert(top, h)
             else:
                 t.index_replace(cur, top, h)
-        for _v, s, s_inc in versions[1:]:
-            so = geo.slot_off(s)
-            with t.stripe_of(s):
-                t.words.put8(so + 1, buf[so + 1] | L.SLOT_SUPERSEDED)
-            self.mappings.forget(name, s_inc)
-            self.free_superseded(s, s_inc)
+        for _v, s, _inc in versions[1:]:
+            self.supersede(s)
         return True
 
     def abort_create(self, name: str, slot: int, inc: int) -> None:
@@ -607,17 +631,11 @@ class Slots:
         t = self.table
         buf, geo = t.buf, t.geo
         so = geo.slot_off(slot)
-        state, flags, _n, rc, inc, h = L.S_HEAD.unpack_from(buf, so)
+        state, flags, _n, _rc, inc, h = L.S_HEAD.unpack_from(buf, so)
         if state == L.FREE:
             return None
         size, parent, _nf, parent_inc, _c, _u = L.S_BODY.unpack_from(buf, so + L.S_BODY_OFF)
-        if rc:
-            for p in range(geo.max_processes):
-                if L.P_PID.unpack_from(buf, geo.proc_off(p))[0] == 0:
-                    continue
-                for i, s, _c in t.proc_refs(p):
-                    if s == slot:
-                        t.words.put64(t.ref_off(p, i), 0)
+        t.clear_column(slot)  # every process's count for it
         w = t.words
         w.put8(so, L.FREE)
         w.put8(so + 1, 0)

@@ -7,8 +7,8 @@
  * PyHotPath and _lock.RobustLock), or change nothing in the table but a stripe lock's
  * epoch (see test_differential.py) and call the Python method, which has the full semantics: a
  * busy stripe lock (spinning, waiting, taking over from a dead owner), a stale mapping,
- * the reference limit, a missing reference record, armed failpoints, any error. So
- * every decision beyond the common case stays in Python, in one place.
+ * the reference limit, armed failpoints, any error. So every decision beyond the common
+ * case stays in Python, in one place.
  *
  * Why it exists: in pure Python the crash-safe pair (owner record, slot check,
  * per-process count, refcount, last-used stamp, handle) costs about 3x a bare semaphore
@@ -43,8 +43,8 @@ _Static_assert(SHMCTX_LOCK_PID_SIZE == 4 && SHMCTX_LOCK_EPOCH_SIZE == 4 &&
 _Static_assert(SHMCTX_SLOT_STATE_SIZE == 1 && SHMCTX_SLOT_REFCOUNT_SIZE == 4 &&
                SHMCTX_SLOT_INCARNATION_SIZE == 8 && SHMCTX_SLOT_LAST_USED_SIZE == 8,
                "slot: u8 state, u32 refcount, u64 incarnation, f64 last used");
-_Static_assert(SHMCTX_REF_SLOT_SIZE == 4 && SHMCTX_REF_COUNT_SIZE == 4,
-               "reference record: u32 slot + 1, u32 count");
+_Static_assert(SHMCTX_REF_SIZE == 4 && SHMCTX_REF_COUNT_OFF == 0 && SHMCTX_REF_COUNT_SIZE == 4,
+               "reference counts: one u32 per slot in each process entry's row");
 /* The owner pid is stored with one aligned atomic store (lock_try). */
 _Static_assert((SHMCTX_LOCKS_OFF + SHMCTX_LOCK_PID_OFF) % 4 == 0 && SHMCTX_LOCK_STRIDE % 4 == 0,
                "lock records' pids are 4-byte aligned");
@@ -60,12 +60,12 @@ typedef struct {
     Py_ssize_t nstripes;
     sem_t **sems;
     uint32_t max_refs;
+    Py_ssize_t capacity;  /* slots of the table (its header), so columns of its rows */
     /* this process, set by enable() once its process entry is registered */
     uint32_t pid;
     uint64_t start;
-    Py_ssize_t refs_off;
+    Py_ssize_t row_off;   /* its row of reference counts: its count for slot s at + 4 s */
     PyObject *pid_obj;
-    PyObject *refidx;   /* dict: slot -> index of this process's reference record */
     PyObject *mapped;   /* Mappings.mapped: name -> _Mapped */
     PyObject *owner;    /* the handles' owner: the Mappings object (``_context.HandleOwner``) */
     PyObject *handle_type;
@@ -194,11 +194,11 @@ failpoints_armed(HotPath *self)
 typedef struct {
     Py_ssize_t slot_off, stripe, ref_off;
     uint64_t inc;
-    uint32_t sp1;
 } Where;
 
 /* Where mapping ``m`` lives in the table, from its ``hot`` tuple (slot offset, stripe,
- * incarnation, slot) and this process's reference record for the slot. 0: defer. */
+ * incarnation, slot): the slot, and this process's count for it, found by position in
+ * its row (no lookup). 0: defer. */
 static int
 locate(HotPath *self, PyObject *m, Where *w)
 {
@@ -209,25 +209,19 @@ locate(HotPath *self, PyObject *m, Where *w)
     }
     int ok = 0;
     if (PyTuple_CheckExact(hot) && PyTuple_GET_SIZE(hot) == 4) {
-        PyObject *slot = PyTuple_GET_ITEM(hot, 3);
-        PyObject *ri = PyDict_GetItemWithError(self->refidx, slot);
-        if (ri != NULL) {
-            Py_ssize_t off = PyLong_AsSsize_t(PyTuple_GET_ITEM(hot, 0));
-            Py_ssize_t stripe = PyLong_AsSsize_t(PyTuple_GET_ITEM(hot, 1));
-            unsigned long long inc = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(hot, 2));
-            Py_ssize_t s = PyLong_AsSsize_t(slot);
-            Py_ssize_t r = PyLong_AsSsize_t(ri);
-            Py_ssize_t ref_off = self->refs_off + SHMCTX_REF_SIZE * r;
-            if (!PyErr_Occurred() && off >= 0 && off + SHMCTX_SLOT_SIZE <= self->table.len &&
-                stripe >= 0 && stripe < self->nstripes && s >= 0 && s < UINT32_MAX &&
-                r >= 0 && ref_off + SHMCTX_REF_SIZE <= self->table.len) {
-                w->slot_off = off;
-                w->stripe = stripe;
-                w->inc = inc;
-                w->sp1 = (uint32_t)s + 1;
-                w->ref_off = ref_off;
-                ok = 1;
-            }
+        Py_ssize_t off = PyLong_AsSsize_t(PyTuple_GET_ITEM(hot, 0));
+        Py_ssize_t stripe = PyLong_AsSsize_t(PyTuple_GET_ITEM(hot, 1));
+        unsigned long long inc = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(hot, 2));
+        Py_ssize_t s = PyLong_AsSsize_t(PyTuple_GET_ITEM(hot, 3));
+        /* A slot within the capacity keeps the count inside the row, which enable()
+         * checked lies inside the table. */
+        if (!PyErr_Occurred() && off >= 0 && off + SHMCTX_SLOT_SIZE <= self->table.len &&
+            stripe >= 0 && stripe < self->nstripes && s >= 0 && s < self->capacity) {
+            w->slot_off = off;
+            w->stripe = stripe;
+            w->inc = inc;
+            w->ref_off = self->row_off + SHMCTX_REF_SIZE * s;
+            ok = 1;
         }
         PyErr_Clear();
     }
@@ -258,16 +252,15 @@ new_handle(HotPath *self, PyObject *m)
 }
 
 /* Step G4's test: another incarnation, not READY, superseded by a newer version (the
- * name now means that one: the cold path finds it), the reference limit reached, or no
- * reference record of this process for the slot (Python claims one; C defers). */
+ * name now means that one: the cold path finds it), or the reference limit reached. */
 static int
-get_defers(HotPath *self, const char *so, const char *ref, const Where *w)
+get_defers(HotPath *self, const char *so, const Where *w)
 {
     uint32_t rc = rd32(so + SHMCTX_SLOT_REFCOUNT_OFF);
     return rd64(so + SHMCTX_SLOT_INCARNATION_OFF) != w->inc ||
            (unsigned char)so[SHMCTX_SLOT_STATE_OFF] != SHMCTX_READY ||
            ((unsigned char)so[SHMCTX_SLOT_FLAGS_OFF] & SHMCTX_SLOT_SUPERSEDED) ||
-           (self->max_refs && rc >= self->max_refs) || rd32(ref + SHMCTX_REF_SLOT_OFF) != w->sp1;
+           (self->max_refs && rc >= self->max_refs);
 }
 
 /* Get, steps G0-G8 of the protocol in _hotpath.py (PyHotPath.try_get does the same in
@@ -299,15 +292,16 @@ try_get(HotPath *self, PyObject *name)
      * before taking the stripe lock, so that the Python method it defers to takes that
      * lock as often as the Python path does (the lock's epoch, which counts takes, then
      * ends equal on both). Only the read under the lock decides. */
-    if (get_defers(self, so, ref, &w) || !lock_try(self, w.stripe))
+    if (get_defers(self, so, &w) || !lock_try(self, w.stripe))
         goto defer;
     uint32_t rc = rd32(so + SHMCTX_SLOT_REFCOUNT_OFF);  /* G4 */
-    if (get_defers(self, so, ref, &w)) {
+    if (get_defers(self, so, &w)) {
         lock_release(self, w.stripe);
         goto defer;
     }
-    /* G5 the per-process count first, G6 then the refcount: the order Slots.add_ref
-     * keeps, so that a death in between is repaired from the per-process records. */
+    /* G5 the per-process count first (this process's row, the slot's column), G6 then
+     * the refcount: the order Slots.add_ref keeps, so that a death in between is
+     * repaired from the per-process counts. */
     wr32(ref + SHMCTX_REF_COUNT_OFF, rd32(ref + SHMCTX_REF_COUNT_OFF) + 1);
     wr32(so + SHMCTX_SLOT_REFCOUNT_OFF, rc + 1);
     lock_release(self, w.stripe);  /* G7 */
@@ -356,7 +350,7 @@ return_defers(const char *so, const char *ref, const Where *w)
     return rd64(so + SHMCTX_SLOT_INCARNATION_OFF) != w->inc ||
            (unsigned char)so[SHMCTX_SLOT_STATE_OFF] == SHMCTX_FREE ||
            ((unsigned char)so[SHMCTX_SLOT_FLAGS_OFF] & SHMCTX_SLOT_SUPERSEDED) ||
-           rd32(ref + SHMCTX_REF_SLOT_OFF) != w->sp1 || rd32(ref + SHMCTX_REF_COUNT_OFF) == 0;
+           rd32(ref + SHMCTX_REF_COUNT_OFF) == 0;
 }
 
 /* Return, steps R0-R5 of the protocol in _hotpath.py (PyHotPath.try_return in Python;
@@ -506,10 +500,7 @@ HotPath_init(HotPath *self, PyObject *args, PyObject *kwds)
     self->handle_type = Py_NewRef(htype);
     self->failpoints = Py_NewRef(fp);
     self->dropped = Py_NewRef(dropped);
-    self->refidx = PyDict_New();
     self->pid_obj = Py_NewRef(Py_None);
-    if (self->refidx == NULL)
-        return -1;
     if (PyList_GET_SIZE(names) == 0) {
         PyErr_SetString(PyExc_ValueError, "one semaphore name per stripe is needed");
         return -1;
@@ -530,6 +521,7 @@ HotPath_init(HotPath *self, PyObject *args, PyObject *kwds)
         release_resources(self);
         return -1;
     }
+    self->capacity = rd32((char *)self->table.buf + SHMCTX_HEADER_CAPACITY_OFF);
     if (open_sems(self, names) < 0) {
         release_resources(self);
         return -1;
@@ -542,26 +534,27 @@ HotPath_enable(HotPath *self, PyObject *args)
 {
     unsigned int pid;
     unsigned long long start;
-    Py_ssize_t refs_off;
-    PyObject *refidx;
-    if (!PyArg_ParseTuple(args, "IKnO!", &pid, &start, &refs_off, &PyDict_Type, &refidx))
+    Py_ssize_t row_off;
+    if (!PyArg_ParseTuple(args, "IKn", &pid, &start, &row_off))
         return NULL;
     if (!self->have_buffer) {
         PyErr_SetString(PyExc_ValueError, "HotPath is closed");
         return NULL;
     }
-    if (refs_off < 0 || refs_off >= self->table.len) {
-        PyErr_SetString(PyExc_ValueError, "reference records outside the table");
+    /* The whole row inside the table: locate() then keeps every count it computes there
+     * by checking the slot against the capacity alone. */
+    if (row_off < SHMCTX_HEADER_SIZE || row_off % SHMCTX_REF_SIZE ||
+        row_off > self->table.len - SHMCTX_REF_ROW_STRIDE(self->capacity)) {
+        PyErr_SetString(PyExc_ValueError, "row of reference counts outside the table");
         return NULL;
     }
     PyObject *pid_obj = PyLong_FromUnsignedLong(pid);
     if (pid_obj == NULL)
         return NULL;
     Py_XSETREF(self->pid_obj, pid_obj);
-    Py_XSETREF(self->refidx, Py_NewRef(refidx));
     self->pid = pid;
     self->start = start;
-    self->refs_off = refs_off;
+    self->row_off = row_off;
     self->enabled = 1;
     Py_RETURN_NONE;
 }
@@ -584,7 +577,6 @@ static int
 HotPath_traverse(HotPath *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->pid_obj);
-    Py_VISIT(self->refidx);
     Py_VISIT(self->mapped);
     Py_VISIT(self->owner);
     Py_VISIT(self->handle_type);
@@ -603,7 +595,6 @@ HotPath_clear(HotPath *self)
 {
     self->enabled = 0;
     Py_CLEAR(self->pid_obj);
-    Py_CLEAR(self->refidx);
     Py_CLEAR(self->mapped);
     Py_CLEAR(self->owner);
     Py_CLEAR(self->handle_type);
@@ -660,7 +651,8 @@ static PyMethodDef HotPath_methods[] = {
     {"try_return", (PyCFunction)HotPath_try_return, METH_O,
      "try_return(ctx)\n--\n\nReturn steps R1-R6 (_hotpath.py): True if done, False to defer."},
     {"enable", (PyCFunction)HotPath_enable, METH_VARARGS,
-     "enable(pid, start, refs_off, refidx): this process's entry is registered."},
+     "enable(pid, start, row_off): this process's entry is registered; its reference\n"
+     "counts are the row at row_off."},
     {"disable", (PyCFunction)HotPath_disable, METH_NOARGS,
      "disable(): defer every call to Python (after fork, before registering)."},
     {"close", (PyCFunction)HotPath_close, METH_NOARGS,

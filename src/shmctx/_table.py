@@ -13,7 +13,9 @@ racing creators end with one table, and an existing table is never overwritten.
 
 from __future__ import annotations
 
+import array
 import errno
+import functools
 import hashlib
 import logging
 import mmap
@@ -21,7 +23,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection
 from functools import partial
 
 import posix_ipc
@@ -447,16 +449,25 @@ class Table:
     def proc_head(self, proc: int) -> L.ProcHead:
         return L.ProcHead.read(self.buf, self.geo.proc_off(proc))
 
-    def proc_refs(self, proc: int) -> Iterator[tuple[int, int, int]]:
-        """(ref index, slot, count) of each used ref entry of process entry ``proc``."""
-        # Every reference record in one read: a flat tuple of (slot + 1, count) pairs.
-        flat = L.P_REFS.unpack_from(self.buf, self.geo.proc_off(proc) + L.REFS_OFF)
-        for i, (sp1, count) in enumerate(zip(flat[0::2], flat[1::2], strict=True)):
-            if sp1:
-                yield i, sp1 - 1, count
+    def proc_refs(self, proc: int) -> list[tuple[int, int]]:
+        """(slot, count) of each nonzero count in process entry ``proc``'s row."""
+        return L.nonzero_counts(self.buf, self.geo.row_off(proc), self.geo.capacity)
 
-    def ref_off(self, proc: int, ref: int) -> int:
-        return self.geo.proc_off(proc) + L.REFS_OFF + L.REF_SIZE * ref
+    def clear_column(self, slot: int) -> None:
+        """Zero every process entry's count for ``slot`` (a slot being freed: its
+        references go with it, whatever its refcount says, so that no count outlives
+        the incarnation it was taken on). Rows of free entries are zero already, so
+        writing theirs too costs less than reading each entry's pid first: one strided
+        copy, in which each count is one aligned 4-byte store. Needs the slot's stripe
+        lock."""
+        geo = self.geo
+        first = geo.ref_off(0, slot) >> 2
+        step = geo.row_stride >> 2
+        self.words.u32[first:first + step * geo.max_processes:step] = self._zero_column
+
+    @functools.cached_property
+    def _zero_column(self) -> memoryview:
+        return memoryview(array.array("I", bytes(L.REF_SIZE * self.geo.max_processes)))
 
     # --- repair ---------------------------------------------------------------------
 
@@ -567,22 +578,28 @@ class Table:
         if not locked:
             lock.acquire()
         try:
-            sums: dict[int, int] = {}
+            slots = range(k, geo.capacity, geo.stripes)
+            free = [buf[geo.slot_off(s)] == L.FREE for s in slots]
+            sums = [0] * len(slots)
+            u32 = self.words.u32
             for proc in range(geo.max_processes):
                 if L.P_PID.unpack_from(buf, geo.proc_off(proc))[0] == 0:
                     continue
-                for i, s, c in self.proc_refs(proc):
-                    if s % geo.stripes != k:
+                # The entry's counts for this stripe's slots: every stripes-th count of
+                # its row, read in one strided slice.
+                first = geo.ref_off(proc, k) >> 2
+                counts = u32[first:first + geo.stripes * len(slots):geo.stripes].tolist()
+                for j, c in enumerate(counts):
+                    if not c:
                         continue
-                    if s >= geo.capacity or \
-                            L.SLOT["state"].read(buf, geo.slot_off(s)) == L.FREE:
-                        self.words.put64(self.ref_off(proc, i), 0)
+                    if free[j]:  # a count left for a freed slot: its references went
+                        u32[first + geo.stripes * j] = 0
                     else:
-                        sums[s] = sums.get(s, 0) + c
-            for slot in range(k, geo.capacity, geo.stripes):
+                        sums[j] += c
+            for j, slot in enumerate(slots):
                 off = geo.slot_off(slot)
-                if L.S_REFCOUNT.unpack_from(buf, off + L.S_REFCOUNT_OFF)[0] != sums.get(slot, 0):
-                    self.words.put32(off + L.S_REFCOUNT_OFF, sums.get(slot, 0))
+                if L.S_REFCOUNT.unpack_from(buf, off + L.S_REFCOUNT_OFF)[0] != sums[j]:
+                    self.words.put32(off + L.S_REFCOUNT_OFF, sums[j])
         finally:
             if not locked:
                 lock.release()
