@@ -13,9 +13,7 @@ racing creators end with one table, and an existing table is never overwritten.
 
 from __future__ import annotations
 
-import array
 import errno
-import functools
 import hashlib
 import logging
 import mmap
@@ -456,18 +454,19 @@ class Table:
     def clear_column(self, slot: int) -> None:
         """Zero every process entry's count for ``slot`` (a slot being freed: its
         references go with it, whatever its refcount says, so that no count outlives
-        the incarnation it was taken on). Rows of free entries are zero already, so
-        writing theirs too costs less than reading each entry's pid first: one strided
-        copy, in which each count is one aligned 4-byte store. Needs the slot's stripe
-        lock."""
+        the incarnation it was taken on). Only the rows of registered entries: a free
+        entry's row is zeroed when the entry is claimed, and writing it here would touch
+        (and make resident) a page of every row, one page fault per entry on the first
+        close of each page's worth of slots. Each count is one aligned 4-byte store.
+        Needs the slot's stripe lock."""
         geo = self.geo
+        u32 = self.words.u32
         first = geo.ref_off(0, slot) >> 2
         step = geo.row_stride >> 2
-        self.words.u32[first:first + step * geo.max_processes:step] = self._zero_column
-
-    @functools.cached_property
-    def _zero_column(self) -> memoryview:
-        return memoryview(array.array("I", bytes(L.REF_SIZE * self.geo.max_processes)))
+        p0, pstep = geo.procs_off >> 2, L.PROC_SIZE >> 2  # each entry's pid, its 1st word
+        for p, pid in enumerate(u32[p0:p0 + pstep * geo.max_processes:pstep]):
+            if pid:
+                u32[first + step * p] = 0
 
     # --- repair ---------------------------------------------------------------------
 
