@@ -77,6 +77,17 @@ def _check_timeout(timeout: object) -> None:
         raise InvalidConfigError(f"timeout must be None or >= 0 seconds, got {timeout!r}")
 
 
+def _check_create_args(config: object, init: object, timeout: object) -> None:
+    """The arguments a call that may create a context takes besides its name."""
+    if config is not None and not isinstance(config, MemoryContextConfig):
+        raise InvalidConfigError(
+            f"config must be a MemoryContextConfig or None, not {type(config).__name__}"
+        )
+    if init is not None and not callable(init):
+        raise TypeError(f"init must be a callable taking the context, not {init!r}")
+    _check_timeout(timeout)
+
+
 def _check_uids(uids: object) -> frozenset[int]:
     if uids is None:
         return frozenset()
@@ -270,13 +281,7 @@ class ContextManager:
                 if handle is not None:
                     return handle, True
             name_b = check_name(name)
-            if config is not None and not isinstance(config, MemoryContextConfig):
-                raise InvalidConfigError(
-                    f"config must be a MemoryContextConfig or None, not {type(config).__name__}"
-                )
-            if init is not None and not callable(init):
-                raise TypeError(f"init must be a callable taking the context, not {init!r}")
-            _check_timeout(timeout)
+            _check_create_args(config, init, timeout)
             if config is not None and self._matches(name, config):
                 handle = self._py.try_get(name)
                 if handle is not None:
@@ -358,13 +363,7 @@ class ContextManager:
             if self._closed:
                 self._raise_closed()
             name_b = check_name(name)
-            if config is not None and not isinstance(config, MemoryContextConfig):
-                raise InvalidConfigError(
-                    f"config must be a MemoryContextConfig or None, not {type(config).__name__}"
-                )
-            if init is not None and not callable(init):
-                raise TypeError(f"init must be a callable taking the context, not {init!r}")
-            _check_timeout(timeout)
+            _check_create_args(config, init, timeout)
             self._check_open()
             return self._cold.publish(name, name_b, config or MemoryContextConfig(), init,
                                       None, timeout)
