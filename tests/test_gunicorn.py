@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -515,6 +516,68 @@ def test_documented_example_runs_with_its_one_command(tmp_path):
             assert [a["value"] for a in answers] == [1, 2, 3, 4, 5, 6]
             assert _shm.namespace_objects(ns)
             srv.stop(ns, signal.SIGINT)  # Ctrl-C, as the README says
+    finally:
+        _remove_namespaces_of(started)
+
+
+def test_documented_publish_example_switches_every_worker_without_a_failed_request(
+        ns, tmp_path):
+    """docs/examples/gunicorn-publish as its README runs it, under load: requests keep
+    coming from several threads while publish.py (another process) publishes version 2.
+    No request fails; none that starts after publish.py returned sees version 1; every
+    worker moves to version 2; the old version's memory goes with the last worker's
+    refresh; a clean stop leaves nothing."""
+    example = Path(__file__).parent.parent / "docs" / "examples" / "gunicorn-publish"
+    readme = (example / "README.md").read_text()
+    assert "gunicorn -c gunicorn.conf.py app:app" in readme and "publish.py 2.0 2000" in readme
+    quiet = ["--no-control-socket"] if "control_socket_disable" in GUNICORN_SETTINGS else []
+    started: list[_Server] = []
+    try:
+        with _gunicorn(ns, tmp_path, "-c", "gunicorn.conf.py", *quiet, "app:app",
+                       cwd=example, started=started) as srv:
+            workers = srv.workers()
+            first = srv.gather("/", lambda rs: workers <= _pids(rs))
+            assert {(r["version"], r["first"], tuple(r["shape"])) for r in first} == \
+                {(1, 1.0, (1000, 16))}
+            stop = threading.Event()
+            seen: list[tuple[float, dict]] = []
+            errors: list[BaseException] = []
+
+            def load() -> None:
+                while not stop.is_set():
+                    began = time.monotonic()
+                    try:
+                        seen.append((began, srv.get("/")))
+                    except BaseException as e:  # a failed request fails the test
+                        errors.append(e)
+                        return
+
+            threads = [threading.Thread(target=load) for _ in range(4)]
+            for th in threads:
+                th.start()
+            try:
+                env = dict(os.environ, SHMCTX_NAMESPACE=ns)
+                r = subprocess.run([sys.executable, "publish.py", "2.0", "2000"], cwd=example,
+                                   env=env, capture_output=True, text=True, timeout=60)
+                published = time.monotonic()
+                assert r.returncode == 0, r.stderr
+                assert "published version 2" in r.stdout
+                after = srv.gather("/", lambda rs: workers <= _pids(rs))
+            finally:
+                stop.set()
+                for th in threads:
+                    th.join(30)
+            assert errors == []
+            assert seen, "the load made no request"
+            late = [a for began, a in seen if began > published]
+            assert all(a["version"] == 2 for a in late)
+            assert {(a["version"], a["first"], tuple(a["shape"])) for a in after} == \
+                {(2, 2.0, (2000, 16))}
+            # Every worker moved on: version 1's memory went with the last refresh.
+            with ContextManager(namespace=ns, sweeper=False) as look:
+                snap = {(c.name, c.version, c.superseded) for c in look.contexts()}
+            assert snap == {("embeddings", 2, False)}
+            srv.stop(ns, signal.SIGINT)
     finally:
         _remove_namespaces_of(started)
 
