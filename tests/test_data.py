@@ -14,21 +14,17 @@ with a deadline.
 from __future__ import annotations
 
 import ast
-import multiprocessing as mp
 import os
 import pickle
-import queue
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
-import time
-import traceback
 
 import numpy as np
 import pytest
-from helpers import wait_for
+from helpers import Workers, follow_leg, wait_for
 
 from shmctx import (
     ContextClosedError,
@@ -58,80 +54,11 @@ NESTED = np.dtype([("flag", "u1"), ("p", [("x", "<f8"), ("y", "<f8")]), ("n", ">
 
 # --- harness -------------------------------------------------------------------------
 
-def _follow_leg(leg: str) -> None:
-    """Make this child's managers run the hot path of the test's leg. Fork and spawn
-    children inherit the leg's environment; a forkserver's children inherit the server's,
-    fixed when it started, so every child sets it itself."""
-    if leg == "Python":
-        os.environ["SHMCTX_PURE_PYTHON"] = "1"
-    else:
-        os.environ.pop("SHMCTX_PURE_PYTHON", None)
-
-
 def _open(ns: str, leg: str) -> ContextManager:
-    _follow_leg(leg)
+    follow_leg(leg)  # forkserver children do not inherit the leg's environment
     m = ContextManager(CFG, namespace=ns, sweeper=False)
     assert m.hot_path == leg, (m.hot_path, leg)
     return m
-
-
-def _child(q, body, *args) -> None:
-    try:
-        body(q, *args)
-    except BaseException:
-        q.put(("crash", os.getpid(), traceback.format_exc()))
-        raise
-
-
-class Workers:
-    """Starts worker processes, collects their messages, never leaves one running."""
-
-    def __init__(self, method: str) -> None:
-        self.mp = mp.get_context(method)
-        self.q = self.mp.Queue()
-        self.procs: list = []
-
-    def start(self, body, *args):
-        p = self.mp.Process(target=_child, args=(self.q, body, *args), daemon=True)
-        p.start()
-        self.procs.append(p)
-        return p
-
-    def recv(self, kind: str) -> tuple:
-        """The next message, which must be of ``kind``. A worker that died without a
-        word (killed, crashed in C) fails the test as soon as that is seen."""
-        deadline = time.monotonic() + WAIT
-        while True:
-            try:
-                msg = self.q.get(timeout=0.1)  # a poll interval: each pass checks exits
-                break
-            except queue.Empty:
-                pass
-            dead = [(p.pid, p.exitcode) for p in self.procs if p.exitcode not in (None, 0)
-                    and not getattr(p, "killed_on_purpose", False)]
-            if dead:  # a negative exit code is the signal that killed it: -11 is SIGSEGV
-                pytest.fail(f"worker(s) died without reporting (pid, exit code): {dead}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"no {kind!r} message from the workers within {WAIT}s")
-        if msg[0] == "crash":
-            pytest.fail(f"worker {msg[1]} failed:\n{msg[2]}")
-        assert msg[0] == kind, f"expected a {kind!r} message, got {msg!r}"
-        return msg
-
-    def join(self) -> None:
-        for p in self.procs:
-            p.join(WAIT)
-            if not getattr(p, "killed_on_purpose", False):
-                assert p.exitcode == 0, f"worker {p.pid} exited with {p.exitcode}"
-
-    def cleanup(self) -> None:
-        for p in self.procs:
-            p.join(5)
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-        self.q.close()
-        self.q.join_thread()
 
 
 @pytest.fixture(params=["fork", "spawn", "forkserver"])
@@ -304,7 +231,7 @@ def test_writeable_array_writes_are_seen_by_another_process(m, ns, hot_path):
         ctx, _ = m.get_or_create_context("w", MemoryContextConfig.for_array((3, 4), "f8"),
                                          init=lambda c: c.array(writeable=True).fill(0.5))
         mine = ctx.array()
-        parent_wrote = w.mp.Event()
+        parent_wrote = w.event()
         w.start(_writer_body, ns, hot_path, parent_wrote)
         assert w.recv("wrote")[2:] == (True, "ValueError")
         assert mine[1].tolist() == [10.0, 11.0, 12.0, 13.0]
@@ -735,7 +662,7 @@ def test_init_and_factory_run_once_among_racing_processes(m, ns, hot_path, worke
     in exactly one process, the one told ``existed=False``; every process, this one too,
     sees the array that init wrote and loads an equal object (two handles, two loads of
     one process share the memory)."""
-    n = 4 if workers.mp.get_start_method() == "fork" else 3  # a spawned child costs ~0.5 s
+    n = 4 if workers.method == "fork" else 3  # a spawned child costs ~0.5 s
     barrier = workers.mp.Barrier(n)
     for _ in range(n):
         workers.start(_racer, ns, hot_path, barrier, str(tmp_path))
@@ -851,15 +778,13 @@ def test_creator_killed_inside_the_factory_lets_the_waiter_create_it(m, ns, hot_
     object: the waiter finds the creator dead, removes the half-made context and creates
     it itself with its own factory."""
     log = tmp_path / "factories"
-    inside, never = forked.mp.Event(), forked.mp.Event()
+    inside, never = forked.event(), forked.event()
     creator = forked.start(_stuck_creator, ns, hot_path, inside, never)
     assert inside.wait(WAIT), "the creator never entered the factory"
     assert _info(m, "victim").state == "creating"
     waiter = forked.start(_patient_waiter, ns, hot_path, str(log))
     wait_for(lambda: _waiting_on(ns, "victim"), WAIT, "the waiter to wait for the creator")
-    creator.killed_on_purpose = True
-    os.kill(creator.pid, signal.SIGKILL)
-    creator.join(WAIT)
+    forked.kill(creator)
     assert creator.exitcode == -signal.SIGKILL
     got = forked.recv("got")
     forked.join()

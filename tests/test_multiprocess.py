@@ -15,10 +15,9 @@ import queue
 import struct
 import threading
 import time
-import traceback
 
 import pytest
-from helpers import wait_for
+from helpers import run_worker, wait_for
 
 from shmctx import (
     ContextClosedError,
@@ -54,7 +53,7 @@ class Harness:
         self.procs: list = []
 
     def start(self, body, *args):
-        p = self.ctx.Process(target=_child, args=(self.q, body, *args), daemon=True)
+        p = self.ctx.Process(target=run_worker, args=(self.q, body, *args), daemon=True)
         p.start()
         self.procs.append(p)
         return p
@@ -91,14 +90,6 @@ class Harness:
                 p.kill()
                 p.join(5)
         self.q.close()
-
-
-def _child(q, body, *args) -> None:
-    try:
-        body(q, *args)
-    except BaseException:
-        q.put(("crash", os.getpid(), traceback.format_exc()))
-        raise
 
 
 @pytest.fixture

@@ -14,16 +14,12 @@ once. No fixed sleeps: the parent waits on messages, events and joins.
 from __future__ import annotations
 
 import gc
-import multiprocessing as mp
 import os
-import queue
-import signal
 import threading
-import time
-import traceback
 
 import numpy as np
 import pytest
+from helpers import Workers
 
 from shmctx import (
     ContextClosedError,
@@ -72,83 +68,6 @@ def _open(ns: str, leg: str) -> ContextManager:
     m = ContextManager(CFG, namespace=ns, sweeper=False)
     assert m.hot_path == leg, (m.hot_path, leg)
     return m
-
-
-def _child(q, body, *args) -> None:
-    try:
-        body(q, *args)
-    except BaseException:
-        q.put(("crash", os.getpid(), traceback.format_exc()))
-        raise
-
-
-class Workers:
-    """Starts worker processes (fork or spawn), collects their messages, never leaves one
-    running. The queue and every event are the spawn context's: those can be handed to
-    children of either start method."""
-
-    def __init__(self) -> None:
-        self.mp = mp.get_context("spawn")
-        self.q = self.mp.Queue()
-        self.procs: list = []
-        self.killed: set[int] = set()  # pids the test killed on purpose
-
-    def event(self):
-        return self.mp.Event()
-
-    def start(self, body, *args, method: str = "fork"):
-        p = mp.get_context(method).Process(target=_child, args=(self.q, body, *args),
-                                           daemon=True)
-        p.start()
-        self.procs.append(p)
-        return p
-
-    def recv(self, kind: str) -> tuple:
-        """The next message, which must be of ``kind``. A worker that died without a word
-        fails the test as soon as that is seen."""
-        deadline = time.monotonic() + WAIT
-        while True:
-            try:
-                msg = self.q.get(timeout=0.1)  # a poll interval: each pass checks exits
-                break
-            except queue.Empty:
-                dead = [(p.pid, p.exitcode) for p in self.procs
-                        if p.exitcode not in (None, 0) and p.pid not in self.killed]
-                if dead:
-                    pytest.fail(f"worker(s) died without reporting (pid, exit code): {dead}")
-                if time.monotonic() > deadline:
-                    pytest.fail(f"no {kind!r} message from the workers within {WAIT}s")
-        if msg[0] == "crash":
-            pytest.fail(f"worker {msg[1]} failed:\n{msg[2]}")
-        assert msg[0] == kind, f"expected a {kind!r} message, got {msg!r}"
-        return msg
-
-    def kill(self, p) -> None:
-        self.killed.add(p.pid)
-        os.kill(p.pid, signal.SIGKILL)
-        p.join(WAIT)
-
-    def died_by_itself(self, p) -> None:
-        """``p`` SIGKILLed itself (a failpoint): wait for it and say so."""
-        self.killed.add(p.pid)
-        p.join(WAIT)
-        assert p.exitcode == -signal.SIGKILL, f"worker {p.pid} exited with {p.exitcode}"
-
-    def join(self) -> None:
-        for p in self.procs:
-            p.join(WAIT)
-            if p.pid not in self.killed:
-                assert p.exitcode == 0, f"worker {p.pid} exited with {p.exitcode}"
-
-    def cleanup(self) -> None:
-        # A test that passed has joined every worker: one still running is left waiting
-        # by a failed test, for an event that will never come.
-        for p in self.procs:
-            if p.is_alive():
-                p.kill()
-            p.join(5)
-        self.q.close()
-        self.q.join_thread()
 
 
 @pytest.fixture
