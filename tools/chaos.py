@@ -27,6 +27,19 @@ default; ``--faults all`` for the long run):
   header's live count and free-list head, at the offsets ``_layout`` documents), as a
   stray write would; the library must rebuild them.
 
+Besides the plain contexts, the workers use published versions (on by default; 0 for
+both shares turns them off). With chance ``--publish-share`` an operation publishes a new
+version of one of a few versioned names: two bytes contexts (their size changes with the
+version), one array context and one object context (a dict holding a NumPy array). Each
+version's ``init`` (or object) holds a pattern computed from the name and the version
+number, so a reader can check every byte it sees against ``ctx.version``: a torn read,
+or bytes of another version or context, is a violation. The version number is only
+known once the publish switched, so the publishers (and the one creator of the object
+name, ``get_or_create_object``) of one name take turns under the ``ctx.lock`` of a guard
+context; each also checks that its publish got the number after the one it held. With
+chance ``--version-share`` an operation gets (or loads) a versioned name, refreshes a
+held handle, reads one again, or returns one; every read is verified.
+
 At the end it checks that:
 
 * ``check()`` finds nothing wrong;
@@ -36,7 +49,9 @@ At the end it checks that:
 * no operation (nor a forked child's get and return) stalled longer than
   ``lock_timeout + cleanup_interval``;
 * no worker or child saw an error other than the documented ones, nor a torn value,
-  nor hung;
+  nor a version whose bytes are not that version's, nor hung;
+* no superseded version without references, and no version still pending, is left
+  after the final sweep;
 * after ``unlink()`` nothing of the namespace is left in /dev/shm.
 
 Documented errors the workers saw are counted by class (``errors:`` line): a run that
@@ -53,6 +68,7 @@ import collections
 import ctypes
 import faulthandler
 import gc
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -64,6 +80,8 @@ import threading
 import time
 import traceback
 import uuid
+
+import numpy as np
 
 from shmctx import (
     ContextClosedError,
@@ -91,9 +109,19 @@ EXPECTED = (ContextNotFoundError, ContextInUseError, MaxReferencesReachedError,
 # (a plain ContextError naming the damage), which only the scribbles may cause.
 ERRORS = [e.__name__ for e in EXPECTED] + ["ContextError(damaged)", "KeyboardInterrupt"]
 F_ERRORS = 12
-FIELDS = F_ERRORS + len(ERRORS)
+# Versions: publishes, refreshes that moved to a newer version, reads verified against
+# their version, distinct (name, version, incarnation) verified by the thread, and the
+# highest version number seen.
+(F_PUBLISHES, F_REFRESHES, F_VERIFIED, F_VERSIONS_SEEN, F_MAX_VERSION) = range(
+    F_ERRORS + len(ERRORS), F_ERRORS + len(ERRORS) + 5)
+FIELDS = F_MAX_VERSION + 1
 THREADS_MAX = 3
-OPS = ("get_or_create", "return", "get", "lock+put", "close", "force close", "fork")
+OPS = ("get_or_create", "return", "get", "lock+put", "close", "force close", "fork",
+       "versions")
+# The versioned names and what each holds; none of them is among the plain names, so the
+# plain operations (put, close, force close) never meet a versioned context.
+VERSIONED = {"ver-0": "bytes", "ver-1": "bytes", "arr-0": "array", "obj-0": "object"}
+VHELD_MAX = 8  # handles of versioned names a thread holds at most
 FAULTS = ("timers", "sigint", "threads", "fork", "scribble")
 SIZE = 512
 # Exit statuses of a forked child (see fork_child).
@@ -104,6 +132,31 @@ CHILD_WATCHDOG = 20  # seconds: a child still running then is hung; SIGALRM ends
 # name nothing can attribute (see docs/reliability.md, Limits).
 GLIBC_SEM_TEMP = re.compile(r"sem\.[A-Za-z0-9]{6}")
 PR_SET_CHILD_SUBREAPER = 36
+
+
+class TornRead(AssertionError):
+    """What a handle read is not wholly its version's bytes."""
+
+
+def _pattern(name: str, version: int, n: int) -> bytes:
+    """The bytes version ``version`` of bytes context ``name`` holds: n bytes from a hash
+    of both, so that any two versions (or names) differ almost everywhere."""
+    seed = hashlib.blake2b(f"{name}/{version}".encode(), digest_size=32).digest()
+    return (seed * (n // 32 + 1))[:n]
+
+
+def _bytes_size(version: int) -> int:
+    return 64 * (1 + version % 4)  # the size changes with the version
+
+
+def _array_of(name: str, version: int) -> np.ndarray:
+    """The array version ``version`` of array or object context ``name`` holds."""
+    base = int.from_bytes(_pattern(name, version, 4), "little")
+    return base + np.arange(16 + 8 * (version % 3), dtype=np.int64) * version
+
+
+def _object_of(name: str, version: int) -> dict:
+    return {"name": name, "version": version, "arr": _array_of(name, version)}
 
 
 def _glibc_sem_temps() -> set[str]:
@@ -170,6 +223,10 @@ class _Worker:
         self.mem = MemoryContextConfig(size=SIZE)
         self.m = ContextManager(namespace=ns, sweeper=False)
         self.helds: list[list] = []
+        self.vhelds: list[list] = []  # per thread: handles of versioned names
+        self.vnames = sorted(VERSIONED) if opts["publish_share"] + opts["version_share"] \
+            else []
+        self.seen: list[set] = []  # per thread: (name, version, incarnation) verified
         self.interruptible = self.pending = False
 
     # --- figures ----------------------------------------------------------------------
@@ -247,9 +304,16 @@ class _Worker:
         fork = "fork" in self.faults and rng.random() < self.opts["fork_prob"]
         kind = 0 if op < 0.35 else 1 if op < 0.55 and held else 2 if op < 0.7 else \
             3 if op < 0.85 and held else 4 if op < 0.95 else 5
+        v = rng.random()
+        publish = v < self.opts["publish_share"]
+        versioned = self.vnames and v < self.opts["publish_share"] + self.opts["version_share"]
+        if versioned:
+            kind = 7
         began = time.monotonic()
         try:
-            if op < 0.35:
+            if versioned:
+                self.versioned(thread, publish)
+            elif op < 0.35:
                 init = self.init_forking if fork and thread == 0 else self.init
                 ctx, _ = m.get_or_create_context(name, self.mem, init=init, timeout=30)
                 held.append(ctx)
@@ -278,6 +342,9 @@ class _Worker:
         except Exception as e:
             if isinstance(e, EXPECTED) and held and rng.random() < 0.5:
                 held[:] = [h for h in held if m.validate_context(h)]  # force-closed ones
+            if isinstance(e, EXPECTED) and self.vhelds[thread]:
+                vheld = self.vhelds[thread]  # versions whose dead holder's sweep closed
+                vheld[:] = [h for h in vheld if m.validate_context(h)]
             self.error(thread, e)
         stall = time.monotonic() - began
         i = self.base + FIELDS * thread
@@ -286,6 +353,119 @@ class _Worker:
             self.stats[i + F_STALL_OP] = kind
         self.stats[i + F_OPS] += 1
         self.stats[i + F_RECOVERIES] = _lock.recoveries() - self.recoveries_before
+
+    # --- versions ---------------------------------------------------------------------
+
+    def verify(self, thread: int, h) -> None:
+        """Check that what ``h`` reads is wholly the bytes of ``h.version`` of its name."""
+        name, kind = h.name, VERSIONED[h.name]
+        v = h.version
+        if kind == "bytes":
+            got = bytes(h.buf)
+            want = _pattern(name, v, _bytes_size(v))
+            ok = got == want
+        elif kind == "array":
+            got = h.array()
+            ok = not got.flags.writeable and np.array_equal(got, _array_of(name, v))
+        else:
+            got = h.load()
+            ok = isinstance(got, dict) and got.keys() == {"name", "version", "arr"} and \
+                got["name"] == name and got["version"] == v and \
+                np.array_equal(got["arr"], _array_of(name, v))
+        if not self.m.validate_context(h):
+            return  # closed meanwhile (a dead holder's context swept): nothing to judge
+        if not ok:
+            raise TornRead(f"{kind} context {name!r} version {v} (incarnation "
+                           f"{h.incarnation}) read {got!r:.200}, not that version's")
+        self.add(thread, F_VERIFIED)
+        seen = self.seen[thread]
+        seen.add((name, v, h.incarnation))
+        i = self.base + FIELDS * thread
+        self.stats[i + F_VERSIONS_SEEN] = len(seen)
+        if v > self.stats[i + F_MAX_VERSION]:
+            self.stats[i + F_MAX_VERSION] = v
+
+    def guarded(self, name: str, action):
+        """``action()`` under the lock of ``name``'s guard context: the one place where a
+        version of ``name`` is made. The guard held by a reference cannot be idle-closed
+        (and made anew, with another lock) while anyone is inside."""
+        m = self.m
+        g, _ = m.get_or_create_context(f"guard-{name}", self.mem, timeout=30)
+        try:
+            with g.lock:
+                return action()
+        finally:
+            m.return_context(g)
+
+    def publish(self, thread: int, name: str):
+        m = self.m
+
+        def make():
+            try:
+                cur = m.get_context(name, timeout=30)
+            except ContextNotFoundError:
+                cur = None
+            try:
+                # The version held stays current until this switch (the guard), so the
+                # new one's number is known before it is built.
+                v = 1 if cur is None else cur.version + 1
+                kind = VERSIONED[name]
+                if kind == "object":
+                    new = m.publish_object(name, _object_of(name, v), timeout=30)
+                elif kind == "array":
+                    want = _array_of(name, v)
+                    new = m.publish(name, MemoryContextConfig.for_array(want.shape, want.dtype),
+                                    init=lambda c: c.array(writeable=True).__setitem__(
+                                        slice(None), want), timeout=30)
+                else:
+                    def fill(c) -> None:
+                        c.buf[:] = _pattern(name, v, _bytes_size(v))
+                    new = m.publish(name, MemoryContextConfig(size=_bytes_size(v)),
+                                    init=fill, timeout=30)
+            finally:
+                if cur is not None:
+                    m.return_context(cur)
+            return new, v
+
+        new, v = self.guarded(name, make)
+        self.vhelds[thread].append(new)
+        self.add(thread, F_PUBLISHES)
+        if new.version != v:
+            raise TornRead(f"publish of {name!r} over version {v - 1} made version "
+                           f"{new.version}, not {v}")
+        self.verify(thread, new)
+
+    def versioned(self, thread: int, publish: bool) -> None:
+        """One operation on the versioned names (see the module's docstring)."""
+        rng, m, vheld = self.rng, self.m, self.vhelds[thread]
+        if publish:
+            self.publish(thread, rng.choice(self.vnames))
+            return
+        op = rng.random()
+        if vheld and (op < 0.25 or len(vheld) >= VHELD_MAX):
+            m.return_context(vheld.pop(rng.randrange(len(vheld))))
+        elif vheld and op < 0.5:
+            k = rng.randrange(len(vheld))
+            old = vheld[k]
+            new = m.refresh(old, timeout=30)
+            if new is not old:
+                vheld[k] = new  # old was returned by refresh
+                self.add(thread, F_REFRESHES)
+            self.verify(thread, new)
+        elif vheld and op < 0.65:
+            self.verify(thread, rng.choice(vheld))  # a held version, read again
+        else:
+            name = rng.choice(self.vnames)
+            if VERSIONED[name] == "object" and rng.random() < 0.5:
+                def create():
+                    ctx, _ = m.get_or_create_object(name, lambda: _object_of(name, 1),
+                                                    timeout=30)
+                    return ctx
+                h = self.guarded(name, create)
+            else:
+                h = m.get_context(name, timeout=30)
+            vheld.append(h)
+            self.verify(thread, h)
 
     # --- loops ------------------------------------------------------------------------
 
@@ -322,6 +502,7 @@ class _Worker:
                 # Drop every handle unreturned, the one in flight with them: their
                 # finalizers give the references back (checked in finish()).
                 held.clear()
+                self.vhelds[0].clear()
 
     def on_sigint(self, _signum, _frame) -> None:
         if self.interruptible:
@@ -347,6 +528,8 @@ class _Worker:
             n = self.rng.randint(2, THREADS_MAX)
         self.stats[self.base + F_THREADS] = n
         self.helds = [[] for _ in range(n)]
+        self.vhelds = [[] for _ in range(n)]
+        self.seen = [set() for _ in range(n)]
         threads = [threading.Thread(target=self.thread_loop, args=(k, self.helds[k]),
                                     daemon=True) for k in range(1, n)]
         for th in threads:
@@ -368,7 +551,7 @@ class _Worker:
         """Check that this process's references in the table are exactly its valid
         handles, then return them and detach."""
         m = self.m
-        held = [h for hs in self.helds for h in hs]
+        held = [h for hs in self.helds + self.vhelds for h in hs]
         gc.collect()
         # Dropped handles queue their reference for the manager's next call; give them
         # back now, so that the table shows only what live handles stand for.
@@ -461,6 +644,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="fork: chance that an operation forks a child")
     ap.add_argument("--scribble-every", type=float, default=0.5,
                     help="scribble: mean seconds between scribbles on derived data")
+    ap.add_argument("--publish-share", type=float, default=0.05,
+                    help="chance that an operation publishes a new version of a versioned "
+                         "name")
+    ap.add_argument("--version-share", type=float, default=0.15,
+                    help="chance that an operation gets, loads, refreshes, reads again or "
+                         "returns a versioned name (every read verified)")
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = ap.parse_args(argv)
     ns = args.namespace or f"chaos-{uuid.uuid4().hex[:8]}"
@@ -489,7 +678,8 @@ def main(argv: list[str] | None = None) -> int:
     harness_done = threading.Event()
     opts = dict(faults=faults, bound=bound, timer_share=args.timer_share,
                 timer_interval=args.timer_interval, thread_share=args.thread_share,
-                fork_prob=args.fork_prob)
+                fork_prob=args.fork_prob, publish_share=args.publish_share,
+                version_share=args.version_share)
 
     def halt() -> None:
         stop.value = 1
@@ -582,6 +772,15 @@ def main(argv: list[str] | None = None) -> int:
             for pid in info.holders:
                 if not is_alive(pid, 0):
                     violations.append(f"context {info.name!r}: reference of dead pid {pid}")
+            # Every worker is gone and the sweep reclaimed the dead ones' references: a
+            # superseded version must have gone with its last one, and a publish that did
+            # not switch must have left nothing.
+            if info.superseded and info.refcount == 0:
+                violations.append(f"context {info.name!r} version {info.version}: "
+                                  "superseded with no reference, still in the table")
+            if info.pending:
+                violations.append(f"context {info.name!r}: a pending version is left "
+                                  f"(incarnation {info.incarnation})")
     finally:
         halt()
         if sweep_thread.is_alive():
@@ -615,11 +814,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"VIOLATION: {v}", file=sys.stderr)
     errors = {e: total(F_ERRORS + k) for k, e in enumerate(ERRORS)}
     threaded = sum(1 for r in records[::THREADS_MAX] if stats[r + F_THREADS] > 1)
+    versions = dict(publishes=total(F_PUBLISHES), refreshes=total(F_REFRESHES),
+                    verified=total(F_VERIFIED), versions_seen=total(F_VERSIONS_SEEN),
+                    max_version=int(max((stats[r + F_MAX_VERSION] for r in records),
+                                        default=0)))
     figures = dict(ops=ops, kills=kills, recoveries=recoveries, reclaimed=reclaimed[0],
                    violations=len(violations), longest_stall=round(longest, 4),
                    orphaned_sem_temps=sem_temps, sigints=sigints,
                    timer_ticks=total(F_TICKS), threaded_workers=threaded,
-                   forks=total(F_FORKS), scribbles=scribbles, errors=errors,
+                   forks=total(F_FORKS), scribbles=scribbles, errors=errors, **versions,
                    faults=sorted(faults), seconds=args.seconds, workers=args.workers,
                    seed=seed)
     if args.json:
@@ -629,8 +832,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"chaos: ops={ops} kills={kills} recoveries={recoveries} reclaimed={reclaimed[0]} "
           f"violations={len(violations)} longest_stall={longest:.3f}s "
           f"orphaned_sem_temps={sem_temps} sigints={sigints} timer_ticks={total(F_TICKS)} "
-          f"threaded_workers={threaded} forks={total(F_FORKS)} scribbles={scribbles}",
-          flush=True)
+          f"threaded_workers={threaded} forks={total(F_FORKS)} scribbles={scribbles} "
+          + " ".join(f"{k}={n}" for k, n in versions.items()), flush=True)
     return 0 if not violations else 1
 
 
