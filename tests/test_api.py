@@ -8,6 +8,7 @@ permissions and name safety are in ``test_badinput.py``.
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 
@@ -762,3 +763,25 @@ def test_sweep_skips_a_context_referenced_after_it_was_planned(managers, monkeyp
     assert report.closed == [] and report.skipped_in_use == ["x"]
     assert worker.validate_context(taken[0])
     worker.return_context(taken[0])
+
+
+def test_create_false_only_attaches(new_ns):
+    """A process that works on a namespace another one makes (a publisher beside a
+    server) asks not to create it: a missing (mistyped) namespace is then an error that
+    names it, and nothing is made in /dev/shm; an existing one is attached as usual."""
+    from shmctx import _shm
+
+    ns = new_ns()
+    with pytest.raises(ContextNotFoundError, match=re.escape(repr(ns))):
+        ContextManager(namespace=ns, create=False)
+    assert _shm.namespace_objects(ns) == []
+    owner = ContextManager(namespace=ns)
+    try:
+        ctx, _ = owner.get_or_create_context("x", MemoryContextConfig(size=8))
+        with ContextManager(namespace=ns, create=False) as m:
+            assert [c.name for c in m.contexts()] == ["x"]
+        owner.return_context(ctx)
+    finally:
+        owner.unlink()
+    with pytest.raises(InvalidConfigError, match="create"):
+        ContextManager(namespace=ns, create="yes")

@@ -109,11 +109,15 @@ class ContextManager:
 
     ``config=None`` adopts the existing table's configuration (defaults for a new one);
     an explicit config that differs from the existing table's raises
-    ``InvalidConfigError``. ``sweeper=None`` runs the sweeper thread only in the process
-    that created the table (and only if ``cleanup_interval > 0``); ``True`` always,
-    ``False`` never. At most one process sweeps a namespace at a time. ``mode`` gives the
-    permission bits of every object created for the namespace (default 0o600, owner
-    only); it is fixed when the table is created.
+    ``InvalidConfigError``. ``create=False`` only attaches: a namespace that does not
+    exist is then ``ContextNotFoundError`` instead of a new, empty one (for a process
+    that works on a namespace another one makes, such as a publisher beside a server,
+    where a mistyped name must not pass silently). ``sweeper=None`` runs the sweeper
+    thread only in the process that created the table (and only if
+    ``cleanup_interval > 0``); ``True`` always, ``False`` never. At most one process
+    sweeps a namespace at a time. ``mode`` gives the permission bits of every object
+    created for the namespace (default 0o600, owner only); it is fixed when the table is
+    created.
 
     Every object of the namespace in ``/dev/shm`` must be owned by this process's
     effective uid, or by one of ``trusted_uids``: another user's table, semaphore or
@@ -147,6 +151,7 @@ class ContextManager:
         config: ContextConfig | None = None,
         *,
         namespace: str = "default",
+        create: bool = True,
         sweeper: bool | None = None,
         mode: int | None = None,
         trusted_uids: Iterable[int] | None = None,
@@ -165,8 +170,11 @@ class ContextManager:
             )
         if sweeper not in (None, True, False):
             raise InvalidConfigError(f"sweeper must be None, True or False, got {sweeper!r}")
+        if create not in (True, False):
+            raise InvalidConfigError(f"create must be True or False, got {create!r}")
         self.namespace = namespace
-        t, created = Table.open(namespace, config, 0o600 if mode is None else mode, trusted)
+        t, created = Table.open(namespace, config, 0o600 if mode is None else mode, trusted,
+                                create)
         try:
             if not created:
                 diffs = config.differences(t.config) if config is not None else []

@@ -29,7 +29,12 @@ import posix_ipc
 from . import _failpoints, _shm
 from . import _layout as L
 from ._config import ContextConfig
-from ._errors import ContextManagerClosedError, InvalidConfigError, TableFormatError
+from ._errors import (
+    ContextManagerClosedError,
+    ContextNotFoundError,
+    InvalidConfigError,
+    TableFormatError,
+)
 from ._liveness import Liveness
 from ._lock import Arbiter, RobustLock
 
@@ -134,14 +139,19 @@ class Table:
 
     @classmethod
     def open(cls, ns: str, config: ContextConfig | None, mode: int,
-             trusted: Collection[int] = ()) -> tuple[Table, bool]:
-        """Attach to namespace ``ns``'s table, creating it if absent. Returns
-        ``(table, created)``. Every object of the namespace must be owned by this
-        process's effective uid or one in ``trusted`` (``ForeignObjectError``)."""
+             trusted: Collection[int] = (), create: bool = True) -> tuple[Table, bool]:
+        """Attach to namespace ``ns``'s table, creating it if absent (unless not
+        ``create``: then ``ContextNotFoundError``). Returns ``(table, created)``. Every
+        object of the namespace must be owned by this process's effective uid or one in
+        ``trusted`` (``ForeignObjectError``)."""
         for _ in range(100):
             try:
                 shm = _shm.open_shm(_shm.table_name(ns), f"the table of namespace {ns!r}")
             except posix_ipc.ExistentialError:
+                if not create:
+                    raise ContextNotFoundError(
+                        f"namespace {ns!r} does not exist (it was asked for with "
+                        "create=False: is the process that makes it running?)") from None
                 table = cls._create(ns, config or ContextConfig(), mode, trusted)
                 if table is not None:
                     return table, True

@@ -11,20 +11,21 @@ from __future__ import annotations
 import os
 import sys
 
-from shmctx import ContextManager, MemoryContextConfig
+from shmctx import ContextManager, ContextNotFoundError, MemoryContextConfig
 
 
 def main() -> int:
     namespace = os.environ.get("SHMCTX_NAMESPACE", "embeddings-demo")
     value = float(sys.argv[1]) if len(sys.argv) > 1 else 2.0
     rows = int(sys.argv[2]) if len(sys.argv) > 2 else 1000
-    # Attach only to a namespace the server made: ContextManager would create a missing
-    # one, and publish where no worker looks.
-    if f"shmctx@{namespace}" not in os.listdir("/dev/shm"):
-        print(f"namespace {namespace!r} does not exist: is the server running?",
-              file=sys.stderr)
+    # create=False: attach only to the namespace the server made. A mistyped name is
+    # then an error, not a new namespace that no worker looks at.
+    try:
+        m = ContextManager(namespace=namespace, create=False, sweeper=False)
+    except ContextNotFoundError as e:
+        print(f"{e}", file=sys.stderr)
         return 1
-    with ContextManager(namespace=namespace, sweeper=False) as m:  # the master sweeps
+    with m:  # the master sweeps
         new = m.publish("embeddings", MemoryContextConfig.for_array((rows, 16), "float32"),
                         init=lambda c: c.array(writeable=True).fill(value))
         print(f"published version {new.version}: {rows} x 16 of {value}")
