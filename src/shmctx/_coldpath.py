@@ -33,6 +33,11 @@ from ._table import name_hash
 __all__ = ["ColdPath"]
 
 
+def _kind(cfg: MemoryContextConfig, factory: object) -> int:
+    """What a context made with ``cfg`` (and ``factory``, for an object) holds."""
+    return L.KIND_OBJECT if factory is not None else cfg.kind
+
+
 class ColdPath:
     """The cold path of one manager. ``register`` registers this process's entry
     (and turns the hot path on for it)."""
@@ -125,7 +130,7 @@ class ColdPath:
                         if not create:
                             raise ContextNotFoundError(f"no context {name!r} in namespace {ns!r}")
                         cfg = config or MemoryContextConfig()
-                        kind = L.KIND_OBJECT if factory is not None else cfg.kind
+                        kind = _kind(cfg, factory)
                         slots.claim(name, name_b, h, cfg, kind, claims)
                         slot, inc = claims[0]
                         size = cfg.size
@@ -180,7 +185,7 @@ class ColdPath:
         slots.entry.ensure(self.register)
         slots.return_dropped()
         deadline = None if timeout is None else monotonic() + timeout
-        kind = L.KIND_OBJECT if factory is not None else cfg.kind
+        kind = _kind(cfg, factory)
         claims: list[tuple[int, int]] = []
         creator = identity.pid
         try:
@@ -208,7 +213,7 @@ class ColdPath:
         ``Slots.switch`` instead."""
         slots, t, mappings = self.slots, self.table, self.mappings
         size = cfg.size
-        kind = L.KIND_OBJECT if factory is not None else cfg.kind
+        kind = _kind(cfg, factory)
         creator = identity.pid
         try:
             packed = None
@@ -285,7 +290,7 @@ class ColdPath:
             # It forked and this is the child, back from it: the context is its parent's
             # to publish (or remove), not ours.
             raise ContextError(
-                f"context {name!r}: pid {identity.pid} was forked inside its init "
-                f"by pid {creator}, which creates it; the child cannot publish it"
+                f"context {name!r}: pid {identity.pid} was forked inside its init (or "
+                f"factory) by pid {creator}, which creates it; the child cannot publish it"
             )
         return result

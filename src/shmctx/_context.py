@@ -43,7 +43,7 @@ class HandleOwner(Protocol):
 
     def version_of(self, m: _Mapped) -> tuple[int, bool]:
         """(version, newest): ``m``'s version of its name, and whether it is the
-        current one (no newer version published, not closed)."""
+        current one (no newer version published, not closed, the manager open)."""
         ...
 
     def lock_of(self, m: _Mapped) -> ContextLock:
@@ -220,9 +220,7 @@ class MemoryContext:
         """False once a newer version of the name was published (or the context was
         closed): ``ContextManager.refresh`` then gives the current one. A handle keeps
         its own version's bytes until it is returned, whatever is published meanwhile."""
-        if self._returned:
-            return False
-        return self._owner.is_open(self._mapped) and self._owner.version_of(self._mapped)[1]
+        return not self._returned and self._owner.version_of(self._mapped)[1]
 
     @property
     def kind(self) -> str:

@@ -80,6 +80,8 @@ class Mappings:
         return now == inc and state != L.FREE
 
     def version_of(self, m: _Mapped) -> tuple[int, bool]:
+        if self.closed:  # the table may be unmapped
+            return 0, False
         buf, so = self.table.buf, m.off
         state, flags = L.S_STATE.unpack_from(buf, so)
         newest = state == L.READY and not flags & L.UNINDEXED and \

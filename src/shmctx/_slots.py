@@ -453,21 +453,18 @@ class Slots:
         if f.state != L.READY or f.incarnation != inc or f.flags & L.UNINDEXED:
             return False
         h = name_hash(name_b)
-        versions = []
-        for s in range(geo.capacity):
-            g = t.read_slot(s)
-            if g.state in (L.CREATING, L.READY) and not g.flags & L.UNINDEXED and \
-                    g.name_hash == h and t.slot_name(s) == name_b:
-                versions.append((g.version, s, g.incarnation))
-        versions.sort(reverse=True)
-        top = versions[0][1]
+        versions = t.newest_first([
+            s for s in range(geo.capacity)
+            if (g := t.read_slot(s)).state in (L.CREATING, L.READY)
+            and not g.flags & L.UNINDEXED and g.name_hash == h and t.slot_name(s) == name_b])
+        top = versions[0]
         cur = t.find(name_b, h)
         if cur != top:
             if cur < 0:
                 t.index_insert(top, h)
             else:
                 t.index_replace(cur, top, h)
-        for _v, s, _inc in versions[1:]:
+        for s in versions[1:]:
             self.supersede(s)
         return True
 

@@ -61,32 +61,35 @@ def sweep_once(slots: Slots) -> SweepReport:
     report.reclaimed = slots.reclaim_dead(locked=False)
     slots.remove_dead_creations()
     report.damaged = close_damaged(slots)
-    # Superseded versions nobody references any more: their last holder died (its
-    # references were reclaimed just above), or a repair marked them.
+    # One pass over the slots finds the two kinds of unreferenced context it closes:
+    # superseded versions, at once (their last holder died, and its references were
+    # reclaimed above; or a repair marked them), and the others once idle for
+    # max_idle_time.
+    idle_limit = t.config.max_idle_time
+    now = monotonic()
+    superseded, candidates = [], []
     for slot in range(geo.capacity):
         so = geo.slot_off(slot)
         state, rc, inc = L.S_CHECK.unpack_from(buf, so)
-        if state == L.READY and rc == 0 and buf[so + 1] & L.SLOT_SUPERSEDED:
-            with t.table_lock:
-                if slots.free_superseded(slot, inc):
-                    report.closed.append(slots.name_of(slot))
-    idle_limit = t.config.max_idle_time
-    if idle_limit > 0:
-        now = monotonic()
-        candidates = []
-        for slot in range(geo.capacity):
-            so = geo.slot_off(slot)
-            state, rc, inc = L.S_CHECK.unpack_from(buf, so)
-            if state == L.READY and rc == 0 and \
-                    now - L.S_LAST_USED.unpack_from(buf, so + L.S_LAST_USED_OFF)[0] > idle_limit:
-                candidates.append((slot, inc))
-        for slot, inc in candidates:
-            with t.table_lock:
-                names, closed = slots.close_idle(slot, inc, idle_limit)
-            if closed:
-                report.closed.extend(names)
-            elif names:
-                report.skipped_in_use.append(names[-1])
+        if state != L.READY or rc:
+            continue
+        if buf[so + 1] & L.SLOT_SUPERSEDED:
+            superseded.append((slot, inc))
+        elif idle_limit > 0 and \
+                now - L.S_LAST_USED.unpack_from(buf, so + L.S_LAST_USED_OFF)[0] > idle_limit:
+            candidates.append((slot, inc))
+    for slot, inc in superseded:
+        with t.table_lock:
+            name = slots.name_of(slot)
+            if slots.free_superseded(slot, inc):
+                report.closed.append(name)
+    for slot, inc in candidates:
+        with t.table_lock:
+            names, closed = slots.close_idle(slot, inc, idle_limit)
+        if closed:
+            report.closed.extend(names)
+        elif names:
+            report.skipped_in_use.append(names[-1])
     report.locks_recovered = slots.recover_dead_locks()
     report.orphans_removed = remove_namespace_orphans(t)
     report.duration = monotonic() - began

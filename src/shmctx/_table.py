@@ -505,8 +505,7 @@ class Table:
         for slots in current.values():
             if len(slots) < 2:
                 continue
-            slots.sort(key=lambda s: (L.SLOT["version"].read(buf, geo.slot_off(s)),
-                                      buf[geo.slot_off(s)] == L.READY), reverse=True)
+            slots = self.newest_first(slots)
             top = L.SLOT["version"].read(buf, geo.slot_off(slots[0]))
             for slot in slots[1:]:
                 off = geo.slot_off(slot)
@@ -532,6 +531,14 @@ class Table:
         w.put32(L.H_LIVE_OFF, live)
         _rebuild_free_list(w, geo)
         self._recount_children()
+
+    def newest_first(self, slots: list[int]) -> list[int]:
+        """``slots`` (versions of one name), the one that is to be current first: the
+        highest version number, and of equal numbers a ready one before one still being
+        created."""
+        buf, geo = self.buf, self.geo
+        return sorted(slots, reverse=True, key=lambda s: (
+            L.SLOT["version"].read(buf, geo.slot_off(s)), buf[geo.slot_off(s)] == L.READY))
 
     def _clear_damaged(self, slot: int, state: int) -> None:
         # Its objects (memory, semaphores) no longer match a live incarnation: the orphan
