@@ -570,6 +570,7 @@ def test_documented_publish_example_switches_every_worker_without_a_failed_reque
             assert errors == []
             assert seen, "the load made no request"
             late = [a for began, a in seen if began > published]
+            assert late, "the load made no request after the publish: nothing was checked"
             assert all(a["version"] == 2 for a in late)
             assert {(a["version"], a["first"], tuple(a["shape"])) for a in after} == \
                 {(2, 2.0, (2000, 16))}
