@@ -7,6 +7,7 @@ dropped handles. Every child is a real process and every signal is really sent."
 from __future__ import annotations
 
 import _thread
+import gc
 import multiprocessing as mp
 import os
 import signal
@@ -321,3 +322,30 @@ def test_return_context_recovers_the_stripe_lock_an_interrupt_left_held_in_its_f
     assert {i.name: i.holders for i in m.contexts()}["c"] == {os.getpid(): 1}
     m.return_context(ctx)
     assert m.check() == []
+
+
+def test_a_signal_as_the_python_get_marks_its_handle_takes_no_reference(managers, monkeypatch):
+    """Python checks for signals when a function starts: a handler that raises as
+    ``mark_counted`` is entered (after this process's count went up, before the handle
+    stands for it) must not leave a reference that no handle will ever give back."""
+    from shmctx import _hotpath
+
+    monkeypatch.setenv("SHMCTX_PURE_PYTHON", "1")  # read as the manager is made
+    m = managers()
+    ctx, _ = m.get_or_create_context("x", MemoryContextConfig(size=8))
+    m.return_context(ctx)
+    real = _hotpath.mark_counted
+
+    def interrupted(handle):
+        monkeypatch.setattr(_hotpath, "mark_counted", real)  # once
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_hotpath, "mark_counted", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        m.get_context("x")
+    gc.collect()
+    assert [(c.refcount, c.holders) for c in m.contexts()] == [(0, {})]
+    assert m.check() == []
+    again = m.get_context("x")  # and the path still works
+    m.return_context(again)
+    assert [(c.refcount, c.holders) for c in m.contexts()] == [(0, {})]

@@ -994,3 +994,28 @@ def test_children_of_an_old_version_go_with_it(managers):
     assert not existed and again.is_current
     m.return_context(again)
     assert m.check() == []
+
+
+def test_a_damaged_version_number_is_a_clear_error_and_leaves_nothing(managers):
+    """A stray write makes the current version's number the largest a u32 holds: the
+    next publish cannot number its version, says so, and leaves nothing behind; a
+    damaged kind byte reads as invalid instead of raising a KeyError."""
+    from shmctx import ContextError
+    from shmctx import _layout as L
+
+    m = managers(CFG)
+    ctx = m.publish("x", MEM)
+    t = m._table
+    so = t.geo.slot_off(mapping_of(ctx).slot)
+    t.words.put32(so + L.SLOT.off("version"), 0xFFFF_FFFF)
+    with pytest.raises(ContextError, match="version number"):
+        m.publish("x", MEM)
+    assert [(c.version, c.pending) for c in m.contexts()] == [(0xFFFF_FFFF, False)]
+    t.words.put8(so + L.SLOT.off("kind"), 7)
+    other = managers(CFG)  # maps it afresh: the kind is read from the slot then
+    seen = other.get_context("x")
+    assert seen.kind == "invalid(7)"
+    other.return_context(seen)
+    t.words.put8(so + L.SLOT.off("kind"), L.KIND_BYTES)
+    m.return_context(ctx)
+    assert m.check() == []

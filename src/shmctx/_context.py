@@ -226,7 +226,8 @@ class MemoryContext:
     def kind(self) -> str:
         """What the context holds: ``"bytes"`` (``buf``, ``put``/``get``), ``"array"``
         (``array()``) or ``"object"`` (``load()``)."""
-        return _payload.KIND_NAMES[self._mapped.kind]
+        k = self._mapped.kind
+        return _payload.KIND_NAMES.get(k, f"invalid({k})")  # a damaged slot's byte
 
     @property
     def buf(self) -> memoryview:

@@ -85,6 +85,7 @@ from ._context import (
     mark_returned,
     release_view,
     returnable,
+    returned,
 )
 from ._errors import ContextClosedError
 from ._proc import identity
@@ -194,11 +195,22 @@ class PyHotPath:
             # this process's count for the slot, at its place in the entry's row.
             u32 = self.u32
             ref = self.entry.row + m.slot
+            rc_i = (so + L.S_REFCOUNT_OFF) >> 2
             u32[ref] += 1
-            if _failpoints.armed:
-                _failpoints.hit("acquire.proc_counted")
-            u32[(so + L.S_REFCOUNT_OFF) >> 2] = rc + 1  # G6
-            mark_counted(handle)  # G8 (before G7 here: a marked handle is a counted one)
+            try:
+                if _failpoints.armed:
+                    _failpoints.hit("acquire.proc_counted")
+                u32[rc_i] = rc + 1  # G6
+                mark_counted(handle)  # G8 (before G7 here: a marked handle is a counted one)
+            except BaseException:
+                # A signal handler can raise as mark_counted is entered (Python checks
+                # for signals when a function starts), after G5: the handle then stands
+                # for nothing and would never give the reference back, so it is not
+                # taken. Still under the stripe lock: both counts as they were.
+                if returned(handle):
+                    u32[ref] -= 1
+                    u32[rc_i] = rc
+                raise
         finally:
             lock.release()  # G7
         return handle

@@ -395,6 +395,9 @@ class Slots:
         h = name_hash(name_b)
         old = t.find(name_b, h)
         version = 1 if old < 0 else L.SLOT["version"].read(t.buf, t.geo.slot_off(old)) + 1
+        if version > 0xFFFF_FFFF:  # a u32: only a damaged slot gets there
+            raise ContextError(f"context {name!r} in namespace {self.namespace!r}: its "
+                               "version number cannot grow (damaged slot?); close it first")
         # The order keeps the table sound for whoever takes the table lock over if this
         # process dies half way: the new version is ready (with its number) before the
         # index points at it, and the old one is marked superseded after. A repair that
