@@ -6,6 +6,7 @@ import ctypes
 import http.client
 import importlib.util
 import json
+import re
 import os
 import signal
 import socket
@@ -295,6 +296,19 @@ def test_killed_worker_is_reclaimed_by_child_exit_and_replaced(ns, tmp_path):
         srv.stop(ns)
 
 
+def test_sweeper_lines_reach_gunicorns_error_log(ns, tmp_path):
+    knob = tmp_path / "configure.json"
+    knob.write_text(json.dumps({"config": {"cleanup_interval": 0.1, "max_idle_time": 0.2}}))
+    with _gunicorn(ns, tmp_path, "-k", "sync",
+                   env={"SHMCTX_TEST_CONFIGURE": str(knob)}) as srv:
+        srv.get("/count")  # makes context "counter", then leaves it idle
+        # Logged by the master's sweeper thread through logging ("shmctx.sweeper"):
+        # seen only if the hooks route it into gunicorn's error log.
+        wait_for(lambda: re.search(r"\[INFO\] namespace '[^']+' sweep: closed \['counter'\]",
+                                   srv.log()), 20, "the idle sweep's line in gunicorn's log")
+        srv.stop(ns)
+
+
 def test_preload_app_master_references_stay_the_masters(ns, tmp_path):
     with _gunicorn(ns, tmp_path, "-k", "sync", preload=True) as srv:
         results = srv.gather("/preload", lambda rs: len(_pids(rs)) >= 2)
@@ -515,6 +529,11 @@ def test_documented_example_runs_with_its_one_command(tmp_path):
             assert [a["hits"] for a in answers] == list(range(first, first + 6))
             assert [a["value"] for a in answers] == [1, 2, 3, 4, 5, 6]
             assert _shm.namespace_objects(ns)
+            with ContextManager(namespace=ns, create=False, sweeper=False) as tm:
+                # No configure(): the server's defaults. No reference limit to turn
+                # concurrent requests into errors, and no idle closing of the table the
+                # app loads once for the life of the server.
+                assert (tm.config.max_references, tm.config.max_idle_time) == (0, 0)
             srv.stop(ns, signal.SIGINT)  # Ctrl-C, as the README says
     finally:
         _remove_namespaces_of(started)

@@ -27,6 +27,7 @@ from ._errors import (
     TableFullError,
 )
 from ._manager import ContextManager
+from ._service import SERVICE_DEFAULTS
 
 __version__ = "0.1.0"
 
@@ -41,6 +42,7 @@ __all__ = [
     "DEFAULT_MAX_IDLE_TIME",
     "DEFAULT_CLEANUP_INTERVAL",
     "DEFAULT_LOCK_TIMEOUT",
+    "SERVICE_DEFAULTS",
     "ContextError",
     "ContextNotFoundError",
     "ContextInUseError",

@@ -173,6 +173,30 @@ class ContextManager:
         if create not in (True, False):
             raise InvalidConfigError(f"create must be True or False, got {create!r}")
         self.namespace = namespace
+        # A peer leaving with close(unlink_if_last=True) may remove the namespace after
+        # Table.open found it and before this process registers in it: then open again,
+        # which makes (or joins) a fresh table instead of failing.
+        for _ in range(100):
+            created = self._open(namespace, config, mode, trusted, create)
+            if created is not None:
+                break
+        else:
+            raise ContextManagerClosedError(
+                f"namespace {namespace!r} keeps being unlinked while this process attaches")
+        self._closed = False
+        _live_managers.add(self)
+        # Not at exit: the process's end frees its entry (others see it dead) and
+        # everything else.
+        self._finalizer = weakref.finalize(self, abandoned, self._entry)
+        self._finalizer.atexit = False
+        if (sweeper or (sweeper is None and created)) and self.config.cleanup_interval > 0:
+            self._start_sweeper()
+
+    def _open(self, namespace: str, config: ContextConfig | None, mode: int | None,
+              trusted: frozenset[int], create: bool) -> bool | None:
+        """Open the namespace's table and register this process in it. Returns whether
+        the table was created, or None when it was unlinked before this process could
+        register (the caller opens again)."""
         t, created = Table.open(namespace, config, 0o600 if mode is None else mode, trusted,
                                 create)
         try:
@@ -203,19 +227,17 @@ class ContextManager:
         try:
             self._hot = _hotpath.choose(self._slots)
             self._register()
-        except BaseException:
+        except BaseException as e:
+            unlinked = isinstance(e, ContextManagerClosedError) and \
+                bool(t.flags() & L.FLAG_UNLINKED)
             if self._hot is not None:
                 self._hot.close()
+                self._hot = None
             t.close()
+            if unlinked:
+                return None
             raise
-        self._closed = False
-        _live_managers.add(self)
-        # Not at exit: the process's end frees its entry (others see it dead) and
-        # everything else.
-        self._finalizer = weakref.finalize(self, abandoned, self._entry)
-        self._finalizer.atexit = False
-        if (sweeper or (sweeper is None and created)) and self.config.cleanup_interval > 0:
-            self._start_sweeper()
+        return created
 
     @property
     def closed(self) -> bool:
@@ -583,14 +605,30 @@ class ContextManager:
             self._recover_leaked_locks()
             raise
 
-    def close(self) -> None:
+    def close(self, *, unlink_if_last: bool = False) -> None:
         """Detach this process: stop its sweeper, return every reference it still holds,
-        unmap. Other processes are unaffected."""
+        unmap. Other processes are unaffected.
+
+        With ``unlink_if_last``, a manager that is the last one registered in the
+        namespace by a live process unlinks it instead (as ``unlink()``). This is how
+        peers without a supervisor (uvicorn workers, several Dask nannies of one host)
+        leave nothing behind: the check and the unlink are made under the table lock, so
+        of two peers leaving at once exactly the second unlinks, and a process attaching
+        at that moment makes a fresh namespace instead of joining the removed one."""
+        if unlink_if_last not in (True, False):
+            raise InvalidConfigError(
+                f"unlink_if_last must be True or False, got {unlink_if_last!r}")
         try:
             with self._close_lock:
                 if self._closed:
                     self._raise_closed()
+                removed = unlink_if_last and self._remove_if_alone()
                 self._set_closed()
+            if removed:
+                self._finish_unlink()
+                log.info("namespace %r: pid %d was the last process attached; namespace "
+                         "unlinked", self.namespace, identity.pid)
+                return
             self._stop_sweeper()
             try:
                 self._entry.give_back()
@@ -623,17 +661,43 @@ class ContextManager:
                             f"({', '.join(f'pid {p}: {n}' for p, n in busy.items())}); "
                             "pass force=True to unlink anyway"
                         )
-                t.mark_unlinked()
-                self._slots.close_all()
-                t.unlink_names()
+                self._remove_locked()
             with self._close_lock:
                 self._set_closed()
-            self._stop_sweeper()
-            self._detach()
-            remove_stale(self.namespace, _shm.namespace_objects(self.namespace), t.tag, None)
+            self._finish_unlink()
         except BaseException:
             self._recover_leaked_locks()
             raise
+
+    def _remove_locked(self) -> None:
+        """Mark the table unlinked, close every context, remove the names. Needs the
+        table lock."""
+        t = self._table
+        t.mark_unlinked()
+        self._slots.close_all()
+        t.unlink_names()
+
+    def _finish_unlink(self) -> None:
+        """After ``_remove_locked`` and ``_set_closed``: detach, then remove what is left
+        of the namespace (objects of contexts still being made)."""
+        self._stop_sweeper()
+        self._detach()
+        t = self._table
+        remove_stale(self.namespace, _shm.namespace_objects(self.namespace), t.tag, None)
+
+    def _remove_if_alone(self) -> bool:
+        """For ``close(unlink_if_last=True)``: when no other registered entry (of another
+        process, or of another manager of this one) belongs to a live process, remove
+        the namespace (``_remove_locked``) and return True."""
+        t = self._table
+        me = self._entry.proc
+        with t.table_lock:
+            t.check_usable()
+            for p in range(t.geo.max_processes):
+                if p != me and t.proc_head(p).pid and t.liveness.entry_alive(p):
+                    return False
+            self._remove_locked()
+        return True
 
     # --- internals ------------------------------------------------------------------
 

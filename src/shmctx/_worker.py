@@ -1,6 +1,11 @@
-"""The worker side shared by the gunicorn and pool integrations: one ``ContextManager``
-per worker process, attached to a namespace its supervisor (gunicorn master, pool parent)
-created, made on first use and closed when the process exits.
+"""The worker side shared by the server and pool integrations: one ``ContextManager``
+per worker process, made on first use and closed when the process exits.
+
+A worker either attaches to a namespace its supervisor (gunicorn master, pool parent,
+Celery's main process, a Dask nanny) created, or, where no process outlives the workers
+to supervise them (uvicorn's workers, nanny-less Dask workers), is a *peer*: it creates
+the namespace if it is the first, takes part in the sweeper leadership (one live peer
+sweeps, another takes over when it dies), and the last peer to leave unlinks it.
 
 A worker never reuses a manager object it inherited over fork: that object's references
 belong to the parent (the core refuses to return them), and its table file descriptor
@@ -15,9 +20,11 @@ import os
 import threading
 
 from . import _shm
+from ._config import ContextConfig
 from ._errors import ContextError, ContextManagerClosedError
 from ._manager import ContextManager
 from ._proc import identity
+from ._service import open_namespace
 from ._shm import check_namespace
 
 log = logging.getLogger("shmctx.worker")
@@ -47,8 +54,14 @@ class WorkerManager:
     Thread-safe: the threads of a worker (gunicorn ``gthread``) share one manager.
     """
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, *, peer: bool = False,
+                 config: ContextConfig | None = None, mode: int | None = None) -> None:
         self._what = what  # names the integration in error messages
+        self._peer = peer
+        # A peer without a config adopts the namespace's, or creates it with the service
+        # defaults; an explicit one must match the table's (InvalidConfigError).
+        self.config = config
+        self.mode = mode
         self.namespace: str | None = None
         self._manager: ContextManager | None = None
         self._pid = 0
@@ -74,7 +87,11 @@ class WorkerManager:
                         f"this process is not a {self._what} worker attached to a shmctx "
                         "namespace (see the shmctx docs for the set-up)"
                     )
-                self._manager = attach(self.namespace)
+                if self._peer:
+                    self._manager = open_namespace(self.namespace, self.config,
+                                                   sweeper=True, mode=self.mode)
+                else:
+                    self._manager = attach(self.namespace)
                 self._pid = pid
                 if self._atexit_pid != pid:
                     atexit.register(self.close)
@@ -92,7 +109,7 @@ class WorkerManager:
         if m is None:
             return
         try:
-            m.close()
+            m.close(unlink_if_last=self._peer)
         except ContextManagerClosedError:
             pass
         except Exception:  # at exit: report, but never turn a clean exit into a crash

@@ -29,6 +29,7 @@ start if told to use another), and neither master unlinks it while the other sti
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -38,6 +39,7 @@ from ._config import ContextConfig
 from ._errors import ContextError, ContextInUseError, ContextManagerClosedError, InvalidConfigError
 from ._manager import ContextManager
 from ._proc import identity, is_alive
+from ._service import open_namespace, route_logs
 from ._worker import WorkerManager, check_namespace
 
 # ``from shmctx.gunicorn import *`` in gunicorn.conf.py installs exactly the hooks. They
@@ -143,7 +145,10 @@ def manager() -> ContextManager:
 
 
 def on_starting(server: Any) -> None:
-    """Master: create (or adopt) the namespace and run its sweeper."""
+    """Master: create (or adopt) the namespace and run its sweeper. shmctx's own log
+    lines (the sweeper's) go to gunicorn's error log from here on, in the master and
+    in the workers it forks."""
+    route_logs(getattr(server.log, "error_log", None) or logging.getLogger("gunicorn.error"))
     m = _start_master()
     server.log.info("shmctx: master pid %d owns namespace %r", os.getpid(), m.namespace)
 
@@ -308,9 +313,8 @@ def _start_master() -> ContextManager:
     with _lock:
         if _master is None:
             ns = _resolve_namespace()
-            _master = ContextManager(
-                _settings["config"], namespace=ns, sweeper=True, mode=_settings["mode"]
-            )
+            _master = open_namespace(ns, _settings["config"], sweeper=True,
+                                     mode=_settings["mode"])
             _master_pid = identity.pid
             _workers.namespace = ns
         return _master
