@@ -1,7 +1,8 @@
 """Only the optional C hot path; everything else is in pyproject.toml.
 
 ``optional=True``: without a C compiler the build goes on and shmctx runs its hot path
-in Python (the same semantics, about 3x slower: docs/performance.md).
+in Python (the same semantics, about 3 µs a get/return pair instead of 0.25 µs:
+docs/performance.md).
 """
 
 from setuptools import Extension, setup

@@ -3,12 +3,46 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import uuid
 
 import pytest
 from helpers import hot_path_of
 
-from shmctx import ContextManager, _shm
+import shmctx
+from shmctx import ContextManager, _hotpath, _shm
+
+# Set by the CI step that installs shmctx from its sdist with no C compiler: the run then
+# tests the pure-Python hot path a host without a compiler gets. It must really have no
+# C module (else that step proves nothing), and the tests of the C hot path itself, which
+# the wheel's run covers, cannot run.
+NO_COMPILER = os.environ.get("SHMCTX_TEST_NO_COMPILER") == "1"
+# Modules that test the C hot path, or compare it with the Python one, as a whole.
+_C_ONLY_MODULES = {"test_speedups.py", "test_differential.py", "test_differential_found.py"}
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    hot = "C and Python" if _hotpath._speedups is not None else "Python only (no C module)"
+    return f"shmctx {shmctx.__version__} from {os.path.dirname(shmctx.__file__)}; hot path: {hot}"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if NO_COMPILER and _hotpath._speedups is not None:
+        raise pytest.UsageError(
+            "SHMCTX_TEST_NO_COMPILER=1 but this shmctx has its C module "
+            f"({_hotpath._speedups.__file__}): it was not installed without a compiler")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not NO_COMPILER:
+        return
+    skip = pytest.mark.skip(reason="tests the C hot path; this install has none "
+                                   "(SHMCTX_TEST_NO_COMPILER=1, the no-compiler run)")
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if item.path.name in _C_ONLY_MODULES or item.get_closest_marker("needs_c") or \
+                (callspec is not None and callspec.params.get("hot_path") == "C"):
+            item.add_marker(skip)
 
 
 @pytest.fixture

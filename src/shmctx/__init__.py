@@ -28,10 +28,10 @@ from ._errors import (
 )
 from ._manager import ContextManager
 from ._service import SERVICE_DEFAULTS
-
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
+    "__version__",
     "ContextManager",
     "ContextConfig",
     "MemoryContextConfig",

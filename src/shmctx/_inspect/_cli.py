@@ -15,6 +15,7 @@ import posix_ipc
 
 from .. import _shm
 from .._errors import TableFormatError
+from .._version import __version__
 from ._check import check
 from ._fail import EXIT_FORMAT, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, Fail
 from ._gc import DEFAULT_GRACE, gc
@@ -37,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
                "75 --gc --yes found a lock busy past --timeout. See docs/inspect.md.",
     )
     p.add_argument("namespace", nargs="?", help="the namespace to show (default: list all)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="one JSON document on stdout")
     fmt.add_argument("--msgpack", action="store_true",
