@@ -13,6 +13,7 @@ import signal
 import pytest
 
 from shmctx import ContextConfig, ContextManager, ContextNotFoundError, MemoryContextConfig, _shm
+from shmctx._entry import ProcessEntry
 from shmctx._errors import InvalidConfigError
 from shmctx._service import SERVICE_DEFAULTS, route_logs, service_config
 from shmctx._table import Table
@@ -73,6 +74,28 @@ def _register_then_hang(ns: str, ready) -> None:
     ContextManager(namespace=ns, sweeper=False)
     ready.set()
     signal.pause()
+
+
+def test_peers_leaving_at_the_same_moment_leave_nothing(ns, monkeypatch):
+    """B leaves while A is between deciding and giving back its entry: whichever asks
+    last must see the other gone. (Asking before giving back, each saw the other still
+    registered and neither unlinked: uvicorn workers stopping together left the
+    namespace in /dev/shm.)"""
+    a = ContextManager(namespace=ns)
+    b = ContextManager(namespace=ns)
+    real = ProcessEntry.give_back
+    calls = []
+
+    def give_back_while_the_other_leaves(self, *args, **kwargs):
+        calls.append(self)
+        if len(calls) == 1:  # a's: b leaves entirely in the middle of a's leaving
+            b.close(unlink_if_last=True)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ProcessEntry, "give_back", give_back_while_the_other_leaves)
+    a.close(unlink_if_last=True)
+    assert len(calls) == 2
+    assert not _exists(ns)
 
 
 def test_dead_peer_does_not_keep_namespace(ns):

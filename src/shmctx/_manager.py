@@ -18,9 +18,10 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from contextlib import contextmanager
 from sys import _getframe
+from typing import Any
 
 from . import _hotpath, _payload, _shm
 from . import _layout as L
@@ -92,7 +93,7 @@ def _check_uids(uids: object) -> frozenset[int]:
     if uids is None:
         return frozenset()
     try:
-        out = frozenset(uids)  # type: ignore[call-overload]
+        out: frozenset[Any] | None = frozenset(uids)  # type: ignore[call-overload]
     except TypeError:
         out = None
     if isinstance(uids, (str, bytes)) or out is None or not all(
@@ -478,7 +479,7 @@ class ContextManager:
         *,
         init: Callable[[MemoryContext], object] | None = None,
         timeout: float | None = None,
-    ) -> Iterator[MemoryContext]:
+    ) -> Generator[MemoryContext, None, None]:
         """``with m.context(name) as ctx:`` gets or creates the context and returns the
         reference on exit, also when the block raises."""
         ctx, _ = self.get_or_create_context(name, config, init=init, timeout=timeout)
@@ -530,6 +531,7 @@ class ContextManager:
         if returned(ctx) or owner_of(ctx) is not self._mappings:
             return False
         m = mapping_of(ctx)
+        state: int
         state, _rc, inc = L.S_CHECK.unpack_from(self._table.buf, m.off)
         return state == L.READY and inc == m.inc
 
@@ -537,7 +539,7 @@ class ContextManager:
         """A snapshot of every context in the namespace."""
         try:
             snap = self._snapshot()
-            out = []
+            out: list[ContextInfo] = []
             for s in snap.slots:
                 if s.state == L.FREE:
                     continue
@@ -612,9 +614,10 @@ class ContextManager:
         With ``unlink_if_last``, a manager that is the last one registered in the
         namespace by a live process unlinks it instead (as ``unlink()``). This is how
         peers without a supervisor (uvicorn workers, several Dask nannies of one host)
-        leave nothing behind: the check and the unlink are made under the table lock, so
-        of two peers leaving at once exactly the second unlinks, and a process attaching
-        at that moment makes a fresh namespace instead of joining the removed one."""
+        leave nothing behind: each gives back its entry first, then asks under the table
+        lock whether a live process is still registered, so of peers leaving at once the
+        last to ask unlinks; a process attaching at that moment makes a fresh namespace
+        instead of joining the removed one."""
         if unlink_if_last not in (True, False):
             raise InvalidConfigError(
                 f"unlink_if_last must be True or False, got {unlink_if_last!r}")
@@ -622,18 +625,21 @@ class ContextManager:
             with self._close_lock:
                 if self._closed:
                     self._raise_closed()
-                removed = unlink_if_last and self._remove_if_alone()
                 self._set_closed()
-            if removed:
-                self._finish_unlink()
-                log.info("namespace %r: pid %d was the last process attached; namespace "
-                         "unlinked", self.namespace, identity.pid)
-                return
             self._stop_sweeper()
+            removed = False
             try:
                 self._entry.give_back()
+                # Asked only after this process's entry is given back: of peers leaving at
+                # once, each asks after its own leaving, so the last to ask sees every one
+                # gone and unlinks (an earlier one may see a peer still registered).
+                removed = unlink_if_last and self._remove_if_alone()
             finally:
                 self._detach()
+            if removed:
+                self._remove_leftovers()
+                log.info("namespace %r: pid %d was the last process attached; namespace "
+                         "unlinked", self.namespace, identity.pid)
         except BaseException:
             self._recover_leaked_locks()
             raise
@@ -679,22 +685,27 @@ class ContextManager:
 
     def _finish_unlink(self) -> None:
         """After ``_remove_locked`` and ``_set_closed``: detach, then remove what is left
-        of the namespace (objects of contexts still being made)."""
+        of the namespace."""
         self._stop_sweeper()
         self._detach()
-        t = self._table
-        remove_stale(self.namespace, _shm.namespace_objects(self.namespace), t.tag, None)
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """After an unlink: remove the objects of contexts that were still being made."""
+        remove_stale(self.namespace, _shm.namespace_objects(self.namespace),
+                     self._table.tag, None)
 
     def _remove_if_alone(self) -> bool:
-        """For ``close(unlink_if_last=True)``: when no other registered entry (of another
-        process, or of another manager of this one) belongs to a live process, remove
-        the namespace (``_remove_locked``) and return True."""
+        """For ``close(unlink_if_last=True)``, once this manager's entry is given back:
+        when no registered entry (of another process, or of another manager of this one)
+        belongs to a live process, and no peer unlinked the namespace already, remove it
+        (``_remove_locked``) and return True."""
         t = self._table
-        me = self._entry.proc
         with t.table_lock:
-            t.check_usable()
+            if t.flags() & L.FLAG_UNLINKED:
+                return False
             for p in range(t.geo.max_processes):
-                if p != me and t.proc_head(p).pid and t.liveness.entry_alive(p):
+                if t.proc_head(p).pid and t.liveness.entry_alive(p):
                     return False
             self._remove_locked()
         return True
