@@ -1,0 +1,633 @@
+"""ASGI servers (uvicorn, and any server that runs the ASGI lifespan protocol): every
+worker process of one server shares one shmctx namespace.
+
+Wrap the app, and reach the worker's manager with ``shmctx.asgi.manager()``
+(see ``docs/asgi.md``)::
+
+    app = shmctx.asgi.lifespan(app)                 # any ASGI app
+
+or, inside a Starlette/FastAPI lifespan::
+
+    async with shmctx.asgi.attached() as m:
+        yield
+
+What runs where:
+
+* ``uvicorn app:app --workers N``: uvicorn's supervisor runs no user code, so the workers
+  are *peers*. The first one to start creates the namespace; each one attaches when its
+  lifespan starts up; one live worker leads the sweeper (it reclaims the references of
+  dead workers every ``cleanup_interval``) and another takes the lead when it dies; the
+  last worker to shut down unlinks the namespace.
+* ``gunicorn -k uvicorn_worker.UvicornWorker`` with the ``shmctx.gunicorn`` hooks: the
+  gunicorn master owns the namespace (see ``docs/gunicorn.md``); this module then hands
+  out the gunicorn worker's manager and leaves the namespace's lifetime to the master.
+
+The namespace is, by priority: the ``namespace=`` argument, the ``SHMCTX_NAMESPACE``
+environment variable, else ``asgi-<pid>`` where pid is the server's supervisor (the
+process that started this worker: uvicorn's with ``--workers`` or ``--reload``, or a
+gunicorn master) or, for a server running in a single process, that process itself. Two
+servers on one host thus never share, or unlink, each other's contexts.
+
+Blocking: getting or returning a context this worker has mapped before takes one short
+lock and is safe on the event loop. A get that creates a context runs ``init`` in the
+calling thread, and a get of a context another worker is still creating waits for it:
+the ``async`` helpers here (``get_or_create_context``, ``context``, ``locked``, ...) run
+such calls in a thread so that the worker's other requests go on meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import multiprocessing
+import os
+import sys
+import threading
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from ._config import ContextConfig, MemoryContextConfig
+from ._context import MemoryContext, returned
+from ._errors import ContextClosedError, ContextError, InvalidConfigError
+from ._manager import ContextManager
+from ._proc import identity
+from ._service import route_logs, service_config
+from ._worker import WorkerManager, check_namespace
+
+__all__ = [
+    "ENV_NAMESPACE",
+    "lifespan",
+    "attached",
+    "manager",
+    "namespace",
+    "default_namespace",
+    "get_or_create_context",
+    "get_or_create_object",
+    "get_context",
+    "context",
+    "publish",
+    "publish_object",
+    "locked",
+]
+
+ENV_NAMESPACE = "SHMCTX_NAMESPACE"
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+T = TypeVar("T")
+
+log = logging.getLogger("shmctx.asgi")
+
+# The process's attachment. A worker has one manager whatever the number of wrapped apps
+# or ``attached()`` blocks; it is closed when the last of them shuts down.
+_lock = threading.Lock()
+_peers: WorkerManager | None = None  # the peer manager of this process (not under gunicorn)
+_gunicorn = False  # attached through shmctx.gunicorn: its master owns the namespace
+_attachments = 0
+_attached_pid = 0
+
+
+# --- set-up -------------------------------------------------------------------------
+
+
+def lifespan(
+    app: ASGIApp,
+    *,
+    namespace: str | None = None,
+    config: ContextConfig | None = None,
+    logger: logging.Logger | str | None = "uvicorn.error",
+) -> ASGIApp:
+    """Wrap the ASGI ``app``: the returned app attaches this worker to the namespace when
+    the server starts it up (ASGI ``lifespan.startup``) and detaches it at shutdown;
+    every other scope goes to ``app`` unchanged.
+
+    If ``app`` handles the lifespan protocol itself, its startup runs after the attach
+    (it may use ``manager()``) and its shutdown before the detach (it may still return
+    references). A failure of either (shmctx's attach, or ``app``'s startup) is reported
+    to the server as ``lifespan.startup.failed``; uvicorn then stops. ``app`` is taken not
+    to handle the protocol if it returns, or raises, without having read
+    ``lifespan.startup``.
+
+    ``config`` is the namespace's ``ContextConfig`` if this worker creates it (default
+    ``shmctx.SERVICE_DEFAULTS``: unlimited references, no idle closing); an explicit one
+    must equal that of an existing namespace. ``logger`` receives shmctx's log lines
+    (``None``: leave shmctx's logging as it is).
+    """
+    if not callable(app):
+        raise TypeError(f"lifespan() wraps an ASGI app, not {app!r}")
+    _check_args(namespace, config)
+    return _Lifespan(app, namespace, config, logger)
+
+
+@asynccontextmanager
+async def attached(
+    namespace: str | None = None,
+    *,
+    config: ContextConfig | None = None,
+    logger: logging.Logger | str | None = "uvicorn.error",
+) -> AsyncIterator[ContextManager]:
+    """``async with shmctx.asgi.attached() as m:`` attaches this worker for the block's
+    duration (in a Starlette/FastAPI lifespan: around its ``yield``); ``m`` is the
+    worker's manager, the one ``manager()`` returns. Arguments as for ``lifespan``.
+    Attaching and detaching run in a thread: they may wait for the namespace's lock."""
+    _check_args(namespace, config)
+    m = await _join(namespace, config, logger)
+    try:
+        yield m
+    finally:
+        await _leave()
+
+
+def manager() -> ContextManager:
+    """This worker's manager (shared by its coroutines and threads). ``ContextError``
+    outside an attached lifespan: wrap the app with ``lifespan()`` or use
+    ``attached()``."""
+    if _attachments <= 0:
+        raise ContextError(_NOT_SET_UP)
+    if _gunicorn:
+        from . import gunicorn
+
+        return gunicorn.manager()
+    assert _peers is not None
+    return _peers.get()
+
+
+def namespace() -> str:
+    """The namespace this worker is attached to."""
+    if _attachments <= 0:
+        raise ContextError(_NOT_SET_UP)
+    return manager().namespace
+
+
+def default_namespace() -> str:
+    """The namespace used when neither ``namespace=`` nor ``SHMCTX_NAMESPACE`` names one:
+    ``asgi-<pid>`` of the process that started this worker if it is a server's
+    supervisor (a ``multiprocessing`` parent, as uvicorn's with ``--workers`` or
+    ``--reload``, or a gunicorn master), else of this process (a server running in a
+    single process: its parent is a shell, which may start several servers)."""
+    parent = multiprocessing.parent_process()
+    if parent is not None and parent.pid:
+        return f"asgi-{parent.pid}"
+    if "gunicorn.arbiter" in sys.modules and os.getppid() > 1:
+        return f"asgi-{os.getppid()}"  # a gunicorn worker; its master forked it
+    return f"asgi-{os.getpid()}"
+
+
+# --- async helpers --------------------------------------------------------------------
+
+
+async def get_or_create_context(
+    name: str,
+    config: MemoryContextConfig | None = None,
+    *,
+    init: Callable[[MemoryContext], object] | None = None,
+    timeout: float | None = None,
+) -> tuple[MemoryContext, bool]:
+    """``manager().get_or_create_context(...)`` in a thread: ``init`` (in the worker that
+    creates the context), or the wait for another worker's ``init``, does not hold up
+    this worker's other requests. If the awaiting task is cancelled, the reference the
+    thread still obtains is given back."""
+    m = manager()
+    return await _off_loop(
+        m, lambda: m.get_or_create_context(name, config, init=init, timeout=timeout),
+        lambda r: r[0])
+
+
+async def get_or_create_object(
+    name: str, factory: Callable[[], object], *, timeout: float | None = None
+) -> tuple[MemoryContext, bool]:
+    """``manager().get_or_create_object(...)`` in a thread (as ``get_or_create_context``)."""
+    m = manager()
+    return await _off_loop(m, lambda: m.get_or_create_object(name, factory, timeout=timeout),
+                           lambda r: r[0])
+
+
+async def get_context(name: str, *, timeout: float | None = None) -> MemoryContext:
+    """``manager().get_context(...)`` in a thread: it waits for a context still being
+    initialised."""
+    m = manager()
+    return await _off_loop(m, lambda: m.get_context(name, timeout=timeout), lambda r: r)
+
+
+async def publish(
+    name: str,
+    config: MemoryContextConfig | None = None,
+    *,
+    init: Callable[[MemoryContext], object] | None = None,
+    timeout: float | None = None,
+) -> MemoryContext:
+    """``manager().publish(...)`` in a thread: the new version is built (``init``) there."""
+    m = manager()
+    return await _off_loop(m, lambda: m.publish(name, config, init=init, timeout=timeout),
+                           lambda r: r)
+
+
+async def publish_object(
+    name: str,
+    obj: object = None,
+    *,
+    factory: Callable[[], object] | None = None,
+    timeout: float | None = None,
+) -> MemoryContext:
+    """``manager().publish_object(...)`` in a thread (pickling a large object takes a
+    while)."""
+    m = manager()
+    return await _off_loop(
+        m, lambda: m.publish_object(name, obj, factory=factory, timeout=timeout), lambda r: r)
+
+
+@asynccontextmanager
+async def context(
+    name: str,
+    config: MemoryContextConfig | None = None,
+    *,
+    init: Callable[[MemoryContext], object] | None = None,
+    timeout: float | None = None,
+) -> AsyncIterator[MemoryContext]:
+    """``async with shmctx.asgi.context(name, ...) as ctx:``: the get as
+    ``get_or_create_context`` (in a thread), the return on exit (on the event loop: a
+    return never waits for long), also when the block raises."""
+    m = manager()
+    ctx, _ = await get_or_create_context(name, config, init=init, timeout=timeout)
+    try:
+        yield ctx
+    finally:
+        if not returned(ctx) and not m.closed:
+            try:
+                m.return_context(ctx)
+            except ContextClosedError:
+                pass  # force-closed meanwhile: nothing left to return
+
+
+@asynccontextmanager
+async def locked(ctx: MemoryContext, *, timeout: float | None = None) -> AsyncIterator[None]:
+    """``async with shmctx.asgi.locked(ctx):`` holds ``ctx.lock`` across ``await``s.
+
+    Use it instead of ``with ctx.lock:`` in a coroutine whose critical section awaits.
+    ``ctx.lock`` is re-entrant for the *thread* that holds it, and every coroutine of a
+    worker runs in the event loop's one thread: under a plain ``with ctx.lock:`` another
+    request's coroutine would enter the section while this one awaits. ``locked`` first
+    queues the coroutines of this worker (one ``asyncio.Lock`` per context), then takes
+    ``ctx.lock`` against the other processes: at once on the event loop if it is free,
+    else in a thread of its own that holds it until the block ends, so that the wait
+    for another process does not hold up this worker's other requests. ``TimeoutError``
+    if ``ctx.lock`` is not free within ``timeout`` seconds."""
+    lock = ctx.lock
+    async with _local_lock(lock):
+        if lock.try_acquire(0):
+            try:
+                yield
+            finally:
+                lock.release()
+            return
+        release = await _hold_in_thread(lock, timeout)
+        try:
+            yield
+        finally:
+            release.set()
+
+
+# --- internals --------------------------------------------------------------------------
+
+_NOT_SET_UP = (
+    "shmctx.asgi: this process is not attached to a namespace: wrap the app with "
+    "`app = shmctx.asgi.lifespan(app)`, or enter `async with shmctx.asgi.attached():` in "
+    "its lifespan (uvicorn runs the lifespan in each worker before it serves)"
+)
+
+
+def _check_args(namespace: str | None, config: ContextConfig | None) -> None:
+    if namespace is not None:
+        check_namespace(namespace)
+    service_config(config)  # type check
+
+
+def _resolve_namespace(namespace: str | None) -> str:
+    if namespace is not None:
+        return namespace
+    env = os.environ.get(ENV_NAMESPACE)
+    return check_namespace(env) if env else default_namespace()
+
+
+def _gunicorn_namespace() -> str | None:
+    """The namespace of the gunicorn master this process is a worker of, if the
+    ``shmctx.gunicorn`` hooks are wired into that gunicorn (its master made the
+    namespace before forking this worker); else None."""
+    mod = sys.modules.get(f"{__package__}.gunicorn")
+    if mod is None:
+        return None
+    try:
+        return mod.namespace()  # type: ignore[no-any-return]
+    except ContextError:
+        return None
+
+
+def _attach(namespace: str | None, config: ContextConfig | None,
+            logger: logging.Logger | str | None) -> ContextManager:
+    """Attach this process (once; further calls count). Blocking: run it in a thread."""
+    global _peers, _gunicorn, _attachments, _attached_pid
+    if logger is not None:
+        route_logs(logging.getLogger(logger) if isinstance(logger, str) else logger)
+    with _lock:
+        if _attached_pid != identity.pid:  # nothing inherited over fork is this process's
+            _attachments, _attached_pid = 0, identity.pid
+        if _attachments == 0:
+            _gunicorn = False
+            served = _gunicorn_namespace()
+            if served is not None:
+                from . import gunicorn
+
+                m = gunicorn.manager()
+                _check_same(m, namespace, config, "gunicorn's master created")
+                _gunicorn = True
+                log.info("shmctx: worker pid %d uses namespace %r of its gunicorn master",
+                         identity.pid, m.namespace)
+            else:
+                ns = _resolve_namespace(namespace)
+                if _peers is None or _peers.namespace != ns or _peers.config != config:
+                    _peers = WorkerManager("ASGI", peer=True, config=config)
+                    _peers.namespace = ns
+                m = _peers.get()
+                log.info("shmctx: worker pid %d attached to namespace %r", identity.pid, ns)
+        else:
+            m = manager()
+            _check_same(m, namespace, config, "this worker is attached to")
+        _attachments += 1
+        return m
+
+
+def _check_same(m: ContextManager, namespace: str | None, config: ContextConfig | None,
+                what: str) -> None:
+    """A second attachment in one process (or one under gunicorn) must not ask for
+    another namespace or config than what is there: a process has one manager. (Only an
+    explicit ``namespace``: SHMCTX_NAMESPACE chose the one there, or was overridden by
+    ``shmctx.gunicorn.configure()``.)"""
+    if namespace is not None and namespace != m.namespace:
+        raise InvalidConfigError(
+            f"shmctx.asgi: namespace {namespace!r} asked for, but {what} namespace "
+            f"{m.namespace!r}: one worker process uses one namespace")
+    if config is not None and config != m.config:
+        raise InvalidConfigError(
+            f"shmctx.asgi: namespace {m.namespace!r} has another config than the one asked "
+            f"for (requested != existing): {'; '.join(config.differences(m.config))}")
+
+
+def _detach() -> None:
+    """Undo one ``_attach``; the last one closes the manager (a peer unlinks the
+    namespace if it is the last process attached). Blocking: run it in a thread."""
+    global _attachments
+    with _lock:
+        if _attached_pid != identity.pid or _attachments <= 0:
+            return
+        _attachments -= 1
+        if _attachments or _gunicorn or _peers is None:
+            return  # under gunicorn, the worker_exit / child_exit hooks close it
+        peers = _peers
+    peers.close()  # logs, rather than raises, a failure: nothing to undo at shutdown
+
+
+async def _join(namespace: str | None, config: ContextConfig | None,
+                logger: logging.Logger | str | None) -> ContextManager:
+    """``_attach`` in a thread. If the awaiting task is cancelled meanwhile (the server
+    stops during startup), the attachment the thread still makes is undone."""
+    fut = asyncio.get_running_loop().run_in_executor(None, _attach, namespace, config, logger)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        fut.add_done_callback(
+            lambda f: None if f.cancelled() or f.exception() is not None else _detach())
+        raise
+
+
+async def _leave() -> None:
+    """Detach in a thread; if the awaiting task is cancelled meanwhile, the detach still
+    completes there (``asyncio.run`` waits for its threads before it returns)."""
+    await asyncio.shield(asyncio.get_running_loop().run_in_executor(None, _detach))
+
+
+async def _off_loop(m: ContextManager, call: Callable[[], T],
+                    reference_of: Callable[[T], MemoryContext]) -> T:
+    """Run ``call`` (a get, which returns a reference) in the default executor. A
+    cancelled awaiter cannot stop the thread: the reference it obtains is given back
+    when it finishes, not leaked for the life of the worker."""
+    loop = asyncio.get_running_loop()
+    fut = loop.run_in_executor(None, contextvars.copy_context().run, call)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        def give_back(f: asyncio.Future[T]) -> None:
+            if f.cancelled() or f.exception() is not None:
+                return
+            try:
+                m.return_context(reference_of(f.result()))
+            except ContextError:
+                pass  # the manager closed meanwhile: it returned everything
+        fut.add_done_callback(give_back)
+        raise
+
+
+# One asyncio.Lock per ctx.lock object (the manager keeps one object per context
+# incarnation): it queues this worker's coroutines in front of ctx.lock.
+_local_locks: weakref.WeakKeyDictionary[Any, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+def _local_lock(lock: Any) -> asyncio.Lock:
+    local = _local_locks.get(lock)
+    if local is None:
+        local = _local_locks[lock] = asyncio.Lock()
+    return local
+
+
+async def _hold_in_thread(lock: Any, timeout: float | None) -> threading.Event:
+    """Take ``lock`` in a thread that keeps it until the returned event is set (a
+    ``ctx.lock`` is released by the thread that took it). If the awaiter is cancelled,
+    the thread releases the lock as soon as it gets it."""
+    loop = asyncio.get_running_loop()
+    got: asyncio.Future[None] = loop.create_future()
+    release = threading.Event()
+
+    def settle(error: BaseException | None) -> None:
+        if got.done():
+            return
+        if error is None:
+            got.set_result(None)
+        else:
+            got.set_exception(error)
+
+    def hold() -> None:
+        try:
+            lock.acquire(timeout)
+        except BaseException as e:
+            loop.call_soon_threadsafe(settle, e)
+            return
+        try:
+            loop.call_soon_threadsafe(settle, None)
+        except RuntimeError:  # the loop is closed: nobody will use the lock
+            release.set()
+        release.wait()
+        lock.release()
+
+    threading.Thread(target=hold, name="shmctx ctx.lock holder", daemon=True).start()
+    try:
+        await got
+    except asyncio.CancelledError:
+        release.set()
+        raise
+    return release
+
+
+_LIFESPAN_SENT = frozenset({"lifespan.startup.complete", "lifespan.startup.failed",
+                            "lifespan.shutdown.complete", "lifespan.shutdown.failed"})
+
+
+class _Lifespan:
+    """The app ``lifespan()`` returns."""
+
+    def __init__(self, app: ASGIApp, namespace: str | None, config: ContextConfig | None,
+                 logger: logging.Logger | str | None) -> None:
+        self.app = app
+        self._namespace = namespace
+        self._config = config
+        self._logger = logger
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        message = await receive()
+        if message["type"] != "lifespan.startup":
+            raise RuntimeError(f"ASGI lifespan: expected lifespan.startup, got "
+                               f"{message['type']!r}")
+        try:
+            await _join(self._namespace, self._config, self._logger)
+        except Exception as e:
+            if not isinstance(e, ContextError):
+                log.exception("shmctx: attaching worker pid %d failed", identity.pid)
+            await send({"type": "lifespan.startup.failed", "message": f"shmctx: {e}"})
+            return
+        inner = _InnerLifespan(self.app, scope)
+        attached = True
+        try:
+            failure = await inner.startup()
+            if failure is not None:
+                attached = False
+                await _leave()
+                await send({"type": "lifespan.startup.failed", "message": failure})
+                return
+            await send({"type": "lifespan.startup.complete"})
+            message = await receive()
+            if message["type"] != "lifespan.shutdown":
+                raise RuntimeError(f"ASGI lifespan: expected lifespan.shutdown, got "
+                                   f"{message['type']!r}")
+            failure = await inner.shutdown()
+            attached = False
+            await _leave()
+            if failure is None:
+                await send({"type": "lifespan.shutdown.complete"})
+            else:
+                await send({"type": "lifespan.shutdown.failed", "message": failure})
+            await inner.ended()
+        finally:
+            if attached:  # cancelled (the server stopped without a shutdown) or failed
+                _detach()
+            inner.cancel()
+
+
+class _InnerLifespan:
+    """Runs the wrapped app's lifespan, if it has one, one step at a time."""
+
+    def __init__(self, app: ASGIApp, scope: Scope) -> None:
+        self._app = app
+        self._scope = scope
+        self._to_app: asyncio.Queue[Message] = asyncio.Queue()
+        self._from_app: asyncio.Queue[Message] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._read_startup = False
+        self._running = False  # it completed its startup and awaits the shutdown
+
+    async def _receive(self) -> Message:
+        message = await self._to_app.get()
+        if message["type"] == "lifespan.startup":
+            self._read_startup = True
+        return message
+
+    async def _send(self, message: Message) -> None:
+        if message.get("type") not in _LIFESPAN_SENT:
+            raise RuntimeError(f"ASGI lifespan: the app sent {message.get('type')!r}")
+        await self._from_app.put(message)
+
+    async def _next(self) -> Message | BaseException | None:
+        """The app's next message, or how it ended: None (it returned) or the
+        exception it raised."""
+        assert self._task is not None
+        getting = asyncio.ensure_future(self._from_app.get())
+        try:
+            await asyncio.wait({getting, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not getting.done():
+                getting.cancel()
+        if getting.done() and not getting.cancelled():
+            return getting.result()
+        if not self._from_app.empty():
+            return self._from_app.get_nowait()
+        if self._task.cancelled():
+            return asyncio.CancelledError()
+        return self._task.exception()
+
+    async def startup(self) -> str | None:
+        """Start the app's lifespan; None if it completed its startup (or has no
+        lifespan), else why it failed."""
+        self._task = asyncio.ensure_future(self._app(self._scope, self._receive, self._send))
+        # Whatever it raises is reported through _next, or not at all once this wrapper
+        # has what it needs: never as "Task exception was never retrieved".
+        self._task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        await self._to_app.put({"type": "lifespan.startup"})
+        outcome = await self._next()
+        if isinstance(outcome, MutableMapping):
+            if outcome["type"] == "lifespan.startup.complete":
+                self._running = True
+                return None
+            if outcome["type"] == "lifespan.startup.failed":
+                return outcome.get("message") or "the app's lifespan startup failed"
+            return f"the app sent {outcome['type']!r} before lifespan.startup.complete"
+        if outcome is None or not self._read_startup:
+            # Returned, or raised before reading lifespan.startup (as an HTTP-only app
+            # does on a scope it does not know): it has no lifespan of its own.
+            log.debug("shmctx: the wrapped app does not handle the lifespan protocol (%r)",
+                      outcome)
+            return None
+        log.error("shmctx: the wrapped app's lifespan startup raised", exc_info=outcome)
+        return f"the app's lifespan startup raised {type(outcome).__name__}: {outcome}"
+
+    async def shutdown(self) -> str | None:
+        """Forward the shutdown to a running app lifespan; None if it completed."""
+        if not self._running:
+            return None
+        self._running = False
+        await self._to_app.put({"type": "lifespan.shutdown"})
+        outcome = await self._next()
+        if isinstance(outcome, MutableMapping):
+            if outcome["type"] == "lifespan.shutdown.complete":
+                return None
+            if outcome["type"] == "lifespan.shutdown.failed":
+                return outcome.get("message") or "the app's lifespan shutdown failed"
+            return f"the app sent {outcome['type']!r} instead of lifespan.shutdown.complete"
+        if outcome is None:
+            return None
+        log.error("shmctx: the wrapped app's lifespan shutdown raised", exc_info=outcome)
+        return f"the app's lifespan shutdown raised {type(outcome).__name__}: {outcome}"
+
+    async def ended(self) -> None:
+        """Wait for the app's lifespan to return after its shutdown."""
+        if self._task is not None and not self._task.done():
+            await asyncio.wait({self._task})
+
+    def cancel(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
