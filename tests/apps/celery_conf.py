@@ -44,7 +44,7 @@ class AtomicFilesystemTransport(filesystem.Transport):
 
 def settings(root: str) -> dict:
     """Celery configuration whose broker queues and results live under ``root``."""
-    for sub in ("queue", "processed", "results"):
+    for sub in ("queue", "processed", "results", "control"):
         os.makedirs(os.path.join(root, sub), exist_ok=True)
     queue = os.path.join(root, "queue")
     return {
@@ -55,6 +55,9 @@ def settings(root: str) -> dict:
             "data_folder_out": queue,
             "store_processed": True,  # taken messages move here, not to the shared /tmp
             "processed_folder": os.path.join(root, "processed"),
+            # Broadcast exchanges (the worker's remote control): "control" in the working
+            # directory by default, which would leave files in the source tree.
+            "control_folder": os.path.join(root, "control"),
             "polling_interval": 0.02,  # how often an idle worker looks for a message
         },
         "result_backend": "file://" + os.path.join(root, "results"),

@@ -35,13 +35,16 @@ class Transport(filesystem.Transport):
 
 def settings() -> dict:
     """Celery settings: the queue and the results under ROOT."""
-    queue, done, results = (os.path.join(ROOT, d) for d in ("queue", "processed", "results"))
-    for d in (queue, done, results):
+    queue, done, results, control = (os.path.join(ROOT, d) for d in
+                                     ("queue", "processed", "results", "control"))
+    for d in (queue, done, results, control):
         os.makedirs(d, exist_ok=True)
     return {
         "broker_transport": "broker:Transport",
         "broker_transport_options": {"data_folder_in": queue, "data_folder_out": queue,
                                      "store_processed": True, "processed_folder": done,
+                                     # broadcasts (remote control), else ./control
+                                     "control_folder": control,
                                      "polling_interval": 0.05},
         "result_backend": "file://" + results,
         "broker_connection_retry_on_startup": True,
