@@ -6,8 +6,8 @@ import ctypes
 import http.client
 import importlib.util
 import json
-import re
 import os
+import re
 import signal
 import socket
 import subprocess
