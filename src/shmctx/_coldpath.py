@@ -138,10 +138,12 @@ class ColdPath:
                 if wait is not None:
                     slots.wait_for_init(name, *wait, deadline, timeout)
                     continue
+                # Set by the pass above: cfg where it created the context, parent_name
+                # where it took a reference to a ready one (pyright cannot follow that).
                 if created:
-                    return self._finish_create(name, slot, inc, cfg, init, factory), False
+                    return self._finish_create(name, slot, inc, cfg, init, factory), False  # pyright: ignore[reportPossiblyUnboundVariable]
                 try:
-                    m = self.mappings.map(name, slot, inc, size, parent_name, kind)
+                    m = self.mappings.map(name, slot, inc, size, parent_name, kind)  # pyright: ignore[reportPossiblyUnboundVariable]
                     if config is not None:
                         check_spec(m, config)  # raised: the reference is given back below
                     handle = MemoryContext(self.mappings, m, identity.pid, False)
@@ -240,6 +242,7 @@ class ColdPath:
             if packed is not None:
                 packed.write(m.view)
             elif kind == L.KIND_ARRAY:
+                assert cfg.shape is not None  # an array context's config has a shape
                 meta, n = _payload.array_meta(cfg.shape, cfg.dtype)
                 _payload.write_header(m.view, kind, meta, n)
             handle = MemoryContext(mappings, m, identity.pid)

@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from datetime import timedelta
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from . import _layout as L
 from . import _payload
@@ -94,12 +94,24 @@ class ContextConfig:
     whether the holder is dead.
     """
 
+    # The durations are stored as float seconds (__post_init__), whatever they were
+    # given as: the fields say what they hold, the signature below what they accept.
     max_references: int = DEFAULT_MAX_REFERENCES
-    max_idle_time: Duration = DEFAULT_MAX_IDLE_TIME
-    cleanup_interval: Duration = DEFAULT_CLEANUP_INTERVAL
+    max_idle_time: float = DEFAULT_MAX_IDLE_TIME
+    cleanup_interval: float = DEFAULT_CLEANUP_INTERVAL
     capacity: int = DEFAULT_CAPACITY
-    lock_timeout: Duration = DEFAULT_LOCK_TIMEOUT
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT
     max_processes: int = DEFAULT_MAX_PROCESSES
+
+    if TYPE_CHECKING:
+        # For type checkers only (at run time the dataclass makes __init__ from the
+        # fields above, in this order): a duration may be given as a timedelta.
+        def __init__(self, max_references: int = DEFAULT_MAX_REFERENCES,
+                     max_idle_time: Duration = DEFAULT_MAX_IDLE_TIME,
+                     cleanup_interval: Duration = DEFAULT_CLEANUP_INTERVAL,
+                     capacity: int = DEFAULT_CAPACITY,
+                     lock_timeout: Duration = DEFAULT_LOCK_TIMEOUT,
+                     max_processes: int = DEFAULT_MAX_PROCESSES) -> None: ...
 
     def __post_init__(self) -> None:
         norm = {

@@ -21,6 +21,10 @@ from ._errors import (
 from ._lock import ContextLock
 
 if TYPE_CHECKING:
+    # NumPy is needed only by array contexts, and imported only when one is read; type
+    # checkers see what array() returns.
+    from numpy.typing import NDArray
+
     from ._config import MemoryContextConfig
     from ._lock import RobustLock
 
@@ -84,7 +88,7 @@ class _Mapped:
         self.size = size
         self.mm = mm
         self.view = memoryview(mm) if mm is not None else memoryview(b"")
-        self.lock: ContextLock | None = None
+        self.lock: _MappedLock | None = None
         self.parent = parent
         # The slot's offset in the table and its stripe lock, looked up once per mapping
         # rather than on every get and return.
@@ -196,6 +200,7 @@ class MemoryContext:
 
     @property
     def name(self) -> str:
+        """The context's name in its namespace."""
         return self._mapped.name
 
     @property
@@ -243,7 +248,7 @@ class MemoryContext:
             self._view = data_of(self._mapped)
         return self._view
 
-    def array(self, writeable: bool = False) -> Any:
+    def array(self, writeable: bool = False) -> NDArray[Any]:
         """The context's NumPy array (``MemoryContextConfig.for_array``), over the
         shared memory itself: nothing is copied, and every process sees the same
         elements. Read-only unless ``writeable``.
@@ -262,7 +267,8 @@ class MemoryContext:
         if m.kind != L.KIND_ARRAY:
             raise _payload.kind_error(self.name, m.kind, L.KIND_ARRAY)
         try:
-            return _payload.array_view(data_of(m), payload_of(m), writeable)
+            arr: NDArray[Any] = _payload.array_view(data_of(m), payload_of(m), writeable)
+            return arr
         except ContextError as e:
             raise ContextError(f"context {self.name!r}: {e}") from None
 
@@ -475,13 +481,13 @@ class ContextInfo:
 class SweepReport:
     """What one sweep did."""
 
-    closed: list[str] = field(default_factory=list)
-    reclaimed: dict[int, int] = field(default_factory=dict)  # dead pid -> references
-    skipped_in_use: list[str] = field(default_factory=list)
-    orphans_removed: list[str] = field(default_factory=list)
+    closed: list[str] = field(default_factory=list[str])
+    reclaimed: dict[int, int] = field(default_factory=dict[int, int])  # dead pid -> references
+    skipped_in_use: list[str] = field(default_factory=list[str])
+    orphans_removed: list[str] = field(default_factory=list[str])
     locks_recovered: int = 0  # locks taken over from dead owners and released
     duration: float = 0.0
-    damaged: list[str] = field(default_factory=list)  # contexts closed as damaged
+    damaged: list[str] = field(default_factory=list[str])  # contexts closed as damaged
 
     def __bool__(self) -> bool:
         return bool(self.closed or self.reclaimed or self.orphans_removed

@@ -15,18 +15,23 @@ import os
 import struct
 import sys
 import uuid
+from typing import TYPE_CHECKING
 
 from . import _inspect
 from ._config import ContextConfig, MemoryContextConfig
 from ._manager import ContextManager
 from ._shm import namespace_objects
 
+if TYPE_CHECKING:
+    from multiprocessing.process import BaseProcess
+    from multiprocessing.synchronize import Event, Semaphore
+
 _COUNTER = struct.Struct("<Q")
 _CELL = struct.Struct("<IQ")  # pid, increments done
 _ROUNDS = 200
 
 
-def _worker(namespace: str, index: int, holding, release) -> None:
+def _worker(namespace: str, index: int, holding: Semaphore, release: Event) -> None:
     with ContextManager(namespace=namespace) as m:
         for _ in range(_ROUNDS):
             ctx = m.get_context("demo.shared")
@@ -57,8 +62,11 @@ def run(workers: int = 4, start_method: str = "spawn") -> int:
             print(f"created context {ctx.name!r} ({ctx.size} bytes), existed={existed}")
             mpc = mp.get_context(start_method)
             holding, release = mpc.Semaphore(0), mpc.Event()
-            procs = [mpc.Process(target=_worker, args=(namespace, i, holding, release))
-                     for i in range(workers)]
+            # Every start method's context has Process, but typeshed declares it on each
+            # context class, not on the BaseContext that get_context(str) returns.
+            procs: list[BaseProcess] = [
+                mpc.Process(target=_worker, args=(namespace, i, holding, release))  # type: ignore[attr-defined]
+                for i in range(workers)]
             for p in procs:
                 p.start()
             for _ in procs:

@@ -256,7 +256,7 @@ class _GcState:
 _gc_state = _GcState()
 
 
-def _gc_phase(phase: str, _info: dict) -> None:
+def _gc_phase(phase: str, _info: dict[str, int]) -> None:
     """``gc.callbacks`` entry: runs in the collecting thread, before and after each
     collection (never two at once)."""
     if phase == "start":

@@ -26,7 +26,9 @@ offset follows from the fields before it. Everything else comes from those decla
   ``_hotpath`` refuses a build, whose fingerprint differs;
 * ``_layout.h``, the offsets and sizes for ``_speedups.c`` (``python -m shmctx._layout
   --c-header``), and the byte tables of docs/architecture.md (``--markdown``);
-  ``tools/gen_layout.py`` rewrites both, tests/test_layout.py fails when either is stale.
+  ``tools/gen_layout.py`` rewrites both, tests/test_layout.py fails when either is stale;
+* ``_records.pyi``, the named records for type checkers (``--records-stub``), which
+  tests/test_stubs.py keeps current.
 
 Changing a declaration changes the fingerprint, so a table made by the old code is
 refused rather than misread; bump ``LAYOUT_VERSION`` and the last byte of ``MAGIC`` too,
@@ -128,7 +130,7 @@ import sys
 import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 LAYOUT_VERSION = 4  # bump (with the last byte of MAGIC) on any change of the declarations
 MAGIC = b"SHMCTX\x00" + bytes([LAYOUT_VERSION])
@@ -300,10 +302,12 @@ class Record:
         names = [p.name for p in self.fields if not p.pad and lo <= p.off <= hi]
         st = self.pick(*names)
         start = self._named[names[0]].off
-        base = typing.NamedTuple(cls_name, [(n, _python_type(self._named[n].type))
-                                            for n in names])
+        fields = [(n, _python_type(self._named[n].type)) for n in names]
+        # Name and fields are data here, which type checkers do not follow (they read
+        # _records.pyi instead).
+        base = typing.NamedTuple(cls_name, fields)  # type: ignore[misc]
 
-        def read(cls: type, buf: memoryview | bytes | bytearray, off: int = 0) -> object:
+        def read(cls: Any, buf: memoryview | bytes | bytearray, off: int = 0) -> object:
             return cls._make(st.unpack_from(buf, off + start))
 
         doc = f"{self.title}: {', '.join(names)}, read from the table with ``read``."
@@ -447,12 +451,25 @@ PAYLOAD = Record("payload", "Payload header", 64, [
 
 # --- derived: named records ---------------------------------------------------------
 
-Header = HEADER.named("Header")
-LockRecord = LOCK_RECORD.named("LockRecord")
-ProcHead = PROC.named("ProcHead", "pid", "attached")
-Sweeper = HEADER.named("Sweeper", "sweeper_pid", "sweeper_beat")  # the header's sweeper fields
-Slot = SLOT.named("Slot")
-Payload = PAYLOAD.named("Payload")
+if typing.TYPE_CHECKING:
+    # A type checker cannot see fields made at run time: _records.pyi declares the same
+    # records for it (generated from these by records_stub; a test keeps it current).
+    from . import _records  # pyright: ignore[reportMissingModuleSource]
+
+    Header = _records.Header
+    LockRecord = _records.LockRecord
+    ProcHead = _records.ProcHead
+    Sweeper = _records.Sweeper
+    Slot = _records.Slot
+    Payload = _records.Payload
+else:
+    Header = HEADER.named("Header")
+    LockRecord = LOCK_RECORD.named("LockRecord")
+    ProcHead = PROC.named("ProcHead", "pid", "attached")
+    Sweeper = HEADER.named("Sweeper", "sweeper_pid", "sweeper_beat")  # header's sweeper fields
+    Slot = SLOT.named("Slot")
+    Payload = PAYLOAD.named("Payload")
+NAMED = (Header, LockRecord, ProcHead, Sweeper, Slot, Payload)
 
 # --- derived: the names the other modules use ---------------------------------------
 
@@ -482,7 +499,7 @@ H_FINGERPRINT_OFF, H_FINGERPRINT = HEADER.off("fingerprint"), HEADER["fingerprin
 # lock record, index entry, process entry
 LOCK = LOCK_RECORD.struct  # pid, epoch, start
 INDEX_ENTRY = INDEX_ENTRY_RECORD.struct
-P_HEAD = ProcHead.STRUCT  # pid, flags, start, attached
+P_HEAD = PROC.span("pid", "attached")  # pid, flags, start, attached: ProcHead
 P_PID = PROC["pid"].st
 
 # slot
@@ -583,7 +600,10 @@ class Words:
         For a lock on a mapping that its user closes at once (ctx-inspect)."""
         w = cls.__new__(cls)
         w.buf = buf
-        w.u32, w.u64, w.f64 = (_SliceView(buf, struct.Struct(f)) for f in ("<I", "<Q", "<d"))
+        # Typed as the views they stand in for: a lock, their one user, indexes them by
+        # an int alone (no slices, no tolist), which _SliceView does as they do.
+        w.u32, w.u64, w.f64 = (cast("memoryview[Any]", _SliceView(buf, struct.Struct(f)))
+                               for f in ("<I", "<Q", "<d"))
         return w
 
     def release(self) -> None:
@@ -601,7 +621,8 @@ class _SliceView:
         self.st = st
 
     def __getitem__(self, i: int) -> int | float:
-        return self.st.unpack_from(self.buf, i * self.st.size)[0]
+        value: int | float = self.st.unpack_from(self.buf, i * self.st.size)[0]
+        return value
 
     def __setitem__(self, i: int, value: int | float) -> None:
         n = self.st.size
@@ -749,6 +770,29 @@ def c_header() -> str:
     return "\n".join(out)
 
 
+def records_stub() -> str:
+    """``_records.pyi``: the named records (``NAMED``) as ``NamedTuple`` classes with
+    their fields written out, for type checkers, which cannot see the fields that
+    ``Record.named`` makes at run time."""
+    out = [
+        "# _records.pyi: the named records of _layout.py, declared for type checkers.",
+        "#",
+        "# generated from _layout.py; do not edit. Regenerate with",
+        "# python -m shmctx._layout --records-stub; tests/test_stubs.py fails while",
+        "# this file is stale. The records exist only as _layout.Header, _layout.Slot, ...",
+        "",
+        "from typing import NamedTuple",
+    ]
+    for cls in NAMED:
+        out += ["", f"class {cls.__name__}(NamedTuple):"]
+        out += [f"    {name}: {typ.__name__}"
+                for name, typ in typing.get_type_hints(cls).items()]
+        out += ["    @classmethod",
+                "    def read(cls, buf: memoryview | bytes | bytearray, off: int = 0) -> "
+                f"{cls.__name__}: ..."]
+    return "\n".join(out) + "\n"
+
+
 def _define(name: str, value: str, comment: str = "") -> str:
     line = f"#define {name:<40} {value}"
     return f"{line:<56} /* {comment} */" if comment else line
@@ -814,9 +858,13 @@ def _main(argv: Sequence[str] | None = None) -> int:
     what = ap.add_mutually_exclusive_group(required=True)
     what.add_argument("--c-header", action="store_true", help="_layout.h for _speedups.c")
     what.add_argument("--fingerprint", action="store_true", help="FINGERPRINT, in hex")
+    what.add_argument("--records-stub", action="store_true",
+                      help="_records.pyi, the named records for type checkers")
     args = ap.parse_args(argv)
     if args.c_header:
         sys.stdout.write(c_header())
+    elif args.records_stub:
+        sys.stdout.write(records_stub())
     else:
         print(f"{FINGERPRINT:016x}")
     return 0

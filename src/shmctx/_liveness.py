@@ -72,7 +72,7 @@ class Liveness:
         # (entry, pid) this manager registered. Asked about its own lock, a description
         # sees no conflict, so its own entry is known alive rather than asked about; the
         # pid makes a forked child, whose entry is not this one, ask the kernel.
-        self.mine = (-1, 0)
+        self.mine: tuple[int, int] = (-1, 0)
 
     # --- the entry locks ------------------------------------------------------------
 
@@ -111,7 +111,8 @@ class Liveness:
             got = self._lock(fcntl.F_OFD_GETLK, fcntl.F_WRLCK, proc)
         except OSError:
             return None
-        return _FLOCK.unpack(got)[0] != fcntl.F_UNLCK
+        kind: int = _FLOCK.unpack(got)[0]
+        return kind != fcntl.F_UNLCK
 
     # --- verdicts -------------------------------------------------------------------
 
@@ -136,7 +137,7 @@ class Liveness:
     def dead_entries(self) -> list[tuple[int, L.ProcHead]]:
         """(entry, head) of every process entry judged dead, without the table lock (a
         fallback judgement reads /proc); confirm each with ``still_dead`` under it."""
-        out = []
+        out: list[tuple[int, L.ProcHead]] = []
         for p in range(self.geo.max_processes):
             head = L.ProcHead.read(self.buf, self.geo.proc_off(p))
             if head.pid and not self.entry_alive(p):

@@ -653,7 +653,7 @@ class ContextManager:
             t = self._table
             with t.table_lock:
                 if not force:
-                    busy = {}
+                    busy: dict[int, int] = {}  # pid -> references
                     for p in range(t.geo.max_processes):
                         pid = t.proc_head(p).pid
                         if not pid or pid == identity.pid:  # our own other managers do not count

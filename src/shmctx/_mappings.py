@@ -76,6 +76,7 @@ class Mappings:
         """Whether the slot at offset ``so`` still holds incarnation ``inc``, open."""
         if self.closed:
             return False
+        now: int
         state, _rc, now = L.S_CHECK.unpack_from(self.table.buf, so)
         return now == inc and state != L.FREE
 
@@ -132,7 +133,7 @@ class Mappings:
             m.lock = self._locks[m.inc] = self.context_lock(m, sem)
         return m.lock
 
-    def context_lock(self, m: _Mapped, sem: posix_ipc.Semaphore) -> ContextLock:
+    def context_lock(self, m: _Mapped, sem: posix_ipc.Semaphore) -> _MappedLock:
         """A lock object owning ``sem`` (closed when the object goes). It refers to the
         slot and incarnation, not to ``m``: a mapping refers to its lock, and a reference
         back would make a cycle that only the garbage collector frees, pinning the
@@ -223,7 +224,7 @@ class Mappings:
         keep = limit - prune_step(limit) if limit > 1 else limit
         self._added = 0
         with self._lock:
-            idle = []
+            idle: list[tuple[float, str]] = []
             for name, m in list(self.mapped.items()):
                 state, inc, last = _SLOT_PRUNE.unpack_from(buf, m.off)
                 if inc != m.inc or state == L.FREE:

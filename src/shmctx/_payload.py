@@ -33,7 +33,7 @@ from __future__ import annotations
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 
@@ -147,7 +147,7 @@ def _descr_in(d: Any) -> Any:
     """A descr back from msgpack (lists where NumPy wants tuples)."""
     if isinstance(d, str):
         return d
-    fields = []
+    fields: list[tuple[Any, ...]] = []
     for f in d:
         name = tuple(f[0]) if isinstance(f[0], list) else f[0]
         rest = [_descr_in(f[1])] + ([tuple(f[2])] if len(f) > 2 else [])
@@ -216,7 +216,9 @@ def read(view: memoryview, kind: int) -> Payload:
         raise ContextError(f"its payload metadata is damaged: {e}") from None
     if not isinstance(meta, dict):
         raise ContextError("its payload metadata is damaged: not a map")
-    return Payload(kind, meta, h.data_off, h.data_len)
+    # A map, as written by array_meta or the object writer below; its keys and values
+    # are checked where they are used.
+    return Payload(kind, cast("dict[str, Any]", meta), h.data_off, h.data_len)
 
 
 # --- arrays over the memory -----------------------------------------------------------

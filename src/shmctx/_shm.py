@@ -24,7 +24,7 @@ import os
 import pwd
 import re
 import resource
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Generator
 from contextlib import contextmanager
 
 import posix_ipc
@@ -230,7 +230,7 @@ PAGE = mmap.PAGESIZE  # what a semaphore takes in /dev/shm
 
 
 @contextmanager
-def os_errors(what: str, needed: int = PAGE) -> Iterator[None]:
+def os_errors(what: str, needed: int = PAGE) -> Generator[None, None, None]:
     """Turn a descriptor limit (EMFILE, ENFILE) met while opening ``what`` into an
     ``OSError`` with that errno and a message naming the limit, and a full ``/dev/shm``
     (ENOSPC; glibc's sem_open writes a page there) into ``no_space``."""

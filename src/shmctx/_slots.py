@@ -178,7 +178,7 @@ class Slots:
         """``InvalidConfigError`` if ``config`` is not the existing context's. An array's
         shape and dtype are in its memory, not in the slot: compared once it is mapped
         (``ColdPath``), and its size, which follows from them, not here."""
-        problems = []
+        problems: list[str] = []
         if f.kind != config.kind:
             problems.append(f"type: requested {_payload.KIND_NAMES[config.kind]} != existing "
                             f"{_payload.KIND_NAMES.get(f.kind, f.kind)}")
@@ -330,7 +330,7 @@ class Slots:
         make room; never the slots in ``spare``. Needs the table lock."""
         t = self.table
         buf, geo = t.buf, t.geo
-        candidates = []
+        candidates: list[tuple[float, int]] = []  # (last used, slot)
         for slot in range(geo.capacity):
             so = geo.slot_off(slot)
             state, rc, _inc = L.S_CHECK.unpack_from(buf, so)
@@ -427,7 +427,7 @@ class Slots:
         buf = t.buf
         tree = [s for s in self.subtree(slot)  # children first
                 if s == slot or not buf[t.geo.slot_off(s) + 1] & L.SLOT_PENDING]
-        done = []
+        done: list[tuple[int, int]] = []  # (slot, incarnation)
         for s in tree:
             so = t.geo.slot_off(s)
             f = t.read_slot(s)
@@ -545,7 +545,8 @@ class Slots:
             return [slot]  # a leaf, the common case: no scan of the table
         children = t.children()
         order: list[int] = []
-        stack, seen = [slot], set()
+        stack = [slot]
+        seen: set[int] = set()
         while stack:
             s = stack.pop()
             if s in seen:

@@ -38,8 +38,8 @@ class SlotView:
     children: int
     kind: int  # L.KIND_*
     version: int
-    holders: dict[int, int] = field(default_factory=dict)  # pid -> count
-    holder_starts: dict[int, int] = field(default_factory=dict)  # pid -> start
+    holders: dict[int, int] = field(default_factory=dict[int, int])  # pid -> count
+    holder_starts: dict[int, int] = field(default_factory=dict[int, int])  # pid -> start
 
 
 @dataclass
@@ -55,7 +55,7 @@ class ProcView:
 class Snapshot:
     namespace: str
     geo: L.Geometry
-    config: dict
+    config: dict[str, float]  # the header's ContextConfig fields (ints and floats)
     mode: int
     created: float
     next_incarnation: int
@@ -71,7 +71,7 @@ class Snapshot:
     taken_at_mono: float
     taken_at_wall: float
     locked: bool = True
-    derived: list[str] = field(default_factory=list)  # derived_problems of the copy
+    derived: list[str] = field(default_factory=list[str])  # derived_problems of the copy
 
     def by_name(self) -> dict[str, SlotView]:
         return {s.name: s for s in self.slots if s.state != L.FREE}

@@ -67,7 +67,8 @@ def sweep_once(slots: Slots) -> SweepReport:
     # max_idle_time.
     idle_limit = t.config.max_idle_time
     now = monotonic()
-    superseded, candidates = [], []
+    superseded: list[tuple[int, int]] = []  # (slot, incarnation)
+    candidates: list[tuple[int, int]] = []
     for slot in range(geo.capacity):
         so = geo.slot_off(slot)
         state, rc, inc = L.S_CHECK.unpack_from(buf, so)
@@ -109,7 +110,7 @@ def close_damaged(slots: Slots) -> list[str]:
     t = slots.table
     buf, geo = t.buf, t.geo
     present = set(_shm.namespace_objects(t.ns))
-    suspects = []
+    suspects: list[tuple[int, int]] = []  # (slot, incarnation)
     for slot in range(geo.capacity):
         so = geo.slot_off(slot)
         state, _rc, inc = L.S_CHECK.unpack_from(buf, so)
@@ -117,7 +118,7 @@ def close_damaged(slots: Slots) -> list[str]:
                 state == L.READY and L.SLOT["size"].read(buf, so) and
                 t.segment(slot, inc).lstrip("/") not in present):
             suspects.append((slot, inc))
-    names = []
+    names: list[str] = []
     for slot, inc in suspects:
         with t.table_lock:
             so = geo.slot_off(slot)
@@ -165,7 +166,7 @@ def remove_namespace_orphans(t: Table) -> list[str]:
 def in_use_incarnations(buf: memoryview, geo: L.Geometry) -> set[int]:
     """Incarnations of the slots in use, read without a lock (see
     ``remove_namespace_orphans`` for why that is safe)."""
-    live = set()
+    live: set[int] = set()
     for slot in range(geo.capacity):
         state, _rc, inc = L.S_CHECK.unpack_from(buf, geo.slot_off(slot))
         if state != L.FREE:
@@ -186,7 +187,7 @@ def stale_objects(ns: str, entries: list[str], own_tag: str | None,
     public = _shm.public_tag(ns)
     parsed = [(e, _shm.parse_object(ns, e)) for e in entries]
     building = {p[0] for _e, p in parsed if p and p[1] == "new" and is_alive(p[2], 0)}
-    out = []
+    out: list[tuple[str, str]] = []
     for entry, p in parsed:
         if p is None:
             continue
@@ -204,7 +205,7 @@ def stale_objects(ns: str, entries: list[str], own_tag: str | None,
 def remove_stale(ns: str, entries: list[str], own_tag: str | None,
                  live_incs: set[int] | None) -> list[str]:
     """Remove what ``stale_objects`` finds stale; returns what was removed."""
-    removed = []
+    removed: list[str] = []
     for entry, _why in stale_objects(ns, entries, own_tag, live_incs):
         _shm.remove_host_object(entry)
         removed.append(entry)

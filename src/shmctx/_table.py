@@ -73,7 +73,7 @@ class Table:
              max_idle, interval, lock_timeout, _created) = h
             index_size = L.H_INDEX_SIZE.unpack_from(self.buf, L.H_INDEX_SIZE_OFF)[0]
             self.geo = L.Geometry(capacity, max_procs, stripes, index_size)
-            self.mode = mode
+            self.mode: int = mode
             self.config = ContextConfig(
                 max_references=max_refs,
                 max_idle_time=max_idle,
@@ -284,7 +284,8 @@ class Table:
     # --- header ---------------------------------------------------------------------
 
     def flags(self) -> int:
-        return L.H_FLAGS.unpack_from(self.buf, L.H_FLAGS_OFF)[0]
+        flags: int = L.H_FLAGS.unpack_from(self.buf, L.H_FLAGS_OFF)[0]
+        return flags
 
     def check_usable(self) -> None:
         if self.flags() & L.FLAG_UNLINKED:
@@ -296,7 +297,7 @@ class Table:
 
     def next_incarnation(self) -> int:
         """Needs the table lock."""
-        inc = L.H_NEXT_INC.unpack_from(self.buf, L.H_NEXT_INC_OFF)[0]
+        inc: int = L.H_NEXT_INC.unpack_from(self.buf, L.H_NEXT_INC_OFF)[0]
         self.words.put64(L.H_NEXT_INC_OFF, inc + 1)
         return inc
 
@@ -307,7 +308,8 @@ class Table:
         self.words.put32(L.H_LIVE_OFF, max(0, live + delta))
 
     def live_count(self) -> int:
-        return L.H_LIVE.unpack_from(self.buf, L.H_LIVE_OFF)[0]
+        live: int = L.H_LIVE.unpack_from(self.buf, L.H_LIVE_OFF)[0]
+        return live
 
     def sweeper(self) -> L.Sweeper:
         return L.Sweeper.read(self.buf)  # the header starts the table
@@ -340,15 +342,17 @@ class Table:
         mask = geo.index_size - 1
         pos = h & mask
         for _ in range(geo.index_size):
-            e = L.INDEX_ENTRY.unpack_from(buf, geo.index_entry_off(pos))[0]
+            e: int = L.INDEX_ENTRY.unpack_from(buf, geo.index_entry_off(pos))[0]
             if e == 0:
                 return -1
             slot = e - 1
             if slot < geo.capacity:
                 off = geo.slot_off(slot)
                 state, _f, n, _rc, _inc, sh = L.S_HEAD.unpack_from(buf, off)
+                # (A memoryview equals the bytes of the same content, which pyright does
+                # not know.)
                 if (sh == h and state != L.FREE and n == len(name_b)
-                        and buf[off + L.S_NAME_OFF : off + L.S_NAME_OFF + n] == name_b):
+                        and buf[off + L.S_NAME_OFF : off + L.S_NAME_OFF + n] == name_b):  # pyright: ignore[reportUnnecessaryComparison]
                     return slot
             pos = (pos + 1) & mask
         return -1
@@ -415,7 +419,8 @@ class Table:
     def _hash_of(self, slot: int) -> int:
         if slot >= self.geo.capacity:
             return 0
-        return L.SLOT["name_hash"].read(self.buf, self.geo.slot_off(slot))
+        h: int = L.SLOT["name_hash"].read(self.buf, self.geo.slot_off(slot))
+        return h
 
     # --- free list (table lock) -----------------------------------------------------
 
@@ -425,7 +430,7 @@ class Table:
         longer than the table (a loop, which only damage makes) ends it, so a damaged
         list costs at most one pass. ``Slots.claim`` checks a -1 against the slots."""
         buf, geo, w = self.buf, self.geo, self.words
-        head = L.H_FREE_HEAD.unpack_from(buf, L.H_FREE_HEAD_OFF)[0]
+        head: int = L.H_FREE_HEAD.unpack_from(buf, L.H_FREE_HEAD_OFF)[0]
         for _ in range(geo.capacity):
             if not head or head > geo.capacity:
                 break
@@ -577,7 +582,7 @@ class Table:
 
     def dead_creations(self) -> list[tuple[int, int]]:
         """(slot, incarnation) of every slot in CREATING state whose creator is dead."""
-        out = []
+        out: list[tuple[int, int]] = []
         for slot in range(self.geo.capacity):
             f = self.read_slot(slot)
             if f.state == L.CREATING and \
@@ -709,7 +714,7 @@ def derived_problems(buf: memoryview | bytes, geo: L.Geometry) -> list[str]:
     """What is wrong with the derived data of the header (live count, free list) as
     checked against the slots' states, the primary record; empty when it agrees. For a
     table read under its lock (or a copy taken under it), where both are stable."""
-    out = []
+    out: list[str] = []
     cap = geo.capacity
     free = [buf[geo.slot_off(s)] == L.FREE for s in range(cap)]
     used = cap - sum(free)

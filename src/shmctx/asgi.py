@@ -45,7 +45,7 @@ import os
 import sys
 import threading
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -131,7 +131,7 @@ async def attached(
     *,
     config: ContextConfig | None = None,
     logger: logging.Logger | str | None = "uvicorn.error",
-) -> AsyncIterator[ContextManager]:
+) -> AsyncGenerator[ContextManager, None]:
     """``async with shmctx.asgi.attached() as m:`` attaches this worker for the block's
     duration (in a Starlette/FastAPI lifespan: around its ``yield``); ``m`` is the
     worker's manager, the one ``manager()`` returns. Arguments as for ``lifespan``.
@@ -249,7 +249,7 @@ async def context(
     *,
     init: Callable[[MemoryContext], object] | None = None,
     timeout: float | None = None,
-) -> AsyncIterator[MemoryContext]:
+) -> AsyncGenerator[MemoryContext, None]:
     """``async with shmctx.asgi.context(name, ...) as ctx:``: the get as
     ``get_or_create_context`` (in a thread), the return on exit (on the event loop: a
     return never waits for long), also when the block raises."""
@@ -266,7 +266,7 @@ async def context(
 
 
 @asynccontextmanager
-async def locked(ctx: MemoryContext, *, timeout: float | None = None) -> AsyncIterator[None]:
+async def locked(ctx: MemoryContext, *, timeout: float | None = None) -> AsyncGenerator[None, None]:
     """``async with shmctx.asgi.locked(ctx):`` holds ``ctx.lock`` across ``await``s.
 
     Use it instead of ``with ctx.lock:`` in a coroutine whose critical section awaits.

@@ -124,7 +124,9 @@ def install(app: Celery, *, namespace: str | None = None,
                              (signals.worker_process_init, _on_worker_process_init),
                              (signals.worker_process_shutdown, _on_worker_process_shutdown),
                              (signals.worker_shutdown, _on_worker_shutdown)):
-        signal.connect(receiver, weak=False, dispatch_uid=f"shmctx.celery.{signal.name}")
+        # The celery-types stub of Signal lacks the ``name`` every signal has.
+        uid = f"shmctx.celery.{signal.name}"  # type: ignore[attr-defined]
+        signal.connect(receiver, weak=False, dispatch_uid=uid)
 
 
 def manager() -> ContextManager:
@@ -313,7 +315,8 @@ _NOT_SET_UP = (
 def _settings_of(worker: Any) -> _Settings | None:
     """install()'s arguments for the app of ``worker`` (a signal's sender), if any."""
     app = getattr(worker, "app", None)
-    return _installed.get(app) if isinstance(app, Celery) else None
+    # celery-types leaves Celery's type parameters unknown to pyright's strict mode.
+    return _installed.get(app) if isinstance(app, Celery) else None  # pyright: ignore[reportUnknownArgumentType]
 
 
 def _resolve_namespace(namespace: str | None) -> tuple[str, bool]:

@@ -85,7 +85,8 @@ class _Open:
     peer: WorkerManager  # closes with unlink_if_last, and at exit if nobody did
     manager: ContextManager  # what ``peer`` opened: a nanny's reclaims go through it
     config: ContextConfig
-    users: set[tuple[str, int]] = field(default_factory=set)  # ("nanny"|"worker", id)
+    # ("nanny" or "worker", id) of each user of this manager
+    users: set[tuple[str, int]] = field(default_factory=set[tuple[str, int]])
 
     @property
     def for_workers(self) -> bool:
@@ -187,7 +188,9 @@ async def _exit_of(nanny: Nanny, pid: int) -> None:
     except ProcessLookupError:
         return  # already gone
     except (AttributeError, OSError):
-        while nanny.pid == pid:
+        # (distributed annotates Nanny.pid as always an int; it is None while no worker
+        # runs, which is what these comparisons wait for.)
+        while nanny.pid == pid:  # pyright: ignore[reportUnnecessaryComparison]
             await asyncio.sleep(WATCH_INTERVAL)
         return
     loop = asyncio.get_running_loop()
@@ -196,9 +199,13 @@ async def _exit_of(nanny: Nanny, pid: int) -> None:
         # A pid is reused only once its process is reaped, and the nanny reports its
         # worker's pid until it has reaped it: still reported now, the pidfd names the
         # worker, not a newcomer that got its pid.
-        if nanny.pid != pid:
+        if nanny.pid != pid:  # pyright: ignore[reportUnnecessaryComparison]
             return
-        loop.add_reader(fd, lambda: exited.done() or exited.set_result(None))
+        def wake() -> None:
+            if not exited.done():
+                exited.set_result(None)
+
+        loop.add_reader(fd, wake)
         try:
             await exited
         finally:
@@ -252,7 +259,9 @@ class HostContexts(NannyPlugin):
         self.namespace, self.config = _check_args(namespace, config)
         self.name = f"shmctx-{self.namespace}"
 
-    async def setup(self, nanny: Nanny) -> None:
+    # distributed declares NannyPlugin.setup/teardown as plain methods but awaits them when
+    # they are coroutine functions, as its own plugins' are.
+    async def setup(self, nanny: Nanny) -> None:  # pyright: ignore[reportIncompatibleMethodOverride]
         """Nanny: open the namespace, hand its name to the worker, watch the worker."""
         _route_logs()
         key = (self.namespace, id(nanny))
@@ -264,7 +273,7 @@ class HostContexts(NannyPlugin):
         log.info("nanny pid %d opened namespace %r for its worker", os.getpid(),
                  self.namespace)
 
-    async def teardown(self, nanny: Nanny) -> None:
+    async def teardown(self, nanny: Nanny) -> None:  # pyright: ignore[reportIncompatibleMethodOverride]
         """Nanny: stop the worker, reclaim what it held, close the namespace."""
         task = _watchers.pop((self.namespace, id(nanny)), None)
         if task is not None:

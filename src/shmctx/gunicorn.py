@@ -288,17 +288,17 @@ def _differences(wanted: _Settings, have: _Settings, *, running: bool = False) -
     """``setting: wanted != have`` for each setting that differs. With ``running``,
     ``have`` is what the master runs with: a setting ``wanted`` leaves unset (None) then
     asks for nothing, and ``SHMCTX_NAMESPACE`` counts as asking for a namespace."""
-    out = []
+    out: list[str] = []
     for key in ("namespace", "config", "mode"):
         new, old = wanted[key], have[key]
         if running and key == "namespace":
-            new = _requested_namespace(new)
+            new = _requested_namespace(wanted["namespace"])
         if new == old or (running and new is None):
             continue
         if isinstance(new, ContextConfig) and isinstance(old, ContextConfig):
             out += [f"config.{d}" for d in new.differences(old)]
         elif key == "mode":
-            out.append(f"mode: {_octal(new)} != {_octal(old)}")
+            out.append(f"mode: {_octal(wanted['mode'])} != {_octal(have['mode'])}")
         else:
             out.append(f"{key}: {new!r} != {old!r}")
     return out

@@ -135,7 +135,7 @@ class _Run:
             if m is not None:
                 _quietly(m.close, "detach from", self.namespace)
             return
-        if m is None and self.exists():
+        if m is None and self.namespace is not None and self.exists():
             try:
                 m = ContextManager(namespace=self.namespace, sweeper=False)
             except ContextError as e:  # damaged or half-made: remove its objects below
@@ -191,7 +191,7 @@ def _remove_stale_runs(prefix: str) -> None:
         entries = os.listdir(_shm.SHM_DIR)
     except OSError:
         return
-    stale = set()
+    stale: set[str] = set()
     for entry in entries:
         body = entry.removeprefix("sem.")
         if body.startswith(head):
@@ -284,7 +284,8 @@ class SessionValues:
     def buffer(self, key: str, factory: Callable[[], Any]) -> memoryview:
         """The run's buffer ``key``: the bytes of ``factory()``'s bytes-like result,
         built once, as a read-only view over the shared memory (no copy)."""
-        return self._get(key, factory, _BUFFER)
+        view: memoryview = self._get(key, factory, _BUFFER)
+        return view
 
     def release(self) -> None:
         """Return every reference this process took (values already handed out stay

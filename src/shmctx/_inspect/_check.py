@@ -7,16 +7,18 @@ import argparse
 
 from .._snapshot import violations
 from ._fail import EXIT_OK, EXIT_VIOLATIONS, Fail
-from ._model import SCHEMA
+from ._model import SCHEMA, Doc
 from ._namespaces import each_namespace, table_namespaces
 from ._read import read
 from ._render import Out
 
 
-def check(args: argparse.Namespace, out: Out) -> tuple[dict, list[str], int]:
+def check(args: argparse.Namespace, out: Out) -> tuple[Doc, list[str], int]:
     """The --check document, its text lines and the exit code."""
     targets = [args.namespace] if args.namespace else table_namespaces()
-    results, lines, code = [], [], EXIT_OK
+    results: list[Doc] = []
+    lines: list[str] = []
+    code = EXIT_OK
     for ns, r in each_namespace(targets, bool(args.namespace),
                                 lambda ns: read(ns, args.timeout)):
         if isinstance(r, Fail):

@@ -19,7 +19,7 @@ from .._version import __version__
 from ._check import check
 from ._fail import EXIT_FORMAT, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, Fail
 from ._gc import DEFAULT_GRACE, gc
-from ._model import SORT_KEYS, listing_doc, namespace_doc
+from ._model import SORT_KEYS, Doc, listing_doc, namespace_doc
 from ._read import read
 from ._render import Out, listing_lines, namespace_lines
 from ._watch import DEFAULT_WATCH, watch
@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _non_negative(kind: type, what: str) -> Callable[[str], float]:
+def _non_negative(kind: Callable[[str], float], what: str) -> Callable[[str], float]:
     """An argparse type: a finite number >= 0 of ``kind`` (int or float)."""
     def parse(text: str) -> float:
         try:
@@ -90,14 +90,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = _parser()
     args = p.parse_args(argv)
     if args.watch is not None:
+        given: str = args.watch
         try:
-            args.watch = float(args.watch)
+            args.watch = float(given)
         except ValueError:
             # `ctx-inspect --watch NS`: the optional SECONDS swallowed the namespace.
-            if args.namespace is None and _shm.NAMESPACE_RE.fullmatch(args.watch):
-                args.namespace, args.watch = args.watch, DEFAULT_WATCH
+            if args.namespace is None and _shm.NAMESPACE_RE.fullmatch(given):
+                args.namespace, args.watch = given, DEFAULT_WATCH
             else:
-                p.error(f"--watch: expected seconds, got {args.watch!r}")
+                p.error(f"--watch: expected seconds, got {given!r}")
         if not 0.05 <= args.watch < float("inf"):
             p.error(f"--watch: expected at least 0.05 seconds, got {args.watch:g}")
         for flag in ("json", "msgpack", "check", "gc"):
@@ -115,7 +116,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _emit(args: argparse.Namespace, out: Out, doc: dict, lines: list[str]) -> None:
+def _emit(args: argparse.Namespace, out: Out, doc: Doc, lines: list[str]) -> None:
     if args.json:
         out.stream.write(json.dumps(doc, indent=2) + "\n")
     elif args.msgpack:

@@ -25,7 +25,7 @@ from .._snapshot import Snapshot, decode
 from .._sweeper import remove_namespace_orphans, remove_stale, stale_objects
 from .._table import Table
 from ._fail import EXIT_BUSY, EXIT_FORMAT, EXIT_OK, EXIT_USAGE, Fail
-from ._model import SCHEMA
+from ._model import SCHEMA, Doc
 from ._namespaces import each_namespace, table_namespaces, tableless_namespaces, unknown
 from ._read import Read, pread, read
 
@@ -42,7 +42,7 @@ class Action:
     detail: str
     done: bool = False
 
-    def doc(self) -> dict:
+    def doc(self) -> Doc:
         return {"namespace": self.namespace, "action": self.action, "target": self.target,
                 "detail": self.detail, "done": self.done}
 
@@ -57,7 +57,7 @@ class Action:
         return f"{self.namespace}: {verb} {what}: {self.detail}"
 
 
-def gc(args: argparse.Namespace) -> tuple[dict, list[str], int]:
+def gc(args: argparse.Namespace) -> tuple[Doc, list[str], int]:
     """The --gc document, its text lines and the exit code; acts only with --yes."""
     dry = not args.yes
     if args.namespace:
@@ -76,7 +76,7 @@ def gc(args: argparse.Namespace) -> tuple[dict, list[str], int]:
             return Fail(EXIT_FORMAT if isinstance(e, TableFormatError) else EXIT_USAGE, str(e))
 
     actions: list[Action] = []
-    errors: list[dict] = []
+    errors: list[Doc] = []
     code = EXIT_OK
     for ns, result in each_namespace(targets, bool(args.namespace), visit):
         if isinstance(result, Fail):

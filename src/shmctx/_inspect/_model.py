@@ -12,6 +12,7 @@ import argparse
 import fnmatch
 import os
 from collections.abc import Callable
+from typing import Any
 
 from .. import _layout as L
 from .. import _payload, _shm
@@ -23,6 +24,14 @@ from ._read import Read, read
 
 SCHEMA = 1  # version of the JSON/msgpack documents; bumped only on incompatible changes
 SORT_KEYS = ("name", "refs", "idle", "size", "age")
+
+# A document, or a part of it that is a JSON object (its values: JSON's types).
+Doc = dict[str, Any]
+# What --watch compares between refreshes (namespace_state, listing_state): for each
+# context or namespace, its key.
+State = dict[Any, tuple[int, object]]
+# How a view sorts its rows (by a key of the row; reversed or not), by --sort name.
+Sorts = dict[str, tuple[Callable[[Doc], Any], bool]]
 
 
 def _liveness() -> Callable[[int, int], bool]:
@@ -41,8 +50,8 @@ def _r3(x: float) -> float:
     return round(x, 3)
 
 
-def _context_docs(snap: Snapshot, alive: Callable[[int, int], bool]) -> list[dict]:
-    out = []
+def _context_docs(snap: Snapshot, alive: Callable[[int, int], bool]) -> list[Doc]:
+    out: list[Doc] = []
     for s in snap.slots:
         if s.state == L.FREE:
             continue  # a free slot still referenced: garbage for --check, not a context
@@ -73,13 +82,13 @@ def _context_docs(snap: Snapshot, alive: Callable[[int, int], bool]) -> list[dic
     return out
 
 
-def _versions(c: dict) -> tuple:
+def _versions(c: Doc) -> tuple[Any, ...]:
     """The order of a context's row among rows of the same name: oldest version first,
     a pending one (not numbered yet) last, the slot breaking ties in a damaged table."""
     return (c["name"], c["pending"], c["version"], c["slot"])
 
 
-_SORTS: dict[str, tuple[Callable[[dict], object], bool]] = {
+_SORTS: Sorts = {
     "name": (_versions, False),
     "refs": (lambda c: c["refs"], True),
     "idle": (lambda c: c["idle"], True),
@@ -88,9 +97,9 @@ _SORTS: dict[str, tuple[Callable[[dict], object], bool]] = {
 }
 
 
-def _select(items: list[dict], key_name: str, glob: str | None, sort: str,
-            limit: int | None, sorts: dict,
-            tie: Callable[[dict], object] | None = None) -> tuple[list[dict], int]:
+def _select(items: list[Doc], key_name: str, glob: str | None, sort: str,
+            limit: int | None, sorts: Sorts,
+            tie: Callable[[Doc], Any] | None = None) -> tuple[list[Doc], int]:
     """Filter by ``glob`` on ``key_name``, sort, cut to ``limit``; ties are broken by
     ``tie`` (default: ``key_name``). Returns (shown, matched count)."""
     if glob is not None:
@@ -102,7 +111,7 @@ def _select(items: list[dict], key_name: str, glob: str | None, sort: str,
     return (items if limit is None else items[:limit]), len(items)
 
 
-def namespace_doc(r: Read, args: argparse.Namespace) -> dict:
+def namespace_doc(r: Read, args: argparse.Namespace) -> Doc:
     """The document of one namespace's table copy; ``args`` gives --filter, --sort and
     --limit, which cut its ``contexts`` only."""
     snap = r.snap
@@ -169,7 +178,7 @@ def namespace_doc(r: Read, args: argparse.Namespace) -> dict:
     }
 
 
-_LIST_SORTS: dict[str, tuple[Callable[[dict], object], bool]] = {
+_LIST_SORTS: Sorts = {
     "name": (lambda n: n["namespace"], False),
     "refs": (lambda n: n["references"] or 0, True),
     "idle": (lambda n: n["namespace"], False),  # no idle time for a whole namespace
@@ -181,14 +190,14 @@ _LIST_SORTS: dict[str, tuple[Callable[[dict], object], bool]] = {
 _ALL = argparse.Namespace(filter=None, sort="name", limit=None)
 
 
-def listing_doc(args: argparse.Namespace) -> dict:
+def listing_doc(args: argparse.Namespace) -> Doc:
     """The document of every namespace of this host (--timeout, --filter, --sort and
     --limit from ``args``)."""
     tables = table_namespaces()
-    rows = []
+    rows: list[Doc] = []
     for ns, d in each_namespace(tables, False,
                                 lambda ns: namespace_doc(read(ns, args.timeout), _ALL)):
-        row: dict = {"namespace": ns, "error": None, "locked": None, "unlocked_reason": None,
+        row: Doc = {"namespace": ns, "error": None, "locked": None, "unlocked_reason": None,
                      "contexts": None,
                      "references": None, "references_dead": None, "processes": None,
                      "processes_dead": None, "sweeper": {"pid": None, "alive": None},
@@ -225,30 +234,30 @@ def listing_doc(args: argparse.Namespace) -> dict:
 # --- what --watch compares between refreshes ---------------------------------------------
 
 
-def holders_key(c: dict) -> tuple:
+def holders_key(c: Doc) -> tuple[tuple[int, int, bool], ...]:
     """A context's holders, as compared between refreshes."""
     return tuple((h["pid"], h["count"], h["alive"]) for h in c["holders"])
 
 
-def context_key(c: dict) -> tuple[int, object]:
+def context_key(c: Doc) -> tuple[int, object]:
     """A context's references, and the rest of it that --watch marks as changed: its
     holders, and its version's standing (a pending version becoming current keeps its
     slot and incarnation, and is given its number then; a current one is superseded)."""
     return (c["refs"], (holders_key(c), c["version"], c["superseded"], c["pending"]))
 
 
-def namespace_state(d: dict) -> dict:
+def namespace_state(d: Doc) -> State:
     """What --watch compares between refreshes of a namespace view: one entry per slot
     (name and incarnation), so that each version of a name is followed on its own."""
     return {(c["name"], c["incarnation"]): context_key(c) for c in d["contexts"]}
 
 
-def listing_key(n: dict) -> tuple[int, object]:
+def listing_key(n: Doc) -> tuple[int, object]:
     """A listing row's references, and the rest of it that --watch marks as changed."""
     return (n["references"] or 0, (n["contexts"], n["processes"], n["sweeper"]["pid"],
                                    n["error"], n["locked"]))
 
 
-def listing_state(d: dict) -> dict:
+def listing_state(d: Doc) -> State:
     """What --watch compares between refreshes of the namespace list."""
     return {n["namespace"]: listing_key(n) for n in d["namespaces"]}

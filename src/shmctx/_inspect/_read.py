@@ -82,7 +82,8 @@ def _open_table(ns: str, path: str) -> tuple[int, bool]:
 def pread(fd: int, size: int) -> bytes:
     """The first ``size`` bytes of the file (fewer if it is shorter now), by ``pread``:
     holes read as zeros without allocating, and a shrunk file cannot raise SIGBUS."""
-    chunks, got = [], 0
+    chunks: list[bytes] = []
+    got = 0
     while got < size:
         chunk = os.pread(fd, size - got, got)
         if not chunk:

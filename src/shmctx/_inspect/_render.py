@@ -7,9 +7,9 @@ from __future__ import annotations
 import os
 import unicodedata
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Any, TextIO
 
-from ._model import context_key, listing_key
+from ._model import Doc, State, context_key, listing_key
 
 WIDTH = 100
 
@@ -74,7 +74,7 @@ def _clip(cell: Cell, width: int, ellipsis: str) -> Cell:
             out.append((text, style))
             budget -= w
             continue
-        cut = []
+        cut: list[str] = []
         for c in text:
             budget -= _char_width(c)
             if budget < 0:
@@ -155,7 +155,7 @@ def _pid(out: Out, pid: int | None, alive: bool | None) -> Cell:
     return [(str(pid), "")] if alive else [(f"{pid}{out.dead}", "dead")]
 
 
-def _change(prev: dict | None, key: object, now: tuple[int, object]) -> Cell:
+def _change(prev: State | None, key: object, now: tuple[int, object]) -> Cell:
     """The CHG cell of --watch: a new row, the change of its references since the last
     refresh, or ``~`` when something else about it changed."""
     if prev is None:
@@ -168,7 +168,7 @@ def _change(prev: dict | None, key: object, now: tuple[int, object]) -> Cell:
     return [("~", "changed")] if now[1] != prev[key][1] else []
 
 
-def _state(c: dict) -> Cell:
+def _state(c: Doc) -> Cell:
     """The STATE cell: the slot's state, or what the version is when it is not simply
     current. A superseded version is always ready and a pending one always being created
     on a sound table; any other pairing (damage, for --check) is shown as it is."""
@@ -181,12 +181,12 @@ def _state(c: dict) -> Cell:
     return [("+".join([state, *marks]), "" if state == "ready" and not marks else "warn")]
 
 
-def _version(c: dict) -> str:
+def _version(c: Doc) -> str:
     """The VER cell: a pending version has no number until it becomes current."""
     return str(c["version"]) if c["version"] else "-"
 
 
-def _gone(name: str, key: tuple, names: set[str]) -> str:
+def _gone(name: str, key: tuple[int, Any], names: set[str]) -> str:
     """How the footer of --watch names a row that went away (``key``: its
     ``context_key``): by name, with its version when that name has others, so that an
     older version freed by its last holder is not read as the name itself gone."""
@@ -197,7 +197,7 @@ def _gone(name: str, key: tuple, names: set[str]) -> str:
     return f"{label} v{version}" if name in names or version > 1 else label
 
 
-def namespace_lines(out: Out, d: dict, prev: dict | None, watching: bool) -> list[str]:
+def namespace_lines(out: Out, d: Doc, prev: State | None, watching: bool) -> list[str]:
     """The namespace view. ``watching``: add the CHG column, comparing with ``prev`` (the
     state of the last refresh, None on the first)."""
     t, cfg, u, lock, sw = d["table"], d["config"], d["usage"], d["lock"], d["sweeper"]
@@ -290,7 +290,7 @@ def namespace_lines(out: Out, d: dict, prev: dict | None, watching: bool) -> lis
     return lines
 
 
-def listing_lines(out: Out, d: dict, prev: dict | None, watching: bool,
+def listing_lines(out: Out, d: Doc, prev: State | None, watching: bool,
                   filtered: bool) -> list[str]:
     """The namespace list. ``watching`` and ``prev``: as for ``namespace_lines``;
     ``filtered``: --filter was given (an empty list then says so)."""

@@ -8,7 +8,7 @@ import shutil
 import time
 
 from ._fail import EXIT_OK, Fail
-from ._model import listing_doc, listing_state, namespace_doc, namespace_state
+from ._model import State, listing_doc, listing_state, namespace_doc, namespace_state
 from ._read import read
 from ._render import Out, listing_lines, namespace_lines
 
@@ -22,7 +22,7 @@ def watch(args: argparse.Namespace, out: Out) -> int:
     """Redraw in place (cursor home, clear each line's rest and the screen's rest, never
     a full clear: no flicker) every ``args.watch`` seconds until Ctrl-C."""
     stream = out.stream
-    prev: dict | None = None
+    prev: State | None = None
     if out.tty:
         stream.write(_HIDE_CURSOR)
     try:
@@ -47,7 +47,7 @@ def watch(args: argparse.Namespace, out: Out) -> int:
 
 
 def _frame(args: argparse.Namespace, out: Out,
-           prev: dict | None) -> tuple[list[str], dict | None]:
+           prev: State | None) -> tuple[list[str], State | None]:
     if not args.namespace:
         d = listing_doc(args)
         return (listing_lines(out, d, prev, True, args.filter is not None),
