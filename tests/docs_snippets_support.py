@@ -4,7 +4,6 @@ authors is written there, and in docs/architecture.md, "How the docs are tested"
 
 from __future__ import annotations
 
-import ctypes
 import http.client
 import json
 import os
@@ -12,7 +11,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from helpers import wait_for
+from servers import children, free_port, kill_session, spawn_in_session
 
 from shmctx import _shm
 
@@ -54,7 +53,6 @@ _REDIRECTS = {">", ">>", "<", "2>", "&>", ">&"}
 _READABLE = {"/dev/urandom", "/dev/zero", "/dev/null"}
 _NS_PY = re.compile(r"""\bnamespace\s*=\s*(["'])([A-Za-z0-9._-]+)\1""")
 _NS_SH = re.compile(r"(?:\bSHMCTX_NAMESPACE=|--namespace[= ])([A-Za-z0-9._-]+)")
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class DocError(AssertionError):
@@ -333,18 +331,6 @@ def _run(argv: list[str], b: Block, workdir: Path, env: dict[str, str], run: Pag
                        f"--- output ---\n{out}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """In a server, before exec: stop it cleanly (SIGTERM unlinks its namespace) if the
-    test process dies without reaching its `finally`."""
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def _get(port: int) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
     try:
@@ -353,20 +339,6 @@ def _get(port: int) -> tuple[int, bytes]:
         return resp.status, resp.read()
     finally:
         conn.close()
-
-
-def _children(pid: int) -> set[int]:
-    """Live child processes of ``pid``."""
-    out = set()
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                state, ppid = f.read().rsplit(b")", 1)[1].split()[:2]
-        except (OSError, ValueError):
-            continue
-        if int(ppid) == pid and state not in (b"Z", b"X"):
-            out.add(int(entry))
-    return out
 
 
 def _catches(pid: int, sig: int) -> bool:
@@ -390,7 +362,7 @@ def serve(argv: list[str], program: str, b: Block, workdir: Path, env: dict[str,
     """Start a server command as written, on a free port of 127.0.0.1 (through the
     server's own environment settings, so the command stays as written); it must answer
     `GET /` with 200 SERVER_REQUESTS times, then stop on Ctrl-C (SIGINT) with status 0."""
-    port = _free_port()
+    port = free_port()
     env = dict(env)
     ctl_dir = Path(tempfile.mkdtemp(prefix="docs-ctl-"))  # short: a socket path has a limit
     control = ctl_dir / "gunicorn.ctl"
@@ -403,10 +375,7 @@ def serve(argv: list[str], program: str, b: Block, workdir: Path, env: dict[str,
     else:
         env.update(UVICORN_HOST="127.0.0.1", UVICORN_PORT=str(port))
     log_path = workdir / f"server-L{b.line}-{port}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(argv, cwd=workdir, env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=_die_with_parent)
+    proc = spawn_in_session(argv, log_path, cwd=workdir, env=env)
     run.pids.add(proc.pid)
 
     def log_text() -> str:
@@ -432,7 +401,7 @@ def serve(argv: list[str], program: str, b: Block, workdir: Path, env: dict[str,
         alive()
         if program != "gunicorn" or not _gunicorn_has_control_socket():
             return True
-        workers = _children(proc.pid)
+        workers = children(proc.pid)
         return control.exists() and bool(workers) and all(
             _catches(w, signal.SIGQUIT) and not _catches(w, signal.SIGHUP) for w in workers)
 
@@ -452,9 +421,7 @@ def serve(argv: list[str], program: str, b: Block, workdir: Path, env: dict[str,
         if rc != 0:
             raise DocError(f"{b.where}: {shown!r} stopped with status {rc}:\n{log_text()}")
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        kill_session(proc)
         shutil.rmtree(ctl_dir, ignore_errors=True)
         run.output.append(log_text())
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import http.client
 import importlib.util
 import json
 import os
@@ -15,8 +13,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
@@ -25,6 +22,16 @@ from urllib.parse import quote
 import pytest
 from gunicorn.config import KNOWN_SETTINGS
 from helpers import wait_for
+from servers import (
+    PPID,
+    HttpServer,
+    children,
+    free_port,
+    kill_session,
+    processes,
+    session,
+    spawn_in_session,
+)
 
 import shmctx.gunicorn
 from shmctx import ContextError, ContextManager, InvalidConfigError, _shm
@@ -34,7 +41,6 @@ from shmctx._worker import WorkerManager, attach
 GUNICORN_SETTINGS = {setting.name for setting in KNOWN_SETTINGS}
 
 APPS = Path(__file__).parent / "apps"
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 T = TypeVar("T")
 
 
@@ -48,41 +54,6 @@ def _load_app():
 
 APP = _load_app()
 DATASET_CRC = zlib.crc32(APP.dataset_bytes())
-_PPID, _SESSION = 1, 3  # fields of /proc/PID/stat after the command name
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _processes(field: int, value: int, zombies: bool = False) -> set[int]:
-    """Processes whose /proc/PID/stat ``field`` is ``value``; live ones only unless
-    ``zombies`` (a zombie still counts as a child until its parent reaps it)."""
-    out = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[field]) == value and (zombies or fields[0] not in (b"Z", b"X")):
-            out.add(int(entry))
-    return out
-
-
-def _children(pid: int) -> set[int]:
-    """Live (non-zombie) child processes of ``pid``."""
-    return _processes(_PPID, pid)
-
-
-def _session(sid: int) -> set[int]:
-    """Live processes of session ``sid``: a server's master(s) and workers, including
-    any orphaned worker (it keeps its session when it is re-parented)."""
-    return _processes(_SESSION, sid)
 
 
 def _table_id(ns: str) -> int:
@@ -94,50 +65,16 @@ def _info(m: ContextManager, name: str):
     return {i.name: i for i in m.contexts()}[name]
 
 
-class _Server:
-    def __init__(self, proc: subprocess.Popen, port: int, log: Path) -> None:
-        self.proc = proc
-        self.pid = proc.pid
-        self.port = port
-        self.log_path = log
+class _Server(HttpServer):
+    """A gunicorn master (``pid``; after a SIGUSR2 re-exec, not always ``proc``'s) with
+    3 workers unless told otherwise."""
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def get(self, path: str) -> dict:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=20)
-        try:
-            conn.request("GET", path)
-            resp = conn.getresponse()
-            body = resp.read()
-            assert resp.status == 200, f"GET {path}: {resp.status} {body!r}\n{self.log()}"
-            return json.loads(body)
-        finally:
-            conn.close()
-
-    def ready(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"gunicorn exited with {self.proc.returncode}:\n{self.log()}")
-        try:
-            self.get("/ping")
-        except OSError:
-            return False
-        return True
+    NAME = "gunicorn"
+    BATCH = 24
 
     def workers(self, n: int = 3) -> set[int]:
-        return wait_for(lambda: len(c := _children(self.pid)) == n and c,
+        return wait_for(lambda: len(c := children(self.pid)) == n and c,
                          20, f"{n} gunicorn workers")
-
-    def gather(self, path: str, done: Callable[[list[dict]], bool],
-               at_least: int = 30) -> list[dict]:
-        """Issue concurrent requests, in rounds, until ``done(responses)`` holds."""
-        results: list[dict] = []
-        with ThreadPoolExecutor(8) as pool:
-            def more() -> bool:
-                results.extend(pool.map(lambda _: self.get(path), range(24)))
-                return len(results) >= at_least and done(results)
-            wait_for(more, 30, f"responses of {path} to satisfy the test")
-        return results
 
     def serve_all(self) -> None:
         """Wait until every worker has answered: a worker still booting ignores the
@@ -149,9 +86,9 @@ class _Server:
     def replaced(self, old: set[int], n: int = 3) -> set[int]:
         """After a reload: ``n`` workers, none of them one of ``old``, and nothing else
         left in the server's session (an old worker orphaned by a dead master would be)."""
-        new = wait_for(lambda: len(c := _children(self.pid)) == n and not c & old and c,
+        new = wait_for(lambda: len(c := children(self.pid)) == n and not c & old and c,
                        20, "gunicorn to replace its workers")
-        wait_for(lambda: _session(self.proc.pid) == {self.pid} | new, 20,
+        wait_for(lambda: session(self.proc.pid) == {self.pid} | new, 20,
                  f"the server's session to hold only master {self.pid} and workers {new}")
         return new
 
@@ -169,19 +106,12 @@ class _Server:
         assert f"namespace {ns!r} unlinked" in self.log()
 
 
-def _stop_with_parent() -> None:
-    """In the server process, before exec: SIGTERM it (a clean shutdown that unlinks its
-    namespace) if the test process dies without reaching its ``finally``."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def _spawn(ns: str | None, tmp_path: Path, *args: str, preload: bool = False,
            cwd: Path = APPS, env: dict[str, str] | None = None) -> _Server:
     """Start ``gunicorn ARGS`` in ``cwd`` (the test app and config unless ARGS say
     otherwise) on a free port, with SHMCTX_NAMESPACE=ns and ``env``, in a session of its
-    own. The caller must end that session (see ``_kill_session``)."""
-    port = _free_port()
+    own. The caller must end that session (see ``kill_session``)."""
+    port = free_port()
     environ = {k: v for k, v in os.environ.items() if k != shmctx.gunicorn.ENV_NAMESPACE}
     environ["SHMCTX_TEST_PRELOAD"] = "1" if preload else "0"
     if ns is not None:
@@ -190,23 +120,9 @@ def _spawn(ns: str | None, tmp_path: Path, *args: str, preload: bool = False,
     if not args or args[0] != "-c":
         args = ("-c", str(APPS / "gunicorn_conf.py"), *args, "gunicorn_app:app")
     log_path = tmp_path / "gunicorn.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", *args, "-b", f"127.0.0.1:{port}"],
-            cwd=cwd, env=environ, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_stop_with_parent,
-        )
+    argv = [sys.executable, "-m", "gunicorn", *args, "-b", f"127.0.0.1:{port}"]
+    proc = spawn_in_session(argv, log_path, cwd=cwd, env=environ)
     return _Server(proc, port, log_path)
-
-
-def _kill_session(server: _Server) -> None:
-    # The whole session: workers, and a master re-executed by SIGUSR2, may outlive the
-    # master we started.
-    try:
-        os.killpg(server.proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    server.proc.wait()
 
 
 @contextmanager
@@ -222,7 +138,7 @@ def _gunicorn(ns: str | None, tmp_path: Path, *args: str, preload: bool = False,
         wait_for(server.ready, 30, "gunicorn to serve")
         yield server
     finally:
-        _kill_session(server)
+        kill_session(server.proc)
 
 
 def _pids(results: list[dict]) -> set[int]:
@@ -348,7 +264,7 @@ def test_ttin_ttou_hup_term_one_server_keeps_one_namespace(ns, tmp_path):
         os.kill(srv.pid, signal.SIGTTOU)
         three = srv.workers(3)
         (removed,) = four - three
-        assert removed not in _session(srv.pid)
+        assert removed not in session(srv.pid)
         wait_for(lambda: _holders(ns, "leased") == dict.fromkeys(three, 1), 20,
                  f"the references of removed worker {removed} to be released")
 
@@ -387,7 +303,7 @@ def test_ttin_ttou_hup_term_one_server_keeps_one_namespace(ns, tmp_path):
         assert srv.get("/dataset")["incarnation"] == dataset["incarnation"]
 
         srv.stop(ns)  # SIGTERM: a clean exit, nothing left in /dev/shm
-        assert _session(srv.pid) == set()
+        assert session(srv.pid) == set()
 
 
 def _assert_all_served(srv: _Server, workers: set[int]) -> None:
@@ -410,7 +326,7 @@ def test_configure_twice_with_other_arguments_stops_the_start(new_ns, tmp_path):
                 f"process with other arguments (namespace: {second!r} != {first!r})"
                 in srv.log())
     finally:
-        _kill_session(srv)
+        kill_session(srv.proc)
     # new_ns checks that neither namespace was created
 
 
@@ -425,9 +341,9 @@ def _reexec(master: _Server) -> _Server:
     old_workers = master.workers()
     master.serve_all()
     os.kill(master.pid, signal.SIGUSR2)
-    pid = wait_for(lambda: len(c := _children(master.pid) - old_workers) == 1 and next(iter(c)),
+    pid = wait_for(lambda: len(c := children(master.pid) - old_workers) == 1 and next(iter(c)),
                    20, "the re-executed master")
-    wait_for(lambda: len(_children(pid)) == 3, 20, "the new master's workers")
+    wait_for(lambda: len(children(pid)) == 3, 20, "the new master's workers")
     new = _Server(master.proc, master.port, master.log_path)
     new.pid = pid
     return new
@@ -475,7 +391,7 @@ def test_usr2_reexec_keeps_the_namespace_until_the_last_master_exits(tmp_path):
             wait_for(lambda: f"must keep its namespace {ns!r}, but gunicorn.conf.py or "
                              f"SHMCTX_NAMESPACE asks for {elsewhere!r}" in first.log(),
                      20, "the re-executed master to refuse another namespace")
-            wait_for(lambda: _processes(_PPID, first.pid, zombies=True) == workers, 20,
+            wait_for(lambda: processes(PPID, first.pid, zombies=True) == workers, 20,
                      "the old master to reap the new one")
             assert _shm.namespace_objects(elsewhere) == []
             knob.unlink()
@@ -503,7 +419,7 @@ def test_usr2_reexec_keeps_the_namespace_until_the_last_master_exits(tmp_path):
             assert f"[{third.pid}] [INFO] shmctx: namespace {ns!r} unlinked" in first.log()
             for pid in masters:
                 assert _shm.namespace_objects(f"gunicorn-{pid}") == []
-            assert _session(first.pid) == set()
+            assert session(first.pid) == set()
     finally:
         # After a failure: leave no namespace behind.
         _remove_namespaces_of(started)

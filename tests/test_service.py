@@ -15,7 +15,7 @@ import pytest
 from shmctx import ContextConfig, ContextManager, ContextNotFoundError, MemoryContextConfig, _shm
 from shmctx._entry import ProcessEntry
 from shmctx._errors import InvalidConfigError
-from shmctx._service import SERVICE_DEFAULTS, route_logs, service_config
+from shmctx._service import SERVICE_DEFAULTS, open_namespace, route_logs, service_config
 from shmctx._table import Table
 from shmctx._worker import WorkerManager
 
@@ -225,3 +225,36 @@ def test_route_logs(restore_shmctx_logger):
         logging.getLogger().removeHandler(root_seen)
     assert mine.lines == ["shmctx.sweeper:swept 3"]
     assert root_seen.lines == []
+
+
+def test_route_logs_refuses_the_shmctx_tree_itself(restore_shmctx_logger):
+    for name in ("shmctx", "shmctx.asgi"):
+        with pytest.raises(InvalidConfigError, match="part of the 'shmctx' logger tree"):
+            route_logs(logging.getLogger(name))
+    with pytest.raises(InvalidConfigError, match=r"logging\.Logger"):
+        route_logs("uvicorn.error")
+    # The refused calls changed nothing.
+    assert not any(type(h).__name__ == "_Forward" for h in logging.getLogger("shmctx").handlers)
+
+
+def test_adopting_a_namespace_with_other_limits_says_so(ns, caplog):
+    made = ContextManager(ContextConfig(max_references=10), namespace=ns, sweeper=False)
+    try:
+        with caplog.at_level(logging.WARNING, logger="shmctx.service"):
+            m = open_namespace(ns, sweeper=False)
+        assert m.config.max_references == 10  # adopted as it is
+        (line,) = [r.getMessage() for r in caplog.records if r.name == "shmctx.service"]
+        assert "max_references: 0 != 10; max_idle_time: 0.0 != 300.0;" in line
+        m.close()
+    finally:
+        made.unlink()
+
+
+def test_adopting_a_namespace_made_with_the_server_defaults_is_quiet(ns, caplog):
+    made = ContextManager(SERVICE_DEFAULTS, namespace=ns, sweeper=False)
+    try:
+        with caplog.at_level(logging.WARNING, logger="shmctx.service"):
+            open_namespace(ns, sweeper=False).close()
+        assert [r for r in caplog.records if r.name == "shmctx.service"] == []
+    finally:
+        made.unlink()

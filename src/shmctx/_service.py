@@ -13,6 +13,8 @@ from ._manager import ContextManager
 
 __all__ = ["SERVICE_DEFAULTS", "service_config", "open_namespace", "route_logs"]
 
+log = logging.getLogger("shmctx.service")
+
 SERVICE_DEFAULTS = ContextConfig(max_references=0, max_idle_time=0)
 """The config a server integration gives a namespace it creates when the user gives none.
 
@@ -51,10 +53,21 @@ def open_namespace(namespace: str, config: ContextConfig | None = None, *,
     must match an existing namespace's (``InvalidConfigError``)."""
     if config is None:
         try:
-            return ContextManager(namespace=namespace, create=False, sweeper=sweeper,
-                                  mode=mode)
+            m = ContextManager(namespace=namespace, create=False, sweeper=sweeper, mode=mode)
         except ContextNotFoundError:
             pass  # absent: make it, with the defaults a service wants
+        else:
+            # Adopted as it is. Limits a server would not have chosen are worth a line in
+            # its log: a namespace made by a plain script has a reference limit that
+            # turns concurrent requests into errors, and closes idle data.
+            differ = [d for d in SERVICE_DEFAULTS.differences(m.config)
+                      if d.startswith(("max_references", "max_idle_time"))]
+            if differ:
+                log.warning("namespace %r exists and is adopted with its own config, not "
+                            "the server defaults (server default != existing): %s; pass "
+                            "a config, or remove the namespace, to change it",
+                            namespace, "; ".join(differ))
+            return m
     # Two processes may both find it absent: the one that loses the race to create it
     # attaches to the winner's table, made with the same defaults.
     return ContextManager(service_config(config), namespace=namespace, sweeper=sweeper,
@@ -84,6 +97,14 @@ def route_logs(target: logging.Logger) -> None:
     call in a process wins.
     """
     root = logging.getLogger("shmctx")
+    if not isinstance(target, logging.Logger):
+        raise InvalidConfigError(
+            f"logs must go to a logging.Logger, not {type(target).__name__}")
+    if target.name == "shmctx" or target.name.startswith("shmctx."):
+        # Forwarding a record into the tree it comes from would forward it again, for ever.
+        raise InvalidConfigError(
+            f"shmctx's logs cannot be routed to logger {target.name!r}, which is part of "
+            "the 'shmctx' logger tree itself: name the server's logger")
     for h in list(root.handlers):
         if isinstance(h, _Forward):
             root.removeHandler(h)

@@ -99,9 +99,14 @@ class WorkerManager:
                 log.debug("pid %d attached to namespace %r", pid, self.namespace)
             return self._manager
 
-    def close(self) -> None:
+    def close(self, *, unlink_if_last: bool | None = None) -> None:
         """Close this process's manager, returning every reference it still holds.
-        A no-op in a process that has none (a fork of a worker, the parent)."""
+        A no-op in a process that has none (a fork of a worker, the parent).
+
+        ``unlink_if_last`` (default: whether this is a peer) also removes the namespace
+        when no other live process is attached (``ContextManager.close``). A peer passes
+        False when the server goes on and will start another worker (a worker recycled
+        by its supervisor): the namespace must outlive the moment no worker runs."""
         with self._lock:
             if self._pid != identity.pid:
                 return  # inherited over fork: the parent's to close
@@ -109,7 +114,7 @@ class WorkerManager:
         if m is None:
             return
         try:
-            m.close(unlink_if_last=self._peer)
+            m.close(unlink_if_last=self._peer if unlink_if_last is None else unlink_if_last)
         except ContextManagerClosedError:
             pass
         except Exception:  # at exit: report, but never turn a clean exit into a crash
