@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from celery import Celery, signals
 from helpers import wait_for
+from servers import kill_session, spawn_in_session
 
 import shmctx.celery
 from shmctx import ContextConfig, ContextError, ContextManager, InvalidConfigError, _shm
@@ -76,19 +77,16 @@ def _worker(root: Path, name: str, *args: str, ns: str | None, cleanup: float | 
         full["SHMCTX_TEST_CELERY_CLEANUP"] = str(cleanup)
     full.update(env or {})
     log = root / f"{name}.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, *command] if command else
-            [sys.executable, "-m", "celery", "-A", "celery_app", "worker", "--loglevel", "INFO",
-             "--hostname", f"{name}@%h", "--without-heartbeat", "--without-gossip",
-             "--without-mingle", *args],
-            cwd=APPS, env=full, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = spawn_in_session(
+        [sys.executable, *command] if command else
+        [sys.executable, "-m", "celery", "-A", "celery_app", "worker", "--loglevel", "INFO",
+         "--hostname", f"{name}@%h", "--without-heartbeat", "--without-gossip",
+         "--without-mingle", *args],
+        log, cwd=APPS, env=full)
     try:
         yield _Worker(proc, log)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # the worker and its pool processes
-        proc.wait()
+        kill_session(proc)  # the worker and its pool processes
 
 
 @contextmanager
@@ -329,11 +327,10 @@ def test_documented_example_runs_with_its_commands(tmp_path):
     env = {**os.environ, "EXAMPLE_DIR": str(tmp_path)}
     env.pop("SHMCTX_NAMESPACE", None)
     log = tmp_path / "worker.log"
-    with open(log, "wb") as out:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--loglevel=INFO",
-             "--concurrency", "4"],
-            cwd=EXAMPLE, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    worker = spawn_in_session(
+        [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--loglevel=INFO",
+         "--concurrency", "4"],
+        log, cwd=EXAMPLE, env=env)
     ns = f"celery-{worker.pid}"
     with _no_leftovers(ns):
         try:
@@ -352,9 +349,7 @@ def test_documented_example_runs_with_its_commands(tmp_path):
             assert "Warm shutdown" in log.read_text()
             assert f"shmctx: namespace {ns!r} unlinked" in log.read_text()
         finally:
-            if worker.poll() is None:
-                os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait()
+            kill_session(worker)
 
 
 # --- in the test process: install() and the signal filtering --------------------------
