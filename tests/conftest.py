@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import uuid
@@ -43,6 +44,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if item.path.name in _C_ONLY_MODULES or item.get_closest_marker("needs_c") or \
                 (callspec is not None and callspec.params.get("hot_path") == "C"):
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _shmctx_logging_restored():
+    """Tests that attach a server integration in-process route shmctx's logs into the
+    server's logger (``route_logs``), which changes the ``shmctx`` logger for the whole
+    process: put it back after each test, so no later test in the same worker process
+    sees another test's routing."""
+    lg = logging.getLogger("shmctx")
+    saved = (list(lg.handlers), lg.level, lg.propagate)
+    yield
+    lg.handlers[:] = saved[0]
+    lg.setLevel(saved[1])
+    lg.propagate = saved[2]
 
 
 @pytest.fixture

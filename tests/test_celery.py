@@ -162,7 +162,9 @@ def test_prefork_processes_share_one_context_and_a_killed_one_is_reclaimed_at_on
             wait_for(lambda: _info(obs, "data").refcount == 3, 10,
                      "the killed process's reference to be reclaimed")
             assert victim not in _info(obs, "data").holders
-            assert f"shmctx: reclaimed 1 reference(s) of dead pool process {victim}" in w.log()
+            # Logged right after the reclaim it reports: wait for the line too.
+            wait_for(lambda: f"shmctx: reclaimed 1 reference(s) of dead pool process "
+                     f"{victim}" in w.log(), 10, "the reclaim's line in the worker's log")
 
         (tmp_path / "release").touch()
         results = []
@@ -296,7 +298,8 @@ def test_event_loop_pool_reports_a_killed_process_too(ns, tmp_path):
             # (every 5 s at most); then the reference goes at once.
             wait_for(lambda: victim not in _info(obs, "boot").holders, 15,
                      "the killed process's reference to be reclaimed")
-        assert f"shmctx: reclaimed 1 reference(s) of dead pool process {victim}" in w.log()
+        wait_for(lambda: f"shmctx: reclaimed 1 reference(s) of dead pool process "
+                 f"{victim}" in w.log(), 10, "the reclaim's line in the worker's log")
         with _no_leftovers(ns):
             w.stop(signal.SIGTERM)
 

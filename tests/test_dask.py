@@ -8,7 +8,6 @@ which the workers import.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import pickle
@@ -17,13 +16,15 @@ import subprocess
 import sys
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from distributed import Client
 from distributed.diagnostics.plugin import NannyPlugin, WorkerPlugin
 from helpers import wait_for
+from servers import kill_session, spawn_in_session
 
 import shmctx.dask
 from shmctx import (
@@ -41,7 +42,6 @@ EXAMPLE = Path(__file__).parent.parent / "docs" / "examples" / "dask"
 sys.path.insert(0, str(APPS))
 import dask_tasks  # noqa: E402  (after its directory is on the path)
 
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # A sweep interval no test reaches: a reference released within the test was released by
 # the nanny noticing its worker's exit, not by the sweeper.
 NO_SWEEP = ContextConfig(max_references=0, max_idle_time=0, cleanup_interval=3600)
@@ -56,30 +56,10 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _stop_with_parent() -> None:
-    """In a started process, before exec: SIGTERM it if the test process dies without
-    reaching its ``finally`` (a clean shutdown, that leaves nothing in /dev/shm)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def _start(args: list[str], log: Path, **kw) -> subprocess.Popen:
-    with open(log, "ab") as f:
-        return subprocess.Popen([sys.executable, *args], env=_env(), stderr=f,
-                                start_new_session=True, preexec_fn=_stop_with_parent, **kw)
-
-
-def _kill_session(proc: subprocess.Popen) -> None:
-    """SIGKILL the process and everything in its session (its spawned workers)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-    for pipe in (proc.stdin, proc.stdout):
-        if pipe is not None:
-            with suppress(BrokenPipeError):  # nothing is left unwritten: each write flushed
-                pipe.close()
+    """``python ARGS`` in a session of its own (``kill_session`` ends it), its output
+    added to ``log``: the two nanny-less workers of a test share one."""
+    return spawn_in_session([sys.executable, *args], log, env=_env(), append=True, **kw)
 
 
 class _Cluster:
@@ -116,7 +96,7 @@ def _cluster(tmp_path: Path, n_workers: int) -> Iterator[_Cluster]:
     try:
         yield _Cluster(proc, tmp_path / "cluster.log")
     finally:
-        _kill_session(proc)
+        kill_session(proc)
 
 
 def _workers(client: Client, n: int, exclude: set[int] = frozenset()) -> dict[str, int]:
@@ -179,10 +159,11 @@ def test_nanny_cluster_shares_one_copy_per_host_and_reclaims_a_killed_worker(ns,
     inits.mkdir()
     with _cluster(tmp_path, 0) as cluster:
         with Client(cluster.address, timeout=30) as client:
-            client.register_plugin(HostContexts(namespace=ns, config=NO_SWEEP))
+            plugin = HostContexts(namespace=ns, config=NO_SWEEP)
+            client.register_plugin(plugin)
             cluster.scale(4)
             workers = _workers(client, 4)
-            assert f"nanny-plugin-shmctx-{ns}-restart" not in cluster.log()
+            assert f"nanny-plugin-{plugin.name}-restart" not in cluster.log()
 
             # Four tasks per worker (two threads each) ask for the table at once.
             results = _read_on_each(client, workers, inits, 4)
@@ -215,8 +196,9 @@ def test_nanny_cluster_shares_one_copy_per_host_and_reclaims_a_killed_worker(ns,
                 assert [c.refcount for c in observer.contexts()] == [0]
             finally:
                 observer.close()
-        assert (f"distributed.shmctx - INFO - reclaimed 1 reference(s) of dead worker pid "
-                f"{victim} in namespace {ns!r}") in cluster.log()
+        wait_for(lambda: (f"distributed.shmctx - INFO - reclaimed 1 reference(s) of dead "
+                          f"worker pid {victim} in namespace {ns!r}") in cluster.log(),
+                 20, "the nanny's reclaim line")
         cluster.close()
         assert _shm.namespace_objects(ns) == [], cluster.log()
         # shmctx's own line, routed into distributed's log by the plugin.
@@ -233,6 +215,20 @@ def test_unregistering_restarts_the_workers_without_the_namespace(ns, tmp_path):
             plugin = HostContexts(namespace=ns)
             client.register_plugin(plugin)
             workers = _workers(client, 1, exclude=set(plain.values()))
+            _assert_one_copy(_read_on_each(client, workers, inits, 2), workers, ns, inits)
+
+            # The same namespace with another config: refused, naming both configs. That
+            # registration stays with the scheduler until removed, and removing it leaves
+            # the first one's set-up as it was: same worker, same data.
+            other = HostContexts(namespace=ns, config=NO_SWEEP)
+            with pytest.raises(InvalidConfigError) as refused:
+                client.register_plugin(other)
+            message = str(refused.value)
+            assert repr(NO_SWEEP) in message and repr(SERVICE_DEFAULTS) in message, message
+            assert "cleanup_interval: 3600.0 != 60.0" in message, message
+            assert f"unregister_worker_plugin({other.name!r}, nanny=True)" in message, message
+            client.unregister_worker_plugin(other.name, nanny=True)
+            assert _workers(client, 1) == workers
             _assert_one_copy(_read_on_each(client, workers, inits, 2), workers, ns, inits)
 
             client.unregister_worker_plugin(plugin.name, nanny=True)
@@ -289,7 +285,7 @@ def test_nanny_less_workers_are_peers(ns, tmp_path):
             assert _shm.namespace_objects(ns) == [], log.read_text(errors="replace")
         finally:
             for p in procs:
-                _kill_session(p)
+                kill_session(p)
         cluster.close()
 
 
@@ -304,6 +300,63 @@ def test_documented_example_runs_with_its_one_command(ns, tmp_path):
     assert "the table was built 1 time(s) on this host" in proc.stdout, proc.stdout
     assert "all correct" in proc.stdout, proc.stdout
     assert _shm.namespace_objects(ns) == []
+
+
+# A script that ends without closing its cluster: distributed closes it in an exit handler,
+# once the interpreter has shut its thread pools down, and after the exit handler of the
+# plugin's own manager has run (while the workers were still attached).
+SCRIPT_WITHOUT_CLOSE = """
+import sys
+import time
+
+from distributed import Client, LocalCluster
+
+from shmctx import ContextManager
+from shmctx.dask import HostContexts, PeerContexts
+
+import dask_tasks
+
+if __name__ == "__main__":
+    ns, inits, plugin = sys.argv[1:]
+    nanny = plugin == "HostContexts"
+    # (Workers in this process talk in-process, and take no host.)
+    cluster = LocalCluster(n_workers=2, processes=nanny, threads_per_worker=2,
+                           dashboard_address=None, **({"host": "127.0.0.1"} if nanny else {}))
+    client = Client(cluster)
+    client.register_plugin((HostContexts if nanny else PeerContexts)(namespace=ns))
+    results = client.gather([client.submit(dask_tasks.read_table, inits, i, pure=False)
+                             for i in range(8)])
+    print(sorted({r["pid"] for r in results}), flush=True)
+    if nanny:  # a task still holds a reference when the script ends
+        client.submit(dask_tasks.hold, pure=False)
+        with ContextManager(namespace=ns, create=False, sweeper=False) as observer:
+            deadline = time.monotonic() + 30
+            while not any(c.holders for c in observer.contexts()):
+                assert time.monotonic() < deadline, "the task never took its reference"
+                time.sleep(0.01)
+        print("held", flush=True)
+"""
+
+
+@pytest.mark.parametrize("plugin", ["HostContexts", "PeerContexts"])
+def test_a_script_that_never_closes_its_cluster_leaves_nothing(ns, tmp_path, plugin):
+    """The plugin's teardown runs when the thread pools no longer take work, and after its
+    manager was closed at exit while workers were still attached (so that close did not
+    unlink): the teardown must still stop the workers, reclaim, and unlink, quietly."""
+    inits = tmp_path / "inits"
+    inits.mkdir()
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT_WITHOUT_CLOSE)
+    proc = subprocess.run([sys.executable, str(script), ns, str(inits), plugin],
+                          env=_env(), timeout=90, capture_output=True, text=True,
+                          start_new_session=True)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    if plugin == "HostContexts":
+        assert "held" in proc.stdout, out  # worker processes were attached at exit
+    assert _init_count(inits) == 1, out
+    assert "Traceback" not in proc.stderr and "failed to teardown" not in proc.stderr, out
+    assert _shm.namespace_objects(ns) == [], out
 
 
 # --- without a cluster ------------------------------------------------------------------
@@ -326,10 +379,14 @@ def test_plugins_check_their_arguments_and_pickle(cls):
     p = cls(namespace="myapp")
     assert p.config is SERVICE_DEFAULTS and p.idempotent is True
     assert isinstance(p, NannyPlugin if cls is HostContexts else WorkerPlugin)
-    # A stable name per namespace: registering it again (from any client) is a no-op.
-    assert p.name == cls(namespace="myapp").name != cls(namespace="other").name
+    # A stable name per namespace and config: registering it again (from any client) is
+    # a no-op, whichever way an equal config is spelled; with another config it is not.
+    same = ContextConfig(max_references=0, max_idle_time=timedelta(0))
+    assert p.name == cls(namespace="myapp").name == cls(namespace="myapp", config=same).name
+    assert p.name != cls(namespace="other").name
     q = pickle.loads(pickle.dumps(cls(namespace="myapp", config=NO_SWEEP)))
-    assert (type(q), q.namespace, q.config, q.name) == (cls, "myapp", NO_SWEEP, p.name)
+    assert (type(q), q.namespace, q.config) == (cls, "myapp", NO_SWEEP)
+    assert q.name == cls(namespace="myapp", config=NO_SWEEP).name != p.name
 
 
 def test_host_contexts_restarts_the_workers_it_sets_up():

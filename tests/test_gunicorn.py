@@ -201,7 +201,9 @@ def test_killed_worker_is_reclaimed_by_child_exit_and_replaced(ns, tmp_path):
                 wait_for(lambda: not _info(tm, "held").holders, 20,
                           "the killed worker's reference to be reclaimed")
                 assert _info(tm, "held").refcount == 0
-        assert f"reclaimed 1 reference(s) of dead worker {victim}" in srv.log()
+        # Logged right after the reclaim it reports: wait for the line too.
+        wait_for(lambda: f"reclaimed 1 reference(s) of dead worker {victim}" in srv.log(),
+                 20, "the master's reclaim line")
 
         new = wait_for(lambda: (c := srv.workers()) != workers and c - workers, 20,
                         "gunicorn to respawn the worker")

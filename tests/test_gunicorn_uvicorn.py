@@ -41,7 +41,9 @@ def test_uvicorn_workers_share_the_masters_namespace_and_child_exit_reclaims(ns,
         os.kill(victim, signal.SIGKILL)
         wait_for(lambda: victim not in holders(ns, "leased"), 20,
                  "the killed worker's reference to be reclaimed")
-        assert f"reclaimed 1 reference(s) of dead worker {victim}" in srv.log()
+        # The master logs the reclaim right after making it: wait for the line too.
+        wait_for(lambda: f"reclaimed 1 reference(s) of dead worker {victim}" in srv.log(),
+                 20, "the master's reclaim line")
         new = wait_for(lambda: len(c := srv.children()) == 3 and victim not in c and c - workers,
                        20, "gunicorn to replace the killed worker")
         srv.gather("/ping", lambda rs: new <= pids(rs), at_least=1)  # it serves

@@ -38,10 +38,13 @@ several hosts each host has its own copy of the namespace, built by its own ``in
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 from distributed import get_worker
@@ -49,7 +52,13 @@ from distributed.core import Status
 from distributed.diagnostics.plugin import NannyPlugin, WorkerPlugin
 
 from ._config import ContextConfig
-from ._errors import ContextError, ContextInUseError, ContextManagerClosedError, InvalidConfigError
+from ._errors import (
+    ContextError,
+    ContextInUseError,
+    ContextManagerClosedError,
+    ContextNotFoundError,
+    InvalidConfigError,
+)
 from ._manager import ContextManager
 from ._service import route_logs, service_config
 from ._worker import WorkerManager, check_namespace
@@ -121,9 +130,10 @@ def _acquire(namespace: str, config: ContextConfig, user: tuple[str, int]) -> Co
             _open[namespace] = o = _Open(peer, m, config)
         elif o.config != config:
             raise InvalidConfigError(
-                f"namespace {namespace!r} is already open in pid {os.getpid()} with another "
-                f"config ({'; '.join(config.differences(o.config))}): every HostContexts "
-                "or PeerContexts of one namespace must give the same config"
+                f"namespace {namespace!r} is already open in pid {os.getpid()} with "
+                f"{o.config!r} (asked != open: {'; '.join(config.differences(o.config))}): "
+                "every HostContexts or PeerContexts of one namespace must give the same "
+                "config"
             )
         else:
             m = o.peer.get()
@@ -142,14 +152,39 @@ def _release(namespace: str, user: tuple[str, int]) -> None:
         if o.users:
             return
         del _open[namespace]
-    o.peer.close()  # unlink_if_last: a peer manager closes so
+    if o.manager.closed:
+        # The process is exiting, and its exit handler (WorkerManager's: registered after
+        # distributed's, so run before distributed closes the cluster) has closed the
+        # manager. If workers were still attached then, that close did not unlink the
+        # namespace. They are stopped now: leave again, and unlink if this is the last.
+        _leave_again(namespace)
+    else:
+        o.peer.close()  # unlink_if_last: a peer manager closes so
     log.info("pid %d closed namespace %r", os.getpid(), namespace)
 
 
-def _holds(namespace: str, user: tuple[str, int]) -> bool:
+def _leave_again(namespace: str, dead_pid: int | None = None) -> int:
+    """For a process whose own manager of ``namespace`` was closed at exit, through a
+    short-lived manager: reclaim ``dead_pid``'s references (returns how many), or, if
+    None, leave the namespace, unlinking it if no live process is attached any more."""
+    try:
+        m = ContextManager(namespace=namespace, create=False, sweeper=False)
+    except ContextNotFoundError:
+        return 0  # the last process to leave has unlinked it
+    try:
+        return m.reclaim(dead_pid) if dead_pid is not None else 0
+    finally:
+        m.close(unlink_if_last=dead_pid is None)
+
+
+def _holds(namespace: str, user: tuple[str, int], config: ContextConfig) -> bool:
+    """Whether ``user`` opened ``namespace`` with ``config``. A plugin whose setup failed
+    because the namespace is open with another config (a second registration with
+    another config, under another name) has the same user but not the same config: its
+    teardown must not undo the first plugin's set-up."""
     with _lock:
         o = _open.get(namespace)
-        return o is not None and user in o.users
+        return o is not None and user in o.users and o.config == config
 
 
 def _reclaim(namespace: str, pid: int) -> None:
@@ -161,16 +196,37 @@ def _reclaim(namespace: str, pid: int) -> None:
         if o is None:
             return
         try:
-            n = o.manager.reclaim(pid)
+            try:
+                n = o.manager.reclaim(pid)
+            except ContextManagerClosedError:  # by the exit handler: see _release
+                n = _leave_again(namespace, pid)
         except ContextInUseError:
             log.warning("worker pid %d is still alive; its references in namespace %r "
                         "are left to the sweeper", pid, namespace)
             return
-        except ContextManagerClosedError:
-            return
     if n:
         log.info("reclaimed %d reference(s) of dead worker pid %d in namespace %r",
                  n, pid, namespace)
+
+
+async def _off_loop(call: Callable[[], None]) -> None:
+    """Run ``call`` (a reclaim or a release: it waits for the table lock) in the event
+    loop's default thread pool, so the loop goes on meanwhile.
+
+    A script that ends without closing its ``LocalCluster`` has distributed close it in
+    an exit handler, after the interpreter has shut down every thread pool: the pool
+    then refuses work (RuntimeError, raised here, before anything ran). The call then
+    runs in the loop's thread itself: at that point nothing else on the loop needs to
+    go on, and the call is short (the table lock is taken over after ``lock_timeout``
+    at worst).
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        in_pool = loop.run_in_executor(None, call)
+    except RuntimeError:
+        call()
+        return
+    await in_pool
 
 
 async def _exit_of(nanny: Nanny, pid: int) -> None:
@@ -224,7 +280,7 @@ async def _watch(nanny: Nanny, namespace: str) -> None:
             continue
         try:
             await _exit_of(nanny, pid)
-            await asyncio.to_thread(_reclaim, namespace, pid)
+            await _off_loop(partial(_reclaim, namespace, pid))
         except Exception:  # keep watching: the sweeper reclaims what this one missed
             log.exception("reclaiming the references of worker pid %d in namespace %r "
                           "failed", pid, namespace)
@@ -235,6 +291,29 @@ def _check_args(namespace: object, config: object) -> tuple[str, ContextConfig]:
     return check_namespace(namespace), service_config(config)  # type: ignore[arg-type]
 
 
+def _plugin_name(prefix: str, namespace: str, config: ContextConfig) -> str:
+    """A plugin's name: the same for the same namespace and config, from any client, so
+    registering it again is a no-op (``idempotent``); another config gives another name,
+    so that registration reaches the nannies and fails there, loudly, instead of being
+    dropped by the scheduler as a repeat. (The config's repr is canonical: its fields
+    are normalised, durations to float seconds.)"""
+    digest = hashlib.sha256(repr(config).encode()).hexdigest()[:8]
+    return f"{prefix}-{namespace}-{digest}"
+
+
+def _conflict(plugin: HostContexts | PeerContexts, error: InvalidConfigError) -> InvalidConfigError:
+    """The error a plugin's setup raises when the namespace exists, or is open in this
+    process, with another config."""
+    nanny = isinstance(plugin, HostContexts)
+    return InvalidConfigError(
+        f"{plugin!r} (plugin {plugin.name!r}, with {plugin.config!r}) cannot be set up: "
+        f"{error}. The namespace keeps the config it has. This plugin stays registered "
+        f"with the scheduler, and fails again in every {'nanny' if nanny else 'worker'} "
+        f"that joins: remove it with client.unregister_worker_plugin({plugin.name!r}"
+        f"{', nanny=True' if nanny else ''})"
+    )
+
+
 class HostContexts(NannyPlugin):
     """Share the shmctx namespace ``namespace`` between all Dask workers of each host,
     with the nannies as supervisors. Register it once:
@@ -242,11 +321,13 @@ class HostContexts(NannyPlugin):
     ``shmctx.dask.manager()``.
 
     ``config`` is the namespace's ``ContextConfig`` (``SERVICE_DEFAULTS`` if None: no
-    reference limit, no idle closing). Registering restarts the workers, which must start
-    with the namespace in their environment; registering it again is a no-op
-    (``idempotent``, named after the namespace). Unregistering
-    (``client.unregister_worker_plugin(plugin.name, nanny=True)``) restarts the workers
-    without it and unlinks the namespace.
+    reference limit, no idle closing); a namespace that exists with another config is
+    not joined (``InvalidConfigError``). Registering restarts the workers, which must
+    start with the namespace in their environment; registering it again is a no-op
+    (``idempotent``, named after the namespace and the config). Registering it with
+    another config makes ``register_plugin`` raise ``InvalidConfigError``, naming both.
+    Unregistering (``client.unregister_worker_plugin(plugin.name, nanny=True)``)
+    restarts the workers without it and unlinks the namespace.
 
     Every host gets its own namespace of this name (each has its own ``/dev/shm``).
     Workers without a nanny never receive a ``NannyPlugin``: use ``PeerContexts``.
@@ -257,7 +338,7 @@ class HostContexts(NannyPlugin):
 
     def __init__(self, namespace: str, *, config: ContextConfig | None = None) -> None:
         self.namespace, self.config = _check_args(namespace, config)
-        self.name = f"shmctx-{self.namespace}"
+        self.name = _plugin_name("shmctx", self.namespace, self.config)
 
     # distributed declares NannyPlugin.setup/teardown as plain methods but awaits them when
     # they are coroutine functions, as its own plugins' are.
@@ -265,7 +346,10 @@ class HostContexts(NannyPlugin):
         """Nanny: open the namespace, hand its name to the worker, watch the worker."""
         _route_logs()
         key = (self.namespace, id(nanny))
-        await asyncio.to_thread(_acquire, self.namespace, self.config, ("nanny", id(nanny)))
+        try:
+            await asyncio.to_thread(_acquire, self.namespace, self.config, ("nanny", id(nanny)))
+        except InvalidConfigError as e:
+            raise _conflict(self, e) from e
         _set_env(nanny.env, self.namespace, present=True)  # read when the worker starts
         if key not in _watchers:
             _watchers[key] = asyncio.create_task(_watch(nanny, self.namespace),
@@ -275,13 +359,13 @@ class HostContexts(NannyPlugin):
 
     async def teardown(self, nanny: Nanny) -> None:  # pyright: ignore[reportIncompatibleMethodOverride]
         """Nanny: stop the worker, reclaim what it held, close the namespace."""
+        user = ("nanny", id(nanny))
+        if not _holds(self.namespace, user, self.config):
+            return  # setup failed: nothing to undo, no reason to stop the worker
         task = _watchers.pop((self.namespace, id(nanny)), None)
         if task is not None:
             task.cancel()
         _set_env(nanny.env, self.namespace, present=False)
-        user = ("nanny", id(nanny))
-        if not _holds(self.namespace, user):
-            return  # setup failed: nothing to undo, no reason to stop the worker
         pid = nanny.pid
         try:
             if pid is not None:
@@ -296,11 +380,11 @@ class HostContexts(NannyPlugin):
                     # live process uses it: stop the worker now (the nanny's own stop
                     # then finds it stopped).
                     await nanny.kill(reason=f"nanny-plugin-{self.name}-teardown")
-                await asyncio.to_thread(_reclaim, self.namespace, pid)
+                await _off_loop(partial(_reclaim, self.namespace, pid))
         finally:
             # Even if the worker would not stop: this process leaves the namespace (it
             # is unlinked later by whichever process is the last to leave).
-            await asyncio.to_thread(_release, self.namespace, user)
+            await _off_loop(partial(_release, self.namespace, user))
 
     def __repr__(self) -> str:
         return f"HostContexts(namespace={self.namespace!r})"
@@ -313,23 +397,30 @@ class PeerContexts(WorkerPlugin):
 
     Each worker process is a peer: the first creates the namespace, one of them sweeps
     (another takes over if it dies), the last to close unlinks it. A killed worker's
-    references are reclaimed by the sweep, within ``config.cleanup_interval``.
+    references are reclaimed by the sweep, within ``config.cleanup_interval``. Named
+    after the namespace and the config, as ``HostContexts``.
     """
 
     idempotent = True
 
     def __init__(self, namespace: str, *, config: ContextConfig | None = None) -> None:
         self.namespace, self.config = _check_args(namespace, config)
-        self.name = f"shmctx-peer-{self.namespace}"
+        self.name = _plugin_name("shmctx-peer", self.namespace, self.config)
 
     async def setup(self, worker: Worker) -> None:
         """Worker: open the namespace (or join this process's opening of it)."""
         _route_logs()
-        await asyncio.to_thread(_acquire, self.namespace, self.config, ("worker", id(worker)))
+        try:
+            await asyncio.to_thread(_acquire, self.namespace, self.config,
+                                    ("worker", id(worker)))
+        except InvalidConfigError as e:
+            raise _conflict(self, e) from e
 
     async def teardown(self, worker: Worker) -> None:
         """Worker: leave the namespace; the last process of the host unlinks it."""
-        await asyncio.to_thread(_release, self.namespace, ("worker", id(worker)))
+        user = ("worker", id(worker))
+        if _holds(self.namespace, user, self.config):  # else its setup failed
+            await _off_loop(partial(_release, self.namespace, user))
 
     def __repr__(self) -> str:
         return f"PeerContexts(namespace={self.namespace!r})"
