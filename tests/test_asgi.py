@@ -5,26 +5,23 @@ documented example."""
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import http.client
-import json
 import multiprocessing
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import types
 import zlib
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from helpers import wait_for
+from servers import HttpServer, children, cmdline, free_port, kill_session, spawn_in_session
 
 import shmctx.asgi
 from shmctx import (
@@ -39,44 +36,12 @@ from shmctx import (
 ROOT = Path(__file__).parent.parent
 APPS_DIR = Path(__file__).parent / "apps"
 EXAMPLE = ROOT / "docs" / "examples" / "asgi"
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-_PPID = 1  # field of /proc/PID/stat after the command name
 # What a client sees of a connection whose worker was killed under it.
 CONNECTION_LOST = (ConnectionError, http.client.RemoteDisconnected,
                    http.client.IncompleteRead, http.client.BadStatusLine)
 
 
 # --- real uvicorn servers -------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def children(pid: int) -> set[int]:
-    """Live (non-zombie) child processes of ``pid``."""
-    out = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[_PPID]) == pid and fields[0] not in (b"Z", b"X"):
-            out.add(int(entry))
-    return out
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
 
 
 def holders(ns: str, name: str) -> dict[int, int]:
@@ -89,60 +54,16 @@ def sweeper_pid(ns: str) -> int:
         return tm._snapshot().sweeper[0]  # the leader recorded in the table header
 
 
-class Server:
+class Server(HttpServer):
     """A server started by ``serve()``: its process, port and log."""
-
-    def __init__(self, proc: subprocess.Popen, port: int, log: Path) -> None:
-        self.proc = proc
-        self.pid = proc.pid
-        self.port = port
-        self.log_path = log
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def get(self, path: str) -> dict:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=20)
-        try:
-            conn.request("GET", path)
-            resp = conn.getresponse()
-            body = resp.read()
-            assert resp.status == 200, f"GET {path}: {resp.status} {body!r}\n{self.log()}"
-            return json.loads(body)
-        finally:
-            conn.close()
-
-    def ready(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"the server exited with {self.proc.returncode}:\n"
-                                 f"{self.log()}")
-        try:
-            self.get("/ping")
-        except OSError:
-            return False
-        return True
-
-    def children(self) -> set[int]:
-        return children(self.pid)
 
     def workers(self, n: int) -> set[int]:
         """The ``n`` worker processes, once there are that many (uvicorn's supervisor also
         has multiprocessing's resource tracker as a child: not a worker)."""
         def found() -> set[int] | None:
-            ws = {c for c in children(self.pid) if b"spawn_main" in _cmdline(c)}
+            ws = {c for c in children(self.pid) if b"spawn_main" in cmdline(c)}
             return ws if len(ws) == n else None
         return wait_for(found, 20, f"{n} uvicorn workers")
-
-    def gather(self, path: str, done: Callable[[list[dict]], bool],
-               at_least: int = 30) -> list[dict]:
-        """Issue concurrent requests, in rounds, until ``done(responses)`` holds."""
-        results: list[dict] = []
-        with ThreadPoolExecutor(8) as pool:
-            def more() -> bool:
-                results.extend(pool.map(lambda _: self.get(path), range(16)))
-                return len(results) >= at_least and done(results)
-            wait_for(more, 30, f"responses of {path} to satisfy the test")
-        return results
 
     def stop(self, ns: str, sig: int = signal.SIGTERM) -> None:
         """Stop the supervisor with ``sig``: it must exit cleanly and the last worker to
@@ -153,12 +74,6 @@ class Server:
         assert _shm.namespace_objects(ns) == [], self.log()
         assert re.search(rf"namespace '{re.escape(ns)}': pid \d+ was the last process "
                          "attached; namespace unlinked", self.log()), self.log()
-
-
-def _stop_with_parent() -> None:
-    """In the server process, before exec: SIGTERM it if the test process dies without
-    reaching its ``finally`` (the test's own cleanup then kills the whole session)."""
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @contextmanager
@@ -174,21 +89,15 @@ def serve(argv: list[str], tmp_path: Path, *, cwd: Path = ROOT,
     environ = {k: v for k, v in os.environ.items() if k != shmctx.asgi.ENV_NAMESPACE}
     environ.update(env or {})
     log_path = tmp_path / f"server-{port}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, *argv, *bind(port)], cwd=cwd, env=environ, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_stop_with_parent)
+    proc = spawn_in_session([sys.executable, *argv, *bind(port)], log_path, cwd=cwd,
+                            env=environ)
     server = Server(proc, port, log_path)
     try:
         if wait:
             wait_for(server.ready, 30, "the server to serve")
         yield server
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        kill_session(proc)
 
 
 def uvicorn_argv(app: str, workers: int | None, *extra: str) -> list[str]:
@@ -267,7 +176,9 @@ def test_uvicorn_workers_share_sweep_for_each_other_and_the_last_one_unlinks(ns,
         assert len(values) == len(set(values))  # no increment was lost or doubled
         assert f"sweeper pid {leader} is dead; pid {new_leader} takes the lead" in srv.log()
         for victim in victims:  # the sweeper's lines, in uvicorn's log
-            assert f"reclaimed 1 reference(s) of dead pid {victim}" in srv.log()
+            # Its lease, and the counter's reference too if it was killed inside /count.
+            assert re.search(rf"reclaimed [12] reference\(s\) of dead pid {victim}\b",
+                             srv.log()), srv.log()
         srv.stop(ns, signal.SIGTERM)
 
 
@@ -308,6 +219,80 @@ def test_single_process_uvicorn_startup_failure_leaves_nothing(tmp_path):
     finally:
         if ns is not None and _shm.namespace_objects(ns):
             _shm.remove_namespace_objects(ns)
+
+
+LIMIT = ["--limit-max-requests", "3", "--limit-max-requests-jitter", "0"]
+UNLINKED = "namespace unlinked"  # the last worker's log line, as Server.stop checks it
+
+
+def _kept(ns: str) -> tuple[int, bytes]:
+    """Incarnation and data of context ``kept`` of namespace ``ns``."""
+    with ContextManager(namespace=ns, create=False, sweeper=False) as tm:
+        ctx = tm.get_context("kept")
+        try:
+            return ctx.incarnation, bytes(ctx.buf)
+        finally:
+            tm.return_context(ctx)
+
+
+def test_a_worker_recycled_by_limit_max_requests_leaves_the_namespace(ns, tmp_path):
+    env = {shmctx.asgi.ENV_NAMESPACE: ns}
+    argv = uvicorn_argv("tests.apps.asgi_app:app", 2, *LIMIT)
+    with serve(argv, tmp_path, env=env) as srv:
+        srv.workers(2)
+        # One worker under the supervisor (uvicorn 0.55 serves `--workers 1` in a single
+        # process, with no supervisor). The supervisor stops the other one with SIGTERM.
+        # From now on, each time the worker reaches its limit, no worker is attached
+        # until the supervisor's next poll starts its successor.
+        os.kill(srv.pid, signal.SIGTTOU)
+        srv.workers(1)
+        # Data published from outside, which no worker would make again.
+        with ContextManager(namespace=ns, create=False, sweeper=False) as tm:
+            ctx = tm.publish("kept", MemoryContextConfig(size=8),
+                             init=lambda c: c.buf.__setitem__(slice(None), b"survives"))
+            kept = (ctx.incarnation, b"survives")
+            tm.return_context(ctx)
+        served: dict[int, int] = {}
+
+        def three_recycles() -> bool:
+            try:
+                pid = srv.get("/ping")["pid"]
+            except CONNECTION_LOST:
+                return False  # accepted by a worker that stopped before reading it
+            served[pid] = served.get(pid, 0) + 1
+            assert _kept(ns) == kept, srv.log()
+            return len(served) > 3  # the first worker and three successors served
+
+        wait_for(three_recycles, 60, "uvicorn to recycle its worker three times")
+        (current,) = srv.workers(1)
+        assert served[current] < 3  # it goes on serving: no recycle races the stop
+        wait_for(lambda: holders(ns, "lease") == {current: 1}, 20,
+                 "the recycled workers to be gone")
+        log = srv.log()
+        assert log.count("Maximum request limit of 3 exceeded") == 3, log
+        assert log.count("while its server goes on") == 3, log
+        assert UNLINKED not in log, log
+        assert _kept(ns) == kept
+        srv.stop(ns, signal.SIGTERM)  # the namespace is unlinked now, and only now
+
+
+def test_a_single_process_uvicorn_that_reaches_its_limit_unlinks(ns, tmp_path):
+    # No --workers: no supervisor restarts the server, which ends with its worker.
+    env = {shmctx.asgi.ENV_NAMESPACE: ns}
+    with serve(uvicorn_argv("tests.apps.asgi_app:app", None, *LIMIT), tmp_path,
+               env=env) as srv:
+        def ended() -> bool:
+            try:
+                srv.get("/ping")
+            except (OSError, *CONNECTION_LOST):
+                pass  # the server stopped listening, or stopped before answering
+            return srv.proc.poll() is not None
+
+        wait_for(ended, 30, "uvicorn to stop at its limit")
+        assert srv.proc.returncode == 0, srv.log()
+        assert _shm.namespace_objects(ns) == [], srv.log()
+        assert re.search(rf"namespace '{re.escape(ns)}': pid {srv.pid} was the last process "
+                         f"attached; {UNLINKED}", srv.log()), srv.log()
 
 
 # --- the lifespan protocol, in this process ---------------------------------------------
@@ -493,6 +478,84 @@ def test_bad_arguments_fail_when_wrapping():
         shmctx.asgi.lifespan("app:app")
 
 
+@pytest.mark.parametrize("how", ["recycled", "stop signal", "orphan", "not the main thread",
+                                 "SIGTERM not handled"])
+def test_a_worker_unlinks_when_it_leaves_only_if_its_server_stops(ns, monkeypatch, caplog,
+                                                                  how):
+    # This process plays a worker whose supervisor is alive (or, "orphan", dead), and
+    # whose server handles SIGTERM (or, "SIGTERM not handled", leaves it to its default:
+    # it stops its workers some other way, so a stop cannot be told from a recycle).
+    alive = how != "orphan"
+    monkeypatch.setattr(multiprocessing, "parent_process",
+                        lambda: types.SimpleNamespace(pid=4242, is_alive=lambda: alive))
+    monkeypatch.setattr(shmctx.asgi, "_stop_signalled_pid", 0)
+    monkeypatch.setattr(shmctx.asgi, "_unwatched_pid", 0)
+    caplog.set_level("INFO", logger="shmctx.asgi")
+    stops: list[int] = []
+
+    def server_handler(sig: int, frame: object) -> None:  # as uvicorn's handle_exit
+        stops.append(sig)
+
+    async def worker() -> None:
+        async with shmctx.asgi.attached(ns, logger=None):
+            if how == "stop signal":
+                signal.raise_signal(signal.SIGTERM)
+                await _until(lambda: stops, "the server's handler to run")
+
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(worker())
+        except BaseException as e:
+            errors.append(e)
+
+    handler = signal.SIG_DFL if how == "SIGTERM not handled" else server_handler
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        if how == "not the main thread":  # where no signal handler can be set
+            th = threading.Thread(target=run)
+            th.start()
+            th.join(30)
+        else:
+            run()
+        assert signal.getsignal(signal.SIGTERM) is handler  # put back on leaving
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert errors == []
+    assert stops == ([signal.SIGTERM] if how == "stop signal" else [])
+    stays = how == "recycled"
+    assert ("the namespace stays" in caplog.text) == stays
+    assert bool(_shm.namespace_objects(ns)) == stays
+    if stays:  # the documented removal of a namespace left behind
+        ContextManager(namespace=ns, create=False).unlink()
+    assert _shm.namespace_objects(ns) == []
+
+
+def test_the_stop_signal_watch_keeps_default_and_ignored_signals_as_they_were():
+    # A child: SIG_DFL ends it, as without the watch; SIG_IGN stays ignored; a second
+    # watch wraps nothing again.
+    code = """if True:
+        import signal
+        import shmctx.asgi as a
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        a._watch_stop_signals()
+        a._watch_stop_signals()
+        term = signal.getsignal(signal.SIGTERM)
+        print(type(term).__name__, term.previous == signal.SIG_DFL,
+              signal.getsignal(signal.SIGINT) == signal.SIG_IGN, flush=True)
+        signal.raise_signal(signal.SIGINT)
+        print("SIGINT ignored", flush=True)
+        signal.raise_signal(signal.SIGTERM)
+        print("not reached", flush=True)
+    """
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == -signal.SIGTERM, r.stderr
+    assert r.stdout == "_StopSignalWatch True True\nSIGINT ignored\n", r.stderr
+
+
 # --- the async helpers ------------------------------------------------------------------
 
 
@@ -601,7 +664,7 @@ def test_locked_waits_for_another_holder_off_the_event_loop(ns):
             task = asyncio.ensure_future(enter())
             await asyncio.sleep(0)  # let it start waiting
             assert not entered.is_set()
-            let_go.set()  # runs only if enter() waits off the loop
+            let_go.set()  # runs only if enter() waits without blocking the loop
             await asyncio.wait_for(entered.wait(), 10)
             await task
             await asyncio.to_thread(th.join, 10)
@@ -609,6 +672,162 @@ def test_locked_waits_for_another_holder_off_the_event_loop(ns):
 
     asyncio.run(main())
     assert released_in_time == [True]
+    assert _shm.namespace_objects(ns) == []
+
+
+def test_a_plain_ctx_lock_section_beside_locked_re_enters_instead_of_hanging(ns):
+    # locked() had to wait for another holder; once it holds ctx.lock, another request's
+    # plain, await-free section on the event loop (ctx.lock, ctx.get(), ctx.put())
+    # re-enters the lock, which the loop's thread holds. Were it held by a helper thread
+    # waiting for the block to end, that section would block the loop for good.
+    holding, let_go = threading.Event(), threading.Event()
+    log: list[str] = []
+
+    async def main() -> int:
+        async with shmctx.asgi.attached(ns, logger=None) as m:
+            ctx, _ = m.get_or_create_context("mixed", MemoryContextConfig(size=64))
+            ctx.put(0)
+
+            def holder() -> None:  # another thread: to ctx.lock, another holder
+                with ctx.lock:
+                    holding.set()
+                    let_go.wait(10)
+
+            th = threading.Thread(target=holder)
+            th.start()
+            await asyncio.to_thread(holding.wait, 10)
+            inside = asyncio.Event()
+
+            async def a() -> None:
+                async with shmctx.asgi.locked(ctx):
+                    log.append("A in")
+                    inside.set()
+                    await _until(lambda: "B out" in log, "B's section")
+                    log.append("A out")
+
+            async def b() -> None:
+                await inside.wait()
+                ctx.lock.acquire(timeout=5)  # on the loop; a hang would end in TimeoutError
+                try:
+                    log.append("B in")
+                    ctx.put(ctx.get() + 1)
+                finally:
+                    ctx.lock.release()
+                log.append("B out")
+
+            both = asyncio.gather(a(), b())
+            await asyncio.sleep(0)  # a() finds ctx.lock held, and waits
+            assert log == []
+            let_go.set()
+            await asyncio.wait_for(both, 20)
+            await asyncio.to_thread(th.join, 10)
+            value = ctx.get()
+            m.return_context(ctx)
+            return value
+
+    assert asyncio.run(main()) == 1
+    assert log == ["A in", "B in", "B out", "A out"]
+    assert _shm.namespace_objects(ns) == []
+
+
+# Another process that holds ctx.lock until told, then takes and releases it as fast as
+# it can, adding 1 to the counter in bytes 0-7 under each hold, until byte 8 is set;
+# it prints how many times it added.
+_HAMMER = """if True:
+    import sys
+    from shmctx import ContextManager
+    with ContextManager(namespace=sys.argv[1], create=False, sweeper=False) as m:
+        ctx = m.get_context("n")
+        def bump():
+            ctx.buf[:8] = (int.from_bytes(ctx.buf[:8], "little") + 1).to_bytes(8, "little")
+        with ctx.lock:
+            print("holding", flush=True)
+            sys.stdin.readline()
+            bump()
+        n = 1
+        while not ctx.buf[8]:
+            with ctx.lock:
+                bump()
+            n += 1
+        m.return_context(ctx)
+    print(n, flush=True)
+"""
+
+
+def test_locked_coroutines_never_overlap_while_another_process_takes_the_lock(ns):
+    async def main() -> None:
+        async with shmctx.asgi.attached(ns, logger=None) as m:
+            ctx, _ = m.get_or_create_context("n", MemoryContextConfig(size=9))
+            inside = most = 0
+
+            async def bump() -> None:
+                nonlocal inside, most
+                for _ in range(3):
+                    async with shmctx.asgi.locked(ctx, timeout=20):
+                        inside += 1
+                        most = max(most, inside)
+                        value = int.from_bytes(ctx.buf[:8], "little")
+                        await asyncio.sleep(0)  # the others run here: they must wait
+                        ctx.buf[:8] = (value + 1).to_bytes(8, "little")
+                        inside -= 1
+
+            child = subprocess.Popen([sys.executable, "-c", _HAMMER, ns], text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            try:
+                assert child.stdout is not None and child.stdin is not None
+                assert await asyncio.to_thread(child.stdout.readline) == "holding\n"
+                tasks = [asyncio.ensure_future(bump()) for _ in range(10)]
+                await asyncio.sleep(0)  # every one waits for the other process
+                assert most == 0
+                child.stdin.write("go\n")
+                child.stdin.flush()
+                await asyncio.wait_for(asyncio.gather(*tasks), 60)
+                ctx.buf[8] = 1
+                out, _ = await asyncio.to_thread(child.communicate, timeout=30)
+            finally:
+                if child.poll() is None:
+                    child.kill()
+                child.wait()
+            assert child.returncode == 0
+            assert most == 1
+            # No increment lost: neither side ever ran inside the other's section.
+            assert int.from_bytes(ctx.buf[:8], "little") == 30 + int(out)
+            m.return_context(ctx)
+
+    asyncio.run(main())
+    assert _shm.namespace_objects(ns) == []
+
+
+# Another process that takes ctx.lock and dies holding it.
+_DIE_HOLDING = """if True:
+    import os, signal, sys
+    from shmctx import ContextManager
+    m = ContextManager(namespace=sys.argv[1], create=False, sweeper=False)
+    m.get_context("n").lock.acquire()
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("death", ["recorded", "before recording itself"])
+def test_locked_takes_ctx_lock_over_from_a_holder_that_died(ns, death):
+    async def main() -> None:
+        config = ContextConfig(max_references=0, max_idle_time=0, lock_timeout=0.1)
+        async with shmctx.asgi.attached(ns, config=config, logger=None) as m:
+            ctx, _ = m.get_or_create_context("n", MemoryContextConfig(size=1))
+            if death == "recorded":  # a process SIGKILLed inside its section
+                r = await asyncio.to_thread(subprocess.run,
+                                            [sys.executable, "-c", _DIE_HOLDING, ns],
+                                            timeout=60)
+                assert r.returncode == -signal.SIGKILL
+            else:  # the semaphore taken, and nobody recorded as its owner
+                ctx.lock.sem.acquire()
+            before = shmctx._lock.recoveries()
+            async with shmctx.asgi.locked(ctx, timeout=20):
+                assert ctx.lock.owner().pid == os.getpid()
+            assert shmctx._lock.recoveries() == before + 1
+            m.return_context(ctx)
+
+    asyncio.run(main())
     assert _shm.namespace_objects(ns) == []
 
 

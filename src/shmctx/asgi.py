@@ -16,8 +16,11 @@ What runs where:
 * ``uvicorn app:app --workers N``: uvicorn's supervisor runs no user code, so the workers
   are *peers*. The first one to start creates the namespace; each one attaches when its
   lifespan starts up; one live worker leads the sweeper (it reclaims the references of
-  dead workers every ``cleanup_interval``) and another takes the lead when it dies; the
-  last worker to shut down unlinks the namespace.
+  dead workers every ``cleanup_interval``) and another takes the lead when it dies.
+  When the server stops, the last worker to shut down unlinks the namespace; a worker
+  that leaves while the server goes on (``--limit-max-requests``) only detaches, even
+  if it is the last one attached, since its successor will attach (``docs/asgi.md``,
+  "What runs where", says how a worker tells the two apart).
 * ``gunicorn -k uvicorn_worker.UvicornWorker`` with the ``shmctx.gunicorn`` hooks: the
   gunicorn master owns the namespace (see ``docs/gunicorn.md``); this module then hands
   out the gunicorn worker's manager and leaves the namespace's lifetime to the master.
@@ -31,8 +34,9 @@ servers on one host thus never share, or unlink, each other's contexts.
 Blocking: getting or returning a context this worker has mapped before takes one short
 lock and is safe on the event loop. A get that creates a context runs ``init`` in the
 calling thread, and a get of a context another worker is still creating waits for it:
-the ``async`` helpers here (``get_or_create_context``, ``context``, ``locked``, ...) run
-such calls in a thread so that the worker's other requests go on meanwhile.
+the ``async`` helpers here (``get_or_create_context``, ``context``, ...) run such calls in
+a thread so that the worker's other requests go on meanwhile; ``locked`` waits for
+``ctx.lock`` on the event loop without blocking it.
 """
 
 from __future__ import annotations
@@ -42,16 +46,19 @@ import contextvars
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
+from types import FrameType
 from typing import Any, TypeVar
 
 from ._config import ContextConfig, MemoryContextConfig
 from ._context import MemoryContext, returned
 from ._errors import ContextClosedError, ContextError, InvalidConfigError
+from ._lock import ContextLock
 from ._manager import ContextManager
 from ._proc import identity
 from ._service import route_logs, service_config
@@ -91,6 +98,25 @@ _peers: WorkerManager | None = None  # the peer manager of this process (not und
 _gunicorn = False  # attached through shmctx.gunicorn: its master owns the namespace
 _attachments = 0
 _attached_pid = 0
+
+# Whether a worker that leaves unlinks the namespace if it is the last process attached.
+# uvicorn's supervisor replaces a worker that ended on its own (it reached
+# --limit-max-requests, or the app made it exit) only when its next poll notices, so
+# for a moment no worker may be attached while the server goes on: the last one out
+# must not take the namespace, and what other processes published in it, along. So a
+# worker unlinks only when its server is stopping or gone:
+# * a stop signal reached it: uvicorn's supervisor stops its workers with SIGTERM, and
+#   Ctrl-C sends SIGINT to the whole process group (a reload, SIGHUP, stops the old
+#   workers only once the new ones run, so those are not the last);
+# * it has no live supervisor: the server runs in one process, or the supervisor was
+#   killed and nobody will replace the worker;
+# * the stop signals could not be watched: the lifespan does not run in the main thread,
+#   or the worker does not handle SIGTERM in Python, so its server does not stop it that
+#   way (hypercorn's workers wait for an event their parent sets, and their parent lives
+#   on until they have stopped).
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_stop_signalled_pid = 0  # the pid of the process a stop signal reached (0: none yet)
+_unwatched_pid = 0  # the pid of a process whose stop signals could not be watched
 
 
 # --- set-up -------------------------------------------------------------------------
@@ -273,24 +299,24 @@ async def locked(ctx: MemoryContext, *, timeout: float | None = None) -> AsyncGe
     ``ctx.lock`` is re-entrant for the *thread* that holds it, and every coroutine of a
     worker runs in the event loop's one thread: under a plain ``with ctx.lock:`` another
     request's coroutine would enter the section while this one awaits. ``locked`` first
-    queues the coroutines of this worker (one ``asyncio.Lock`` per context), then takes
-    ``ctx.lock`` against the other processes: at once on the event loop if it is free,
-    else in a thread of its own that holds it until the block ends, so that the wait
-    for another process does not hold up this worker's other requests. ``TimeoutError``
-    if ``ctx.lock`` is not free within ``timeout`` seconds."""
+    queues the coroutines of this worker that use it on this context (one
+    ``asyncio.Lock`` per context), then takes ``ctx.lock`` against the other processes,
+    in the event loop's thread: at once if it is free, else by trying again at short
+    intervals, so that the wait for another process does not hold up this worker's
+    other requests. ``TimeoutError`` if ``ctx.lock`` is not free within ``timeout``
+    seconds.
+
+    Within one worker only ``locked`` keeps coroutines out of each other's sections:
+    a plain ``with ctx.lock:``, ``ctx.get()`` or ``ctx.put()`` on the event loop
+    re-enters the lock this block holds (the loop's thread holds it), so it must not
+    await inside (see ``docs/asgi.md``)."""
     lock = ctx.lock
     async with _local_lock(lock):
-        if lock.try_acquire(0):
-            try:
-                yield
-            finally:
-                lock.release()
-            return
-        release = await _hold_in_thread(lock, timeout)
+        await _take_on_loop(lock, timeout)
         try:
             yield
         finally:
-            release.set()
+            lock.release()  # in the loop's thread, which took it
 
 
 # --- internals --------------------------------------------------------------------------
@@ -379,8 +405,9 @@ def _check_same(m: ContextManager, namespace: str | None, config: ContextConfig 
 
 
 def _detach() -> None:
-    """Undo one ``_attach``; the last one closes the manager (a peer unlinks the
-    namespace if it is the last process attached). Blocking: run it in a thread."""
+    """Undo one ``_attach``; the last one closes the manager. A peer then unlinks the
+    namespace if it is the last process attached and its server is stopping
+    (``_server_stops``). Blocking: run it in a thread."""
     global _attachments
     with _lock:
         if _attached_pid != identity.pid or _attachments <= 0:
@@ -389,13 +416,85 @@ def _detach() -> None:
         if _attachments or _gunicorn or _peers is None:
             return  # under gunicorn, the worker_exit / child_exit hooks close it
         peers = _peers
-    peers.close()  # logs, rather than raises, a failure: nothing to undo at shutdown
+    unlink = _server_stops()
+    if not unlink:
+        log.info("shmctx: worker pid %d detached from namespace %r while its server goes "
+                 "on (its supervisor starts another worker): the namespace stays",
+                 identity.pid, peers.namespace)
+    # Logs, rather than raises, a failure: nothing to undo at shutdown.
+    peers.close(unlink_if_last=unlink)
+
+
+def _server_stops() -> bool:
+    """Whether this worker leaves because its server stops, or with nobody to replace
+    it (see ``_STOP_SIGNALS``): only then may the last one out unlink the namespace."""
+    if identity.pid in (_stop_signalled_pid, _unwatched_pid):
+        return True
+    parent = multiprocessing.parent_process()
+    return parent is None or not parent.is_alive()
+
+
+class _StopSignalWatch:
+    """A handler of a stop signal that notes it, then hands it to the handler it
+    replaced (under uvicorn, ``Server.handle_exit``, which stops the server)."""
+
+    def __init__(self, previous: Callable[[int, FrameType | None], Any] | int) -> None:
+        self.previous = previous
+
+    def __call__(self, signum: int, frame: FrameType | None) -> Any:
+        global _stop_signalled_pid
+        _stop_signalled_pid = identity.pid
+        previous = self.previous
+        if callable(previous):
+            return previous(signum, frame)
+        # SIG_DFL: what the signal does without a handler, end the process.
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
+        return None
+
+
+def _watch_stop_signals() -> None:
+    """Have the stop signals that reach this process from now on noted, by wrapping
+    their current handlers. Runs in the event loop's thread as the lifespan starts up:
+    uvicorn has installed its own handlers then (with ``signal.signal``, before it runs
+    the lifespan), and when the server has stopped it puts back the ones it found,
+    which removes the wrappers too. Python lets only the main thread set handlers."""
+    global _unwatched_pid
+    if threading.current_thread() is not threading.main_thread():
+        _unwatched_pid = identity.pid
+        return
+    for sig in _STOP_SIGNALS:
+        previous = signal.getsignal(sig)
+        if isinstance(previous, _StopSignalWatch):
+            continue  # noted already (another app or attachment)
+        if sig == signal.SIGTERM and not callable(previous):
+            # The server does not stop this worker gracefully on SIGTERM (it is left to
+            # its default, ignored, or handled outside Python), so it stops it some other
+            # way (hypercorn's workers wait for an event their parent sets): a stop cannot
+            # be told from a worker leaving on its own.
+            _unwatched_pid = identity.pid
+        if previous is None or previous == signal.SIG_IGN:
+            continue  # set outside Python (could not be put back), or cannot stop us
+        signal.signal(sig, _StopSignalWatch(previous))
+
+
+def _unwatch_stop_signals() -> None:
+    """Put back the handlers ``_watch_stop_signals`` wrapped, once this process has
+    detached (a server that restores its own handlers, as uvicorn does, has removed the
+    wrappers already; another program would keep them for good)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in _STOP_SIGNALS:
+        current = signal.getsignal(sig)
+        if isinstance(current, _StopSignalWatch):
+            signal.signal(sig, current.previous)
 
 
 async def _join(namespace: str | None, config: ContextConfig | None,
                 logger: logging.Logger | str | None) -> ContextManager:
     """``_attach`` in a thread. If the awaiting task is cancelled meanwhile (the server
     stops during startup), the attachment the thread still makes is undone."""
+    _watch_stop_signals()
     fut = asyncio.get_running_loop().run_in_executor(None, _attach, namespace, config, logger)
     try:
         return await asyncio.shield(fut)
@@ -409,6 +508,8 @@ async def _leave() -> None:
     """Detach in a thread; if the awaiting task is cancelled meanwhile, the detach still
     completes there (``asyncio.run`` waits for its threads before it returns)."""
     await asyncio.shield(asyncio.get_running_loop().run_in_executor(None, _detach))
+    if _attachments <= 0:
+        _unwatch_stop_signals()
 
 
 async def _off_loop(m: ContextManager, call: Callable[[], T],
@@ -434,52 +535,100 @@ async def _off_loop(m: ContextManager, call: Callable[[], T],
 
 # One asyncio.Lock per ctx.lock object (the manager keeps one object per context
 # incarnation): it queues this worker's coroutines in front of ctx.lock.
-_local_locks: weakref.WeakKeyDictionary[Any, asyncio.Lock] = weakref.WeakKeyDictionary()
+_local_locks: weakref.WeakKeyDictionary[ContextLock, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+# How long ``locked`` waits before it tries a busy ctx.lock again: from the first pause
+# to the last, doubling. The holder is another process (or another thread), and asyncio
+# has nothing to await for that: the lock is a POSIX semaphore, and waiting on it blocks
+# a thread. So the event loop's thread tries it without waiting, and sleeps in between;
+# the cap bounds how late a release is noticed, at 50 cheap tries a second at most.
+_RETRY_FIRST = 0.001
+_RETRY_MAX = 0.02
 
 
-def _local_lock(lock: Any) -> asyncio.Lock:
+def _local_lock(lock: ContextLock) -> asyncio.Lock:
     local = _local_locks.get(lock)
     if local is None:
         local = _local_locks[lock] = asyncio.Lock()
     return local
 
 
-async def _hold_in_thread(lock: Any, timeout: float | None) -> threading.Event:
-    """Take ``lock`` in a thread that keeps it until the returned event is set (a
-    ``ctx.lock`` is released by the thread that took it). If the awaiter is cancelled,
-    the thread releases the lock as soon as it gets it."""
+async def _take_on_loop(lock: ContextLock, timeout: float | None) -> None:
+    """Take ``lock`` in the event loop's thread (this one) without blocking the loop.
+
+    Not in a helper thread that would hold it for the coroutine: that thread would wait
+    for the coroutine's block to end, which needs the loop, and a plain ``ctx.get()`` on
+    the loop meanwhile would wait for that thread's hold: the worker would hang. Held by
+    the loop's thread, the lock lets such a call re-enter instead.
+
+    A holder that dies never releases the lock. A waiter blocked in ``acquire`` takes it
+    over; so does this one, at a look every ``lock_timeout`` of waiting: a dead owner
+    recorded in the lock is taken over at once. A lock taken with no owner recorded (its
+    holder died between taking it and recording itself) only a blocking ``acquire`` can
+    condemn, after watching it for a ``lock_timeout``: when two looks in a row see that
+    same hold, a thread waits for the lock that way, and gives it back at once."""
+    if lock.try_acquire(0):
+        return
     loop = asyncio.get_running_loop()
-    got: asyncio.Future[None] = loop.create_future()
-    release = threading.Event()
+    now = loop.time()
+    deadline = None if timeout is None else now + timeout
+    next_look = now + lock.timeout
+    unrecorded: int | None = None  # epoch of a hold seen with no owner recorded
+    pause = _RETRY_FIRST
+    while True:
+        if deadline is not None and now >= deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {lock.what}")
+        if now >= next_look:
+            next_look = now + lock.timeout
+            owner = lock.owner()
+            if owner.pid == 0 and owner.epoch == unrecorded:
+                await _wait_in_thread(lock, None if deadline is None else deadline - now,
+                                      timeout)
+                unrecorded = None
+            elif not lock.recover_if_owner_dead():  # True: taken over and released
+                unrecorded = owner.epoch if owner.pid == 0 else None
+        else:
+            await asyncio.sleep(pause if deadline is None else min(pause, deadline - now))
+            pause = min(2 * pause, _RETRY_MAX)
+        if lock.try_acquire(0):
+            return
+        now = loop.time()
+
+
+async def _wait_in_thread(lock: ContextLock, left: float | None,
+                          timeout: float | None) -> None:
+    """Wait until ``lock`` can be taken, in a blocking ``acquire`` (which takes it over
+    from a dead holder), in a thread that gives it back at once: it never holds the lock
+    while it waits for anything. A thread of its own, not the loop's executor: a wait
+    that outlives its awaiter (cancelled; a thread cannot be stopped) must not hold up
+    the executor's shutdown when the worker stops."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
 
     def settle(error: BaseException | None) -> None:
-        if got.done():
+        if done.done():
             return
         if error is None:
-            got.set_result(None)
+            done.set_result(None)
         else:
-            got.set_exception(error)
+            done.set_exception(error)
 
-    def hold() -> None:
+    def wait() -> None:
+        error: BaseException | None = None
         try:
-            lock.acquire(timeout)
-        except BaseException as e:
-            loop.call_soon_threadsafe(settle, e)
-            return
+            lock.acquire(left)
+            lock.release()
+        except TimeoutError:
+            error = TimeoutError(f"timed out after {timeout}s waiting for {lock.what}")
+        except BaseException as e:  # handed to the awaiter
+            error = e
         try:
-            loop.call_soon_threadsafe(settle, None)
-        except RuntimeError:  # the loop is closed: nobody will use the lock
-            release.set()
-        release.wait()
-        lock.release()
+            loop.call_soon_threadsafe(settle, error)
+        except RuntimeError:
+            pass  # the loop is closed: nobody awaits it any more
 
-    threading.Thread(target=hold, name="shmctx ctx.lock holder", daemon=True).start()
-    try:
-        await got
-    except asyncio.CancelledError:
-        release.set()
-        raise
-    return release
+    threading.Thread(target=wait, name="shmctx ctx.lock waiter", daemon=True).start()
+    await done
 
 
 _LIFESPAN_SENT = frozenset({"lifespan.startup.complete", "lifespan.startup.failed",
