@@ -18,6 +18,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import wait_for
@@ -478,8 +479,8 @@ def test_bad_arguments_fail_when_wrapping():
         shmctx.asgi.lifespan("app:app")
 
 
-@pytest.mark.parametrize("how", ["recycled", "stop signal", "orphan", "not the main thread",
-                                 "SIGTERM not handled"])
+@pytest.mark.parametrize("how", ["recycled", "stop signal", "stop signal while starting",
+                                 "orphan", "not the main thread", "SIGTERM not handled"])
 def test_a_worker_unlinks_when_it_leaves_only_if_its_server_stops(ns, monkeypatch, caplog,
                                                                   how):
     # This process plays a worker whose supervisor is alive (or, "orphan", dead), and
@@ -510,7 +511,17 @@ def test_a_worker_unlinks_when_it_leaves_only_if_its_server_stops(ns, monkeypatc
         except BaseException as e:
             errors.append(e)
 
-    handler = signal.SIG_DFL if how == "SIGTERM not handled" else server_handler
+    class Server:  # as uvicorn's: a stop signal sets its public should_exit
+        should_exit = False
+
+        def handle_exit(self, sig: int, frame: object) -> None:
+            self.should_exit = True
+
+    handler: Any = signal.SIG_DFL if how == "SIGTERM not handled" else server_handler
+    if how == "stop signal while starting":
+        # The signal came before the lifespan started: only the server's handler saw it.
+        handler = Server().handle_exit
+        handler(signal.SIGTERM, None)
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         if how == "not the main thread":  # where no signal handler can be set

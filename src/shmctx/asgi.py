@@ -463,10 +463,18 @@ def _watch_stop_signals() -> None:
     if threading.current_thread() is not threading.main_thread():
         _unwatched_pid = identity.pid
         return
+    global _stop_signalled_pid
     for sig in _STOP_SIGNALS:
         previous = signal.getsignal(sig)
         if isinstance(previous, _StopSignalWatch):
             continue  # noted already (another app or attachment)
+        # A stop signal that came while this worker was starting, before these wrappers
+        # existed (Ctrl-C as the server boots), reached only the server's handler. uvicorn's
+        # (``Server.handle_exit``) then has set ``should_exit``, the public flag that stops
+        # its server: a server told to stop before it served is not leaving for its
+        # request limit, so that counts as a stop signal.
+        if getattr(getattr(previous, "__self__", None), "should_exit", False) is True:
+            _stop_signalled_pid = identity.pid
         if sig == signal.SIGTERM and not callable(previous):
             # The server does not stop this worker gracefully on SIGTERM (it is left to
             # its default, ignored, or handled outside Python), so it stops it some other
