@@ -3,40 +3,32 @@ result backend under one directory, so that no broker server is needed."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import uuid
-from time import monotonic
-
-from kombu.transport import filesystem
-from kombu.utils.encoding import str_to_bytes
-from kombu.utils.json import dumps
+import sys
+from pathlib import Path
 
 
-class _AtomicChannel(filesystem.Channel):
-    """kombu's filesystem channel, writing each message under a temporary name and
-    renaming it into place. kombu's own ``_put`` creates the message file and then
-    writes it: a worker polling the folder in between moves and reads an empty file,
-    fails to decode it and stops ("Unrecoverable error: JSONDecodeError")."""
-
-    def _put(self, queue, payload, **kwargs):
-        # The same name as kombu's (time first: the consumer takes them in sorted order).
-        name = f"{round(monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
-        # No dot in the temporary name: the consumer only takes "<...>.<queue>.msg".
-        staging = os.path.join(self.data_folder_out, f"staging-{uuid.uuid4().hex}")
-        with open(staging, "wb") as f:
-            f.write(str_to_bytes(dumps(payload)))
-        os.rename(staging, os.path.join(self.data_folder_out, name))
+def _example_broker():
+    """docs/examples/celery/broker.py: its transport writes each message atomically
+    (kombu's own creates the file, then fills it, and a worker polling in between reads
+    it empty and stops)."""
+    path = Path(__file__).resolve().parents[2] / "docs" / "examples" / "celery" / "broker.py"
+    spec = importlib.util.spec_from_file_location("shmctx_celery_example_broker", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
-class AtomicFilesystemTransport(filesystem.Transport):
+class AtomicFilesystemTransport(_example_broker().Transport):
     """kombu's ``filesystem://`` transport with atomic message files, and shorter waits.
 
     Celery's loop for a transport without an event loop waits for a message up to 2 s
     per round, and its warm shutdown lets two rounds finish: 2-4 s of every worker's
     stop spent waiting for nothing. Each wait here ends after 0.1 s instead (the loop
     simply waits again), which keeps the test file within its time budget."""
-
-    Channel = _AtomicChannel
 
     def drain_events(self, connection, timeout=None):
         return super().drain_events(connection, timeout=min(timeout or 0.1, 0.1))
