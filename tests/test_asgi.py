@@ -5,6 +5,7 @@ documented example."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import http.client
 import multiprocessing
 import os
@@ -30,9 +31,11 @@ from shmctx import (
     ContextError,
     ContextManager,
     InvalidConfigError,
+    MemoryContext,
     MemoryContextConfig,
     _shm,
 )
+from shmctx._proc import start_time
 
 ROOT = Path(__file__).parent.parent
 APPS_DIR = Path(__file__).parent / "apps"
@@ -296,6 +299,73 @@ def test_a_single_process_uvicorn_that_reaches_its_limit_unlinks(ns, tmp_path):
                          f"attached; {UNLINKED}", srv.log()), srv.log()
 
 
+def _start_watcher(ns: str, pid: int, start: int) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "shmctx._watcher", ns, str(pid), str(start)],
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _flocked(ns: str) -> bool:
+    """Whether a process holds the flock of namespace ``ns``'s table file (a watcher)."""
+    fd = os.open(_shm.host_path(_shm.table_name(ns)), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+@pytest.mark.parametrize("attached_at_exit", [False, True])
+def test_the_watcher_left_by_a_recycled_worker_unlinks_once_the_supervisor_exits(
+        ns, attached_at_exit):
+    # The last worker left while its server went on: the namespace stays. The server is
+    # then stopped before a successor attached: once its supervisor has exited, the
+    # watcher that worker started unlinks the namespace, unless a live process (an
+    # outside publisher) is attached then.
+    supervisor = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                                  stdin=subprocess.PIPE)
+    watcher = None
+    try:
+        start = start_time(supervisor.pid)
+        assert start is not None
+        ContextManager(namespace=ns).close()  # a recycled worker's plain leaving
+        watcher = _start_watcher(ns, supervisor.pid, start)
+        wait_for(lambda: _flocked(ns) or watcher.poll() is not None, 30,
+                 "the watcher to wait for the supervisor")
+        assert watcher.poll() is None, watcher.communicate()
+        second = _start_watcher(ns, supervisor.pid, start)  # one watcher is enough
+        assert second.wait(30) == 0, second.communicate()
+        assert watcher.poll() is None and _shm.namespace_objects(ns)
+        observer = ContextManager(namespace=ns, create=False) if attached_at_exit else None
+        supervisor.communicate(timeout=30)  # it exits (the server has stopped)
+        _, err = watcher.communicate(timeout=30)
+        assert watcher.returncode == 0, err
+        if observer is not None:  # not the watcher's to unlink: the observer does it
+            assert _shm.namespace_objects(ns) and UNLINKED not in err, err
+            observer.close(unlink_if_last=True)
+        else:
+            assert f"namespace '{ns}': pid {watcher.pid} was the last process" in err, err
+        assert _shm.namespace_objects(ns) == []
+    finally:
+        supervisor.kill()
+        supervisor.wait()
+        if watcher is not None:
+            watcher.kill()
+            watcher.wait()
+
+
+def test_a_watcher_of_a_supervisor_that_has_exited_already_unlinks_at_once(ns):
+    supervisor = subprocess.Popen([sys.executable, "-c", "pass"])
+    start = start_time(supervisor.pid)
+    supervisor.wait()
+    ContextManager(namespace=ns).close()
+    watcher = _start_watcher(ns, supervisor.pid, start or 1)
+    _, err = watcher.communicate(timeout=30)
+    assert watcher.returncode == 0, err
+    assert _shm.namespace_objects(ns) == [], err
+
+
 # --- the lifespan protocol, in this process ---------------------------------------------
 
 
@@ -491,6 +561,8 @@ def test_a_worker_unlinks_when_it_leaves_only_if_its_server_stops(ns, monkeypatc
                         lambda: types.SimpleNamespace(pid=4242, is_alive=lambda: alive))
     monkeypatch.setattr(shmctx.asgi, "_stop_signalled_pid", 0)
     monkeypatch.setattr(shmctx.asgi, "_unwatched_pid", 0)
+    watchers: list[str] = []  # the namespaces handed to a watcher of the supervisor
+    monkeypatch.setattr(shmctx.asgi, "_start_watcher", watchers.append)
     caplog.set_level("INFO", logger="shmctx.asgi")
     stops: list[int] = []
 
@@ -537,6 +609,7 @@ def test_a_worker_unlinks_when_it_leaves_only_if_its_server_stops(ns, monkeypatc
     assert stops == ([signal.SIGTERM] if how == "stop signal" else [])
     stays = how == "recycled"
     assert ("the namespace stays" in caplog.text) == stays
+    assert watchers == ([ns] if stays else [])
     assert bool(_shm.namespace_objects(ns)) == stays
     if stays:  # the documented removal of a namespace left behind
         ContextManager(namespace=ns, create=False).unlink()
@@ -842,6 +915,130 @@ def test_locked_takes_ctx_lock_over_from_a_holder_that_died(ns, death):
     assert _shm.namespace_objects(ns) == []
 
 
+def test_locked_nested_in_the_same_task_is_a_clear_error_not_a_hang(ns):
+    # One helper using locked() calls another on the same context: the inner one would
+    # wait for the outer, which waits for it.
+    async def main() -> None:
+        async with shmctx.asgi.attached(ns, logger=None) as m:
+            ctx, _ = m.get_or_create_context("n", MemoryContextConfig(size=1))
+
+            async def nested() -> None:
+                async with shmctx.asgi.locked(ctx, timeout=5):
+                    with pytest.raises(RuntimeError, match=r"not re-entrant.*'n'"):
+                        async with shmctx.asgi.locked(ctx, timeout=5):
+                            pass
+                    assert ctx.lock.owner().pid == os.getpid()  # the outer still holds
+
+            await asyncio.wait_for(nested(), 10)
+            assert ctx.lock.owner().pid == 0
+            # Another task, or this one again, is no nesting: both get in.
+            await asyncio.wait_for(_enter_locked(ctx), 10)
+            await asyncio.wait_for(asyncio.ensure_future(_enter_locked(ctx)), 10)
+            m.return_context(ctx)
+
+    asyncio.run(main())
+    assert _shm.namespace_objects(ns) == []
+
+
+async def _enter_locked(ctx: MemoryContext, timeout: float | None = None) -> None:
+    async with shmctx.asgi.locked(ctx, timeout=timeout):
+        pass
+
+
+def test_locked_timeout_bounds_the_wait_behind_the_workers_own_coroutines(ns):
+    async def main() -> None:
+        async with shmctx.asgi.attached(ns, logger=None) as m:
+            ctx, _ = m.get_or_create_context("n", MemoryContextConfig(size=1))
+            inside, done = asyncio.Event(), asyncio.Event()
+
+            async def holder() -> None:
+                async with shmctx.asgi.locked(ctx):
+                    inside.set()
+                    await done.wait()  # until the other one has given up
+
+            task = asyncio.ensure_future(holder())
+            await inside.wait()
+            # Queued behind holder(); then cancelled while queued, with a deadline.
+            cancelled = asyncio.ensure_future(_enter_locked(ctx, timeout=60))
+            with pytest.raises(TimeoutError, match=r"after 0\.2s .*lock of context 'n'"):
+                await asyncio.wait_for(_enter_locked(ctx, timeout=0.2), 10)
+            cancelled.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await cancelled
+            done.set()
+            await asyncio.wait_for(task, 10)
+            # Neither left the queue or ctx.lock taken: the next one gets in at once.
+            await asyncio.wait_for(_enter_locked(ctx, timeout=0), 10)
+            m.return_context(ctx)
+
+    asyncio.run(main())
+    assert _shm.namespace_objects(ns) == []
+
+
+async def _contend(ctx: MemoryContext) -> int:
+    """Ten coroutines bump a counter under locked(), awaiting inside: returns the most
+    that were ever inside at once."""
+    inside = most = 0
+
+    async def bump() -> None:
+        nonlocal inside, most
+        async with shmctx.asgi.locked(ctx, timeout=30):
+            inside += 1
+            most = max(most, inside)
+            await asyncio.sleep(0)  # the others queue here
+            inside -= 1
+
+    await asyncio.wait_for(asyncio.gather(*(bump() for _ in range(10))), 60)
+    return most
+
+
+def test_locked_works_in_one_event_loop_after_another_and_in_two_threads_at_once(ns):
+    # asyncio.run twice (a fresh loop per test, say), and loops of several threads: the
+    # queue of one loop must not be used from another.
+    with ContextManager(namespace=ns, sweeper=False) as m:
+        ctx, _ = m.get_or_create_context("n", MemoryContextConfig(size=1))
+        assert asyncio.run(_contend(ctx)) == 1
+        assert asyncio.run(_contend(ctx)) == 1
+        results: list[int | BaseException] = []
+
+        def in_a_thread() -> None:
+            try:
+                results.append(asyncio.run(_contend(ctx)))
+            except BaseException as e:  # shown by the assert below
+                results.append(e)
+
+        threads = [threading.Thread(target=in_a_thread) for _ in range(2)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        assert results == [1, 1]
+        assert ctx.lock.owner().pid == 0
+        m.return_context(ctx)
+        m.unlink()
+    assert _shm.namespace_objects(ns) == []
+
+
+def test_locked_recovers_ctx_lock_left_held_by_a_thread_of_this_process_that_ended(ns):
+    async def main() -> None:
+        config = ContextConfig(max_references=0, max_idle_time=0, lock_timeout=0.1)
+        async with shmctx.asgi.attached(ns, config=config, logger=None) as m:
+            ctx, _ = m.get_or_create_context("n", MemoryContextConfig(size=1))
+            th = threading.Thread(target=ctx.lock.acquire)  # and never releases it
+            th.start()
+            await asyncio.to_thread(th.join, 10)
+            assert ctx.lock.owner().pid == os.getpid()
+            before = shmctx._lock.recoveries()
+            async with shmctx.asgi.locked(ctx, timeout=20):
+                assert ctx.lock.owner().pid == os.getpid()
+            assert shmctx._lock.recoveries() == before + 1
+            assert ctx.lock.owner().pid == 0
+            m.return_context(ctx)
+
+    asyncio.run(main())
+    assert _shm.namespace_objects(ns) == []
+
+
 def test_manager_outside_an_attached_lifespan_is_a_clear_error():
     with pytest.raises(ContextError, match=r"shmctx\.asgi\.lifespan\(app\)"):
         shmctx.asgi.manager()
@@ -864,6 +1061,53 @@ def test_a_lifespan_cancelled_without_shutdown_still_detaches(ns):
             await task
 
     asyncio.run(main())
+    assert _shm.namespace_objects(ns) == []
+
+
+def test_a_forced_exit_detaches_while_the_event_loop_still_runs(ns, monkeypatch):
+    # A second Ctrl-C sets uvicorn's force_exit: no lifespan.shutdown comes, and the
+    # server may end the process (raising a captured SIGTERM again) before the event
+    # loop ends. The lifespan task must be cancelled, and detach, while the loop runs.
+    monkeypatch.setattr(multiprocessing, "parent_process",
+                        lambda: types.SimpleNamespace(pid=4242, is_alive=lambda: True))
+    monkeypatch.setattr(shmctx.asgi, "_stop_signalled_pid", 0)
+    app = shmctx.asgi.lifespan(_lifespan_app([]), namespace=ns, logger=None)
+
+    class UvicornServer:  # uvicorn's Server.handle_exit, verbatim in effect
+        should_exit = force_exit = False
+
+        def handle_exit(self, sig: int, frame: object) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            else:
+                self.should_exit = True
+
+    uv = UvicornServer()
+    detached_while_running: list[bool] = []
+
+    async def main() -> None:
+        server = FakeServer()
+        task = asyncio.ensure_future(app({"type": "lifespan", "state": {}}, server.receive,
+                                         server.send))
+        await server.incoming.put({"type": "lifespan.startup"})
+        await _until(lambda: server.sent, "the startup to complete")
+        assert server.sent == [{"type": "lifespan.startup.complete"}]
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C: a graceful stop begins
+        await asyncio.sleep(0.05)
+        assert uv.should_exit and not task.done()  # still waits for lifespan.shutdown
+        assert _shm.namespace_objects(ns)
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C again: forced exit
+        assert uv.force_exit
+        await _until(task.done, "the lifespan task to end")
+        assert task.cancelled()
+        detached_while_running.append(_shm.namespace_objects(ns) == [])
+
+    previous = signal.signal(signal.SIGINT, uv.handle_exit)
+    try:
+        asyncio.run(main())
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert detached_while_running == [True]
     assert _shm.namespace_objects(ns) == []
 
 

@@ -47,6 +47,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import subprocess
 import sys
 import threading
 import weakref
@@ -60,7 +61,7 @@ from ._context import MemoryContext, returned
 from ._errors import ContextClosedError, ContextError, InvalidConfigError
 from ._lock import ContextLock
 from ._manager import ContextManager
-from ._proc import identity
+from ._proc import identity, start_time
 from ._service import route_logs, service_config
 from ._worker import WorkerManager, check_namespace
 
@@ -300,23 +301,42 @@ async def locked(ctx: MemoryContext, *, timeout: float | None = None) -> AsyncGe
     worker runs in the event loop's one thread: under a plain ``with ctx.lock:`` another
     request's coroutine would enter the section while this one awaits. ``locked`` first
     queues the coroutines of this worker that use it on this context (one
-    ``asyncio.Lock`` per context), then takes ``ctx.lock`` against the other processes,
-    in the event loop's thread: at once if it is free, else by trying again at short
-    intervals, so that the wait for another process does not hold up this worker's
-    other requests. ``TimeoutError`` if ``ctx.lock`` is not free within ``timeout``
-    seconds.
+    ``asyncio.Lock`` per context and event loop), then takes ``ctx.lock`` against the
+    other processes, in the event loop's thread: at once if it is free, else by trying
+    again at short intervals, so that the wait for another process does not hold up
+    this worker's other requests. ``TimeoutError`` if this block cannot start within ``timeout``
+    seconds: one deadline for the whole wait, behind this worker's coroutines and then
+    behind other processes. Not re-entrant: ``RuntimeError`` when a task asks for a
+    context it already holds through ``locked``, instead of waiting for itself.
 
     Within one worker only ``locked`` keeps coroutines out of each other's sections:
     a plain ``with ctx.lock:``, ``ctx.get()`` or ``ctx.put()`` on the event loop
     re-enters the lock this block holds (the loop's thread holds it), so it must not
-    await inside (see ``docs/asgi.md``)."""
+    await inside (see ``docs/asgi.md``). Not fair against another process that takes
+    ``ctx.lock`` again and again with blocking waits: pass ``timeout`` to bound the
+    wait."""
     lock = ctx.lock
-    async with _local_lock(lock):
-        await _take_on_loop(lock, timeout)
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    local = _local_lock(lock, loop)
+    task = asyncio.current_task()
+    if task is not None and local.task is task:
+        raise RuntimeError(
+            f"shmctx.asgi.locked() is not re-entrant: this task already holds {lock.what} "
+            "through an enclosing locked() block, and would wait for itself"
+        )
+    if not await _queue(local.queue, deadline):
+        raise TimeoutError(f"timed out after {timeout}s waiting for {lock.what}")
+    try:
+        local.task = task
+        await _take_on_loop(lock, deadline, timeout)
         try:
             yield
         finally:
             lock.release()  # in the loop's thread, which took it
+    finally:
+        local.task = None
+        local.queue.release()
 
 
 # --- internals --------------------------------------------------------------------------
@@ -423,6 +443,33 @@ def _detach() -> None:
                  identity.pid, peers.namespace)
     # Logs, rather than raises, a failure: nothing to undo at shutdown.
     peers.close(unlink_if_last=unlink)
+    if not unlink and peers.namespace is not None:
+        _start_watcher(peers.namespace)
+
+
+def _start_watcher(namespace: str) -> None:
+    """Have a process that outlives this worker unlink the namespace once the supervisor
+    has exited, if nobody is attached then (``shmctx._watcher``). This worker may be the
+    last one attached, and the server may be stopped before its successor attaches: the
+    supervisor then starts no successor, and no worker is left to unlink. In a session of
+    its own, so that a Ctrl-C to the server's process group does not end it too."""
+    parent = multiprocessing.parent_process()
+    start = None if parent is None or not parent.pid else start_time(parent.pid)
+    if parent is None or not parent.pid or start is None:
+        return  # no supervisor, or gone already (then the workers unlink)
+    package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_dir, env.get("PYTHONPATH")) if p)
+    try:
+        subprocess.Popen(
+            [sys.executable, "-m", f"{__package__}._watcher", namespace, str(parent.pid),
+             str(start)],
+            stdin=subprocess.DEVNULL, env=env, close_fds=True, start_new_session=True)
+    except OSError:
+        log.warning("shmctx: worker pid %d could not start the process that removes "
+                    "namespace %r once its server has stopped: if the server stops before "
+                    "another worker attaches, the namespace stays", identity.pid, namespace,
+                    exc_info=True)
 
 
 def _server_stops() -> bool:
@@ -446,11 +493,42 @@ class _StopSignalWatch:
         _stop_signalled_pid = identity.pid
         previous = self.previous
         if callable(previous):
-            return previous(signum, frame)
+            result = previous(signum, frame)
+            # A second Ctrl-C makes uvicorn's handler set ``force_exit`` (public): its
+            # server then skips the lifespan shutdown, and once it has stopped it raises
+            # the signals it caught again, which may end the process (a SIGTERM from the
+            # supervisor) before the event loop would cancel the lifespan task, whose
+            # ``finally`` detaches. So have that task cancelled now, while the loop still
+            # runs. Not detached here: this handler may have interrupted the main thread
+            # inside a shmctx lock, and a detach takes that lock.
+            if getattr(getattr(previous, "__self__", None), "force_exit", False) is True:
+                _end_lifespans_soon()
+            return result
         # SIG_DFL: what the signal does without a handler, end the process.
         signal.signal(signum, signal.SIG_DFL)
         signal.raise_signal(signum)
         return None
+
+
+# The lifespan tasks of this process that have attached and wait for lifespan.shutdown:
+# what a forced exit, which skips that message, must cancel so that they detach.
+_awaiting_shutdown: set[asyncio.Task[Any]] = set()
+
+
+def _end_lifespans_soon() -> None:
+    """From a signal handler: have each lifespan task waiting for ``lifespan.shutdown``
+    cancelled by its event loop, as soon as the handler has returned (the loop is woken
+    up if it waits)."""
+    for task in list(_awaiting_shutdown):
+        try:
+            task.get_loop().call_soon_threadsafe(_end_lifespan, task)
+        except RuntimeError:
+            pass  # its loop is closed: the task has ended with it
+
+
+def _end_lifespan(task: asyncio.Task[Any]) -> None:
+    if task in _awaiting_shutdown:  # else the shutdown came after all: it detaches
+        task.cancel()
 
 
 def _watch_stop_signals() -> None:
@@ -541,9 +619,35 @@ async def _off_loop(m: ContextManager, call: Callable[[], T],
         raise
 
 
-# One asyncio.Lock per ctx.lock object (the manager keeps one object per context
-# incarnation): it queues this worker's coroutines in front of ctx.lock.
-_local_locks: weakref.WeakKeyDictionary[ContextLock, asyncio.Lock] = weakref.WeakKeyDictionary()
+class _LocalLock:
+    """The queue of this worker's coroutines in front of one ctx.lock, in one event
+    loop, and the task that is through it (to refuse a nested ``locked``, which would
+    wait for itself)."""
+
+    __slots__ = ("loop", "queue", "task")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue = asyncio.Lock()
+        self.task: asyncio.Task[Any] | None = None
+
+
+class _LocalLocks(threading.local):
+    """Per thread, one ``_LocalLock`` per ctx.lock object (the manager keeps one object
+    per context incarnation). An ``asyncio.Lock`` belongs to the one event loop that
+    first waits on it and is not thread-safe, while a process may run loops one after
+    another (``asyncio.run`` twice, a fresh loop per test) or at once in several
+    threads. A thread runs one loop at a time, so a queue kept per thread, and made
+    anew when the thread runs another loop, is always its loop's own. Coroutines of
+    loops in different threads are kept apart by ctx.lock itself, which is re-entrant
+    only for the thread that holds it."""
+
+    def __init__(self) -> None:
+        self.by_lock: weakref.WeakKeyDictionary[ContextLock, _LocalLock] = (
+            weakref.WeakKeyDictionary())
+
+
+_local_locks = _LocalLocks()
 
 # How long ``locked`` waits before it tries a busy ctx.lock again: from the first pause
 # to the last, doubling. The holder is another process (or another thread), and asyncio
@@ -554,14 +658,43 @@ _RETRY_FIRST = 0.001
 _RETRY_MAX = 0.02
 
 
-def _local_lock(lock: ContextLock) -> asyncio.Lock:
-    local = _local_locks.get(lock)
-    if local is None:
-        local = _local_locks[lock] = asyncio.Lock()
+def _local_lock(lock: ContextLock, loop: asyncio.AbstractEventLoop) -> _LocalLock:
+    by_lock = _local_locks.by_lock
+    local = by_lock.get(lock)
+    if local is None or local.loop is not loop:
+        local = by_lock[lock] = _LocalLock(loop)
     return local
 
 
-async def _take_on_loop(lock: ContextLock, timeout: float | None) -> None:
+async def _queue(queue: asyncio.Lock, deadline: float | None) -> bool:
+    """Take ``queue`` (this worker's turn), waiting until the loop's time ``deadline``
+    at most: False when it ran out first."""
+    if deadline is None:
+        await queue.acquire()
+        return True
+    # The wait runs in a task of its own that is never cancelled by the deadline, only
+    # given up: cancelling the wait itself could lose a turn granted at that moment.
+    # A task cancelled before it has the lock ends without it (asyncio.Lock passes the
+    # turn on); one that got it is given back here when its awaiter leaves.
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_task(queue.acquire())
+    try:
+        await asyncio.wait({waiter}, timeout=max(0.0, deadline - loop.time()))
+    except BaseException:  # this coroutine is cancelled: it won't use its turn
+        if not waiter.done():
+            waiter.cancel()
+        elif not waiter.cancelled() and waiter.exception() is None:
+            queue.release()
+        raise
+    if not waiter.done():
+        waiter.cancel()
+        return False
+    waiter.result()  # raises what the wait raised, if anything
+    return True
+
+
+async def _take_on_loop(lock: ContextLock, deadline: float | None,
+                        timeout: float | None) -> None:
     """Take ``lock`` in the event loop's thread (this one) without blocking the loop.
 
     Not in a helper thread that would hold it for the coroutine: that thread would wait
@@ -574,12 +707,23 @@ async def _take_on_loop(lock: ContextLock, timeout: float | None) -> None:
     recorded in the lock is taken over at once. A lock taken with no owner recorded (its
     holder died between taking it and recording itself) only a blocking ``acquire`` can
     condemn, after watching it for a ``lock_timeout``: when two looks in a row see that
-    same hold, a thread waits for the lock that way, and gives it back at once."""
+    same hold, a thread waits for the lock that way, and gives it back at once. A hold
+    that this process's own thread left behind (the thread ended holding it) is
+    recovered at a look too, as a blocking ``acquire`` would: otherwise every process
+    would wait for that live owner without end.
+
+    ``deadline`` (on the loop's clock) is the caller's, who has already waited in this
+    worker's queue; ``timeout`` only names the wait in the ``TimeoutError``.
+
+    Not fair: while another process waits in a blocking ``acquire``, each release wakes
+    it, and tries made every few milliseconds rarely find the lock free against one
+    that takes it again and again. A thread could win that race only by holding the
+    lock, and a hold by any thread but the loop's can hang the worker (above); ctx.lock
+    cannot hand a hold from one thread to another."""
     if lock.try_acquire(0):
         return
     loop = asyncio.get_running_loop()
     now = loop.time()
-    deadline = None if timeout is None else now + timeout
     next_look = now + lock.timeout
     unrecorded: int | None = None  # epoch of a hold seen with no owner recorded
     pause = _RETRY_FIRST
@@ -593,7 +737,9 @@ async def _take_on_loop(lock: ContextLock, timeout: float | None) -> None:
                 await _wait_in_thread(lock, None if deadline is None else deadline - now,
                                       timeout)
                 unrecorded = None
-            elif not lock.recover_if_owner_dead():  # True: taken over and released
+            elif not (lock.recover_leaked() or lock.recover_if_owner_dead()):
+                # (True: taken over and released.) Neither: a live holder, or one that
+                # has not recorded itself (yet, or ever: it died in between).
                 unrecorded = owner.epoch if owner.pid == 0 else None
         else:
             await asyncio.sleep(pause if deadline is None else min(pause, deadline - now))
@@ -678,7 +824,13 @@ class _Lifespan:
                 await send({"type": "lifespan.startup.failed", "message": failure})
                 return
             await send({"type": "lifespan.startup.complete"})
-            message = await receive()
+            task = asyncio.current_task()
+            assert task is not None
+            _awaiting_shutdown.add(task)
+            try:
+                message = await receive()
+            finally:
+                _awaiting_shutdown.discard(task)
             if message["type"] != "lifespan.shutdown":
                 raise RuntimeError(f"ASGI lifespan: expected lifespan.shutdown, got "
                                    f"{message['type']!r}")
