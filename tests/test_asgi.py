@@ -390,8 +390,8 @@ class FakeServer:
         for step in steps:
             n = len(self.sent)
             await self.incoming.put({"type": f"lifespan.{step}"})
-            while len(self.sent) == n and not task.done():
-                await asyncio.sleep(0)
+            await _until(lambda n=n: len(self.sent) > n or task.done(),
+                         f"lifespan.{step}'s answer")
         await asyncio.wait_for(task, 10)
         return self.sent
 
@@ -471,8 +471,7 @@ def test_an_app_without_a_lifespan_gets_only_shmctx_s_and_its_http_scopes(ns):
     async def main() -> list[dict]:
         server = FakeServer()
         task = asyncio.ensure_future(server.run(app, ["startup", "shutdown"]))
-        while not server.sent:
-            await asyncio.sleep(0)
+        await _until(lambda: server.sent, "the startup")
         assert _types(server.sent) == ["lifespan.startup.complete"]
         await app({"type": "http"}, server.receive, server.send)  # passed through
         return await task
@@ -1084,6 +1083,12 @@ def test_a_forced_exit_detaches_while_the_event_loop_still_runs(ns, monkeypatch)
 
     uv = UvicornServer()
     detached_while_running: list[bool] = []
+    # The watch asks for the lifespans to end, from the signal handler, only on a forced
+    # exit: spied on, so that the first Ctrl-C can be seen not to ask, without a wait.
+    ended: list[bool] = []
+    end_soon = shmctx.asgi._end_lifespans_soon
+    monkeypatch.setattr(shmctx.asgi, "_end_lifespans_soon",
+                        lambda: (ended.append(True), end_soon())[1])
 
     async def main() -> None:
         server = FakeServer()
@@ -1093,11 +1098,11 @@ def test_a_forced_exit_detaches_while_the_event_loop_still_runs(ns, monkeypatch)
         await _until(lambda: server.sent, "the startup to complete")
         assert server.sent == [{"type": "lifespan.startup.complete"}]
         signal.raise_signal(signal.SIGINT)  # Ctrl-C: a graceful stop begins
-        await asyncio.sleep(0.05)
-        assert uv.should_exit and not task.done()  # still waits for lifespan.shutdown
+        assert ended == []  # nothing asked to end the lifespan: it waits for its shutdown
+        assert uv.should_exit and not task.done()
         assert _shm.namespace_objects(ns)
         signal.raise_signal(signal.SIGINT)  # Ctrl-C again: forced exit
-        assert uv.force_exit
+        assert uv.force_exit and ended == [True]
         await _until(task.done, "the lifespan task to end")
         assert task.cancelled()
         detached_while_running.append(_shm.namespace_objects(ns) == [])

@@ -24,7 +24,7 @@ import threading
 
 import numpy as np
 import pytest
-from helpers import Workers, follow_leg, wait_for
+from helpers import WAIT, Workers, follow_leg, wait_for
 
 from shmctx import (
     ContextClosedError,
@@ -42,7 +42,6 @@ pytestmark = pytest.mark.usefixtures("hot_path")  # each test on the C and Pytho
 
 # No automatic sweeping; a short lock_timeout so that a waiter finds a dead creator fast.
 CFG = ContextConfig(lock_timeout=0.2, cleanup_interval=0, capacity=64, max_processes=32)
-WAIT = 30.0  # generous upper bound for any one message; never reached when things work
 ALIGN = 64  # the alignment _payload promises for array data and every object buffer
 
 # A structured dtype with a sub-array field and a fixed-size string; and an aligned one
@@ -222,25 +221,22 @@ def _writer_body(q, ns, leg, parent_wrote) -> None:
     m.close()
 
 
-def test_writeable_array_writes_are_seen_by_another_process(m, ns, hot_path):
+def test_writeable_array_writes_are_seen_by_another_process(m, ns, hot_path, forked):
     """``array()`` is read-only (writing raises ValueError); ``array(writeable=True)``
     writes the shared memory itself: each process sees the other's writes, also through
     a read-only array it took before them."""
-    w = Workers("fork")  # spawned and forkserver children read arrays in the race below
-    try:
-        ctx, _ = m.get_or_create_context("w", MemoryContextConfig.for_array((3, 4), "f8"),
-                                         init=lambda c: c.array(writeable=True).fill(0.5))
-        mine = ctx.array()
-        parent_wrote = w.event()
-        w.start(_writer_body, ns, hot_path, parent_wrote)
-        assert w.recv("wrote")[2:] == (True, "ValueError")
-        assert mine[1].tolist() == [10.0, 11.0, 12.0, 13.0]
-        ctx.array(writeable=True)[2, :] = -1.0
-        parent_wrote.set()
-        assert w.recv("read")[2] == [[0.5] * 4, [10.0, 11.0, 12.0, 13.0], [-1.0] * 4]
-        w.join()
-    finally:
-        w.cleanup()
+    w = forked  # spawned and forkserver children read arrays in the race below
+    ctx, _ = m.get_or_create_context("w", MemoryContextConfig.for_array((3, 4), "f8"),
+                                     init=lambda c: c.array(writeable=True).fill(0.5))
+    mine = ctx.array()
+    parent_wrote = w.event()
+    w.start(_writer_body, ns, hot_path, parent_wrote)
+    assert w.recv("wrote")[2:] == (True, "ValueError")
+    assert mine[1].tolist() == [10.0, 11.0, 12.0, 13.0]
+    ctx.array(writeable=True)[2, :] = -1.0
+    parent_wrote.set()
+    assert w.recv("read")[2] == [[0.5] * 4, [10.0, 11.0, 12.0, 13.0], [-1.0] * 4]
+    w.join()
     with pytest.raises(ValueError):
         mine[0, 0] = 2.0
     del mine
@@ -823,7 +819,6 @@ def test_damaged_array_metadata_is_a_context_error_not_numpys(m):
     import msgpack
 
     from shmctx import ContextError, _payload
-    from shmctx import _layout as L
     from shmctx._context import mapping_of
 
     ctx, _ = m.get_or_create_context("d", MemoryContextConfig.for_array((2,), "f8"))

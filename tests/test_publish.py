@@ -19,7 +19,7 @@ import threading
 
 import numpy as np
 import pytest
-from helpers import Workers
+from helpers import WAIT, Workers
 
 from shmctx import (
     ContextClosedError,
@@ -39,7 +39,6 @@ pytestmark = pytest.mark.usefixtures("hot_path")  # each test on the C and Pytho
 # No sweeper thread: the tests that want a sweep call sweep() themselves. A short
 # lock_timeout, so that a table lock left held by a dead publisher is taken over fast.
 CFG = ContextConfig(lock_timeout=0.2, cleanup_interval=0, capacity=64, max_processes=32)
-WAIT = 30.0  # generous upper bound for any one message; never reached when things work
 SIZE = 256
 MEM = MemoryContextConfig(size=SIZE)
 

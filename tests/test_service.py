@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import os
 import secrets
 import signal
 
@@ -18,13 +17,6 @@ from shmctx._errors import InvalidConfigError
 from shmctx._service import SERVICE_DEFAULTS, open_namespace, route_logs, service_config
 from shmctx._table import Table
 from shmctx._worker import WorkerManager
-
-
-@pytest.fixture
-def ns():
-    name = f"t-svc-{os.getpid()}-{secrets.token_hex(3)}"
-    yield name
-    _shm.remove_namespace_objects(name)
 
 
 def _exists(ns: str) -> bool:

@@ -187,9 +187,9 @@ class PyHotPath:
         handle = MemoryContext(mappings, m, identity.pid, False)  # G2
         lock.acquire()  # G3
         try:
-            state, rc, inc = L.S_CHECK.unpack_from(self.buf, so)  # G4
+            state, flags, rc, inc = L.S_GET.unpack_from(self.buf, so)  # G4
             if inc != m.inc or state != L.READY or (self.max_refs and rc >= self.max_refs) \
-                    or self.buf[so + 1] & L.SLOT_SUPERSEDED:
+                    or flags & L.SLOT_SUPERSEDED:
                 return None
             # G5: Slots.add_ref and ProcessEntry.count, inlined (this is the hot path):
             # this process's count for the slot, at its place in the entry's row.

@@ -505,7 +505,8 @@ P_PID = PROC["pid"].st
 # slot
 S_STATE = SLOT.span("state", "flags")
 S_HEAD = SLOT.span("state", "name_hash")  # state, flags, name_len, refcount, inc, hash
-S_CHECK = SLOT.pick("state", "refcount", "incarnation")  # the hot path's one read
+S_CHECK = SLOT.pick("state", "refcount", "incarnation")
+S_GET = SLOT.pick("state", "flags", "refcount", "incarnation")  # the Python get's one read
 S_REFCOUNT_OFF, S_REFCOUNT = SLOT.off("refcount"), SLOT["refcount"].st
 S_INC_OFF, S_INC = SLOT.off("incarnation"), SLOT["incarnation"].st
 S_BODY_OFF = SLOT.off("size")

@@ -486,11 +486,7 @@ class ContextManager:
         try:
             yield ctx
         finally:
-            if not returned(ctx) and not self._closed:
-                try:
-                    self.return_context(ctx)
-                except ContextClosedError:
-                    pass  # force-closed meanwhile: nothing left to return
+            return_at_block_end(self, ctx)
 
     @front
     def return_context(self, ctx: MemoryContext) -> None:
@@ -813,3 +809,15 @@ class ContextManager:
         if self._hot is not None:
             self._hot.close()  # it holds the table's buffer, which must go before the mmap
         self._table.close()
+
+
+def return_at_block_end(m: ContextManager, ctx: MemoryContext) -> None:
+    """The end of a ``with``/``async with`` block over a context (``m.context``,
+    ``shmctx.asgi.context``): return ``ctx`` unless the block returned it itself, the
+    manager was closed meanwhile, or the context was force-closed (nothing left to
+    return then)."""
+    if not returned(ctx) and not m.closed:
+        try:
+            m.return_context(ctx)
+        except ContextClosedError:
+            pass

@@ -33,6 +33,7 @@ from __future__ import annotations
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, cast
 
 import msgpack
@@ -172,6 +173,13 @@ class Payload:
 
     def array_spec(self) -> tuple[tuple[int, ...], Any]:
         """(shape, dtype) of an array payload."""
+        return self._array_spec
+
+    # Parsed once per payload (and a payload is read once per mapping): a get of an array
+    # context already mapped checks its config against it on every call. An exception is
+    # not cached, so damaged metadata raises every time.
+    @cached_property
+    def _array_spec(self) -> tuple[tuple[int, ...], Any]:
         np = numpy()
         try:
             shape = shape_of(self.meta["shape"])

@@ -19,9 +19,8 @@ import logging
 import os
 import threading
 
-from . import _shm
 from ._config import ContextConfig
-from ._errors import ContextError, ContextManagerClosedError
+from ._errors import ContextError, ContextManagerClosedError, ContextNotFoundError
 from ._manager import ContextManager
 from ._proc import identity
 from ._service import open_namespace
@@ -39,13 +38,16 @@ def attach(namespace: str) -> ContextManager:
     own would be shared with nobody and left behind in /dev/shm.
     """
     check_namespace(namespace)
-    if not os.path.exists(_shm.host_path(_shm.table_name(namespace))):
+    # create=False: a namespace unlinked between a check and the open could otherwise
+    # be made again here.
+    try:
+        return ContextManager(namespace=namespace, create=False, sweeper=False)
+    except ContextNotFoundError:
         raise ContextError(
             f"namespace {namespace!r} does not exist: the supervising process (gunicorn "
             "master, pool parent) must create it before its workers attach, and keep it "
             "until they are gone"
-        )
-    return ContextManager(namespace=namespace, sweeper=False)
+        ) from None
 
 
 class WorkerManager:
@@ -55,13 +57,12 @@ class WorkerManager:
     """
 
     def __init__(self, what: str, *, peer: bool = False,
-                 config: ContextConfig | None = None, mode: int | None = None) -> None:
+                 config: ContextConfig | None = None) -> None:
         self._what = what  # names the integration in error messages
         self._peer = peer
         # A peer without a config adopts the namespace's, or creates it with the service
         # defaults; an explicit one must match the table's (InvalidConfigError).
         self.config = config
-        self.mode = mode
         self.namespace: str | None = None
         self._manager: ContextManager | None = None
         self._pid = 0
@@ -89,7 +90,7 @@ class WorkerManager:
                     )
                 if self._peer:
                     self._manager = open_namespace(self.namespace, self.config,
-                                                   sweeper=True, mode=self.mode)
+                                                   sweeper=True)
                 else:
                     self._manager = attach(self.namespace)
                 self._pid = pid

@@ -57,10 +57,10 @@ from types import FrameType
 from typing import Any, TypeVar
 
 from ._config import ContextConfig, MemoryContextConfig
-from ._context import MemoryContext, returned
-from ._errors import ContextClosedError, ContextError, InvalidConfigError
+from ._context import MemoryContext
+from ._errors import ContextError, InvalidConfigError
 from ._lock import ContextLock
-from ._manager import ContextManager
+from ._manager import ContextManager, return_at_block_end
 from ._proc import identity, start_time
 from ._service import route_logs, service_config
 from ._worker import WorkerManager, check_namespace
@@ -187,8 +187,6 @@ def manager() -> ContextManager:
 
 def namespace() -> str:
     """The namespace this worker is attached to."""
-    if _attachments <= 0:
-        raise ContextError(_NOT_SET_UP)
     return manager().namespace
 
 
@@ -285,11 +283,7 @@ async def context(
     try:
         yield ctx
     finally:
-        if not returned(ctx) and not m.closed:
-            try:
-                m.return_context(ctx)
-            except ContextClosedError:
-                pass  # force-closed meanwhile: nothing left to return
+        return_at_block_end(m, ctx)
 
 
 @asynccontextmanager
@@ -454,8 +448,8 @@ def _start_watcher(namespace: str) -> None:
     supervisor then starts no successor, and no worker is left to unlink. In a session of
     its own, so that a Ctrl-C to the server's process group does not end it too."""
     parent = multiprocessing.parent_process()
-    start = None if parent is None or not parent.pid else start_time(parent.pid)
-    if parent is None or not parent.pid or start is None:
+    start = start_time(parent.pid) if parent is not None and parent.pid else None
+    if parent is None or start is None:
         return  # no supervisor, or gone already (then the workers unlink)
     package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ)
