@@ -89,7 +89,6 @@ class ColdPath:
             creator = identity.pid
             try:
                 wait: tuple[int, int, posix_ipc.Semaphore] | None = None
-                created = False
                 with holding(t.table_lock, deadline):
                     t.check_usable()
                     slot = t.find(name_b, h)
@@ -134,13 +133,12 @@ class ColdPath:
                         slots.claim(name, name_b, h, cfg, kind, claims)
                         slot, inc = claims[0]
                         size = cfg.size
-                        created = True
                 if wait is not None:
                     slots.wait_for_init(name, *wait, deadline, timeout)
                     continue
                 # Set by the pass above: cfg where it created the context, parent_name
                 # where it took a reference to a ready one (pyright cannot follow that).
-                if created:
+                if claims:  # this pass claimed the slot: create the context
                     return self._finish_create(name, slot, inc, cfg, init, factory), False  # pyright: ignore[reportPossiblyUnboundVariable]
                 try:
                     m = self.mappings.map(name, slot, inc, size, parent_name, kind)  # pyright: ignore[reportPossiblyUnboundVariable]
@@ -213,51 +211,48 @@ class ColdPath:
         then, so the memory is made after it runs (the others wait all the same).
         ``pending``: the name (UTF-8) of a new version being published: made current by
         ``Slots.switch`` instead."""
+        # A failure anywhere here is undone by the caller (get, publish), which removes
+        # every slot its pass claimed: this one included.
         slots, t, mappings = self.slots, self.table, self.mappings
         size = cfg.size
         kind = _kind(cfg, factory)
         creator = identity.pid
-        try:
-            packed = None
-            if factory is not None:
-                if _failpoints.armed:
-                    _failpoints.hit("create.in_factory")
-                obj = self._run_once(name, slot, inc, creator, factory)
-                packed = _payload.pack_object(obj, f"context {name!r}")
-                del obj  # the pickled buffers keep what they need until written
-                size = packed.size
-                if _failpoints.armed:
-                    _failpoints.hit("create.object_packed")
-            mm = None
-            if size:
-                mm = _shm.create_segment(
-                    t.segment(slot, inc), size, t.mode,
-                    what=f"context {name!r} in namespace {slots.namespace!r}",
-                    trusted=t.trusted,
-                )
+        packed = None
+        if factory is not None:
             if _failpoints.armed:
-                _failpoints.hit("create.segment_made")
-            m = mappings.mapping(name, slot, inc, size, mm, cfg.parent, kind)
-            # The payload before init, and before anyone else can map it.
-            if packed is not None:
-                packed.write(m.view)
-            elif kind == L.KIND_ARRAY:
-                assert cfg.shape is not None  # an array context's config has a shape
-                meta, n = _payload.array_meta(cfg.shape, cfg.dtype)
-                _payload.write_header(m.view, kind, meta, n)
-            handle = MemoryContext(mappings, m, identity.pid)
-            if init is not None:
-                if pending is None:  # a pending version is no get's to find, even here
-                    mappings.keep(m)
-                if _failpoints.armed:
-                    _failpoints.hit("create.in_init")
-                self._run_once(name, slot, inc, creator, lambda: init(handle))
-            if pending is not None and _failpoints.armed:
-                _failpoints.hit("publish.built")
-        except BaseException:
-            if identity.pid == creator:  # a forked child leaves the slot to its parent
-                slots.abort_create(name, slot, inc)
-            raise
+                _failpoints.hit("create.in_factory")
+            obj = self._run_once(name, slot, inc, creator, factory)
+            packed = _payload.pack_object(obj, f"context {name!r}")
+            del obj  # the pickled buffers keep what they need until written
+            size = packed.size
+            if _failpoints.armed:
+                _failpoints.hit("create.object_packed")
+        mm = None
+        if size:
+            mm = _shm.create_segment(
+                t.segment(slot, inc), size, t.mode,
+                what=f"context {name!r} in namespace {slots.namespace!r}",
+                trusted=t.trusted,
+            )
+        if _failpoints.armed:
+            _failpoints.hit("create.segment_made")
+        m = mappings.mapping(name, slot, inc, size, mm, cfg.parent, kind)
+        # The payload before init, and before anyone else can map it.
+        if packed is not None:
+            packed.write(m.view)
+        elif kind == L.KIND_ARRAY:
+            assert cfg.shape is not None  # an array context's config has a shape
+            meta, n = _payload.array_meta(cfg.shape, cfg.dtype)
+            _payload.write_header(m.view, kind, meta, n)
+        handle = MemoryContext(mappings, m, identity.pid)
+        if init is not None:
+            if pending is None:  # a pending version is no get's to find, even here
+                mappings.keep(m)
+            if _failpoints.armed:
+                _failpoints.hit("create.in_init")
+            self._run_once(name, slot, inc, creator, lambda: init(handle))
+        if pending is not None and _failpoints.armed:
+            _failpoints.hit("publish.built")
         if pending is None:
             slots.publish(name, slot, inc, m)
         else:
@@ -272,8 +267,6 @@ class ColdPath:
                 with holding(t.table_lock, None):
                     if slots.settle(name, pending, slot, inc):
                         slots.undo_ref(slot, inc)
-                        raise
-                slots.abort_create(name, slot, inc)
                 raise
         mappings.keep(m)
         mappings.added()
